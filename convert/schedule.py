@@ -83,6 +83,8 @@ def layer_kinds(
                 f"sliding_window list has {len(sliding_window)} entries for {n_layer} layers"
             )
         for i, (kind, w) in enumerate(zip(kinds, sliding_window)):
+            if kind in (LayerKind.MAMBA, LayerKind.GMU):
+                continue  # no attention: a window there means nothing
             if (w is not None) != (kind == LayerKind.ATTN_SWA):
                 raise ScheduleError(
                     f"sliding_window[{i}] = {w!r} does not fit the SambaY schedule "
