@@ -2,12 +2,17 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings.h"
 #include "system-info.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "sambay C++ engine on ggml";
+
+    sambay::py_bind::register_errors(m);
+    sambay::py_bind::register_model(m);
+    sambay::py_bind::register_context(m);
 
     m.def("system_info", [] {
         sambay::system_info info = sambay::get_system_info();
