@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings.h"
 #include "system-info.h"
 
 namespace py = pybind11;
@@ -32,4 +33,6 @@ PYBIND11_MODULE(_core, m) {
         out["devices"] = devices;
         return out;
     }, "ggml version, backends with their features, and devices");
+
+    sambay::py_bindings::register_quantize(m);
 }

@@ -1,0 +1,10 @@
+// One registration function per bound part of the engine; module.cpp calls them all.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace sambay::py_bindings {
+
+void register_quantize(pybind11::module_ & m);
+
+} // namespace sambay::py_bindings
