@@ -10,9 +10,9 @@ namespace py = pybind11;
 PYBIND11_MODULE(_core, m) {
     m.doc() = "sambay C++ engine on ggml";
 
-    sambay::py_bind::register_errors(m);
-    sambay::py_bind::register_model(m);
-    sambay::py_bind::register_context(m);
+    sambay::py_bindings::register_errors(m);
+    sambay::py_bindings::register_model(m);
+    sambay::py_bindings::register_context(m);
 
     m.def("system_info", [] {
         sambay::system_info info = sambay::get_system_info();
@@ -37,4 +37,7 @@ PYBIND11_MODULE(_core, m) {
         out["devices"] = devices;
         return out;
     }, "ggml version, backends with their features, and devices");
+
+    sambay::py_bindings::register_quantize(m);
+    sambay::py_bindings::register_sampling(m);
 }

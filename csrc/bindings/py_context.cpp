@@ -11,7 +11,7 @@
 
 namespace py = pybind11;
 
-namespace sambay::py_bind {
+namespace sambay::py_bindings {
 
 static ggml_type parse_kv_type(const std::string & s) {
     if (s == "f16" || s == "F16") return GGML_TYPE_F16;
@@ -83,4 +83,4 @@ void register_context(py::module_ & m) {
         .def("memory_breakdown", &context::memory_breakdown);
 }
 
-} // namespace sambay::py_bind
+} // namespace sambay::py_bindings

@@ -5,7 +5,7 @@
 
 namespace py = pybind11;
 
-namespace sambay::py_bind {
+namespace sambay::py_bindings {
 
 void register_errors(py::module_ & m) {
     py::register_exception<load_error>(m, "LoadError", PyExc_ValueError);
@@ -25,4 +25,4 @@ void register_errors(py::module_ & m) {
     });
 }
 
-} // namespace sambay::py_bind
+} // namespace sambay::py_bindings

@@ -11,7 +11,7 @@
 
 namespace py = pybind11;
 
-namespace sambay::py_bind {
+namespace sambay::py_bindings {
 
 static py::object scalar_value(const gguf_context * g, int64_t id, gguf_type t) {
     switch (t) {
@@ -128,4 +128,4 @@ void register_model(py::module_ & m) {
         });
 }
 
-} // namespace sambay::py_bind
+} // namespace sambay::py_bindings

@@ -35,6 +35,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import QuantizeError, quantize
+
+    try:
+        result = quantize(args.input, args.output, args.type, n_threads=args.threads,
+                          progress=not args.quiet)
+    except (QuantizeError, ValueError) as err:
+        print(f"sambay quantize: error: {err}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        mib_in, mib_out = result["bytes_in"] / 2**20, result["bytes_out"] / 2**20
+        print(f"wrote {args.output}: {mib_in:.1f} MiB -> {mib_out:.1f} MiB of tensor data",
+              file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sambay", description="Run Phi-4-mini-flash-reasoning (SambaY) GGUF models on ggml."
@@ -62,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    from ._native import _core
+
+    types = [name for name, _, _ in _core.quantize_ftypes()]
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a GGUF file",
+        epilog="example: sambay quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M",
+    )
+    p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
+    p.add_argument("output", help="the GGUF file to write")
+    p.add_argument("type", metavar="TYPE", help="one of: " + ", ".join(types))
+    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_quantize)
     return parser
 
 

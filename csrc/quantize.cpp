@@ -1,0 +1,332 @@
+#include "quantize.h"
+
+#include "gguf.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <thread>
+
+namespace sambay {
+
+namespace fs = std::filesystem;
+
+// llama.cpp's LLAMA_FTYPE_MOSTLY_* values, so general.file_type reads the same in every tool
+const std::vector<quant_ftype> & quant_ftypes() {
+    static const std::vector<quant_ftype> table = {
+        {"F32",    0,  GGML_TYPE_F32},
+        {"F16",    1,  GGML_TYPE_F16},
+        {"BF16",   32, GGML_TYPE_BF16},
+        {"Q8_0",   7,  GGML_TYPE_Q8_0},
+        {"Q6_K",   18, GGML_TYPE_Q6_K},
+        {"Q5_0",   8,  GGML_TYPE_Q5_0},
+        {"Q5_1",   9,  GGML_TYPE_Q5_1},
+        {"Q5_K_M", 17, GGML_TYPE_Q5_K},
+        {"Q5_K_S", 16, GGML_TYPE_Q5_K},
+        {"Q4_0",   2,  GGML_TYPE_Q4_0},
+        {"Q4_1",   3,  GGML_TYPE_Q4_1},
+        {"Q4_K_M", 15, GGML_TYPE_Q4_K},
+        {"Q4_K_S", 14, GGML_TYPE_Q4_K},
+        {"Q3_K_M", 12, GGML_TYPE_Q3_K},
+        {"Q2_K",   10, GGML_TYPE_Q2_K},
+    };
+    return table;
+}
+
+static std::string upper(std::string s) {
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return (char) std::toupper(c); });
+    return s;
+}
+
+const quant_ftype & quant_ftype_by_name(const std::string & name) {
+    const std::string key = upper(name);
+    for (const auto & ft : quant_ftypes()) {
+        if (ft.name == key) {
+            return ft;
+        }
+    }
+    std::string known;
+    for (const auto & ft : quant_ftypes()) {
+        known += (known.empty() ? "" : ", ") + ft.name;
+    }
+    throw quantize_error("unknown quantization type '" + name + "' (known: " + known + ")");
+}
+
+static bool contains(const std::string & s, const char * part) { return s.find(part) != std::string::npos; }
+
+static bool ends_with(const std::string & s, const std::string & tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+static bool is_float_type(ggml_type t) {
+    return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16;
+}
+
+// llama-quantize's tensor_allows_quantization, for SambaY's names: matrices named *.weight,
+// except norms and the Mamba conv kernel. ssm_a / ssm_d (no ".weight") and every bias and
+// 1-D tensor stay as stored (F32).
+static bool allows_quantization(const tensor_desc & t) {
+    return t.n_dims >= 2 && ends_with(t.name, ".weight") && !contains(t.name, "_norm.weight") &&
+           !contains(t.name, "ssm_conv1d");
+}
+
+// llama-quantize's use_more_bits: the first and last eighth of the stack and every third layer
+static bool use_more_bits(int i_layer, int n_layer) {
+    return i_layer < n_layer / 8 || i_layer >= 7 * n_layer / 8 || (i_layer - n_layer / 8) % 3 == 2;
+}
+
+// a row length the type's blocks don't divide: the nearest type whose blocks do
+static ggml_type fallback_type(ggml_type type, int64_t ne0) {
+    if (ne0 % ggml_blck_size(type) == 0) {
+        return type;
+    }
+    ggml_type alt;
+    switch (type) {
+        case GGML_TYPE_Q4_K: alt = GGML_TYPE_Q5_0; break;
+        case GGML_TYPE_Q5_K: alt = GGML_TYPE_Q5_1; break;
+        case GGML_TYPE_Q6_K: alt = GGML_TYPE_Q8_0; break;
+        default:             alt = GGML_TYPE_Q4_0; break;  // Q2_K, Q3_K
+    }
+    return ne0 % ggml_blck_size(alt) == 0 ? alt : GGML_TYPE_F16;
+}
+
+ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t) {
+    if (!allows_quantization(t)) {
+        return t.cur_type;
+    }
+    const ggml_type def = ft.default_type;
+    if (is_float_type(def)) {
+        return def;
+    }
+    const std::string & ftn = ft.name;
+    ggml_type type = def;
+    if (t.name == "token_embd.weight" || t.name == "output.weight") {
+        // the tied embedding is also the output projection: the most sensitive matrix
+        if (t.ne0 % 256 != 0) {
+            type = GGML_TYPE_Q8_0;
+        } else if (def != GGML_TYPE_Q8_0) {
+            type = GGML_TYPE_Q6_K;
+        }
+    } else if (contains(t.name, "attn_qkv.weight")) {
+        if (ftn == "Q3_K_M") type = GGML_TYPE_Q4_K;
+        else if (ftn == "Q4_K_M") type = GGML_TYPE_Q5_K;
+        else if (ftn == "Q5_K_M") type = GGML_TYPE_Q6_K;
+    } else if (contains(t.name, "ffn_down.weight")) {
+        const int i = t.i_layer, n = t.n_layer;
+        if (ftn == "Q2_K") type = GGML_TYPE_Q3_K;
+        else if (ftn == "Q3_K_M") type = i < n / 16 ? GGML_TYPE_Q5_K : use_more_bits(i, n) ? GGML_TYPE_Q4_K : GGML_TYPE_Q3_K;
+        else if ((ftn == "Q4_K_M" || ftn == "Q5_K_M") && use_more_bits(i, n)) type = GGML_TYPE_Q6_K;
+        else if (ftn == "Q4_K_S" && i < n / 8) type = GGML_TYPE_Q5_K;
+    } else if (contains(t.name, "attn_output.weight")) {
+        if (ftn == "Q2_K") type = GGML_TYPE_Q3_K;
+        else if (ftn == "Q3_K_M") type = GGML_TYPE_Q4_K;
+    }
+    return fallback_type(type, t.ne0);
+}
+
+namespace {
+
+struct gguf_deleter { void operator()(gguf_context * c) const { gguf_free(c); } };
+struct ggml_deleter { void operator()(ggml_context * c) const { ggml_free(c); } };
+using gguf_ptr = std::unique_ptr<gguf_context, gguf_deleter>;
+using ggml_ptr = std::unique_ptr<ggml_context, ggml_deleter>;
+
+int layer_of(const std::string & name) {
+    int il = -1;
+    if (std::sscanf(name.c_str(), "blk.%d.", &il) == 1) {
+        return il;
+    }
+    return -1;
+}
+
+// src (any float type) -> f32
+void to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
+    switch (type) {
+        case GGML_TYPE_F32:  std::memcpy(dst, src, (size_t) n * sizeof(float)); break;
+        case GGML_TYPE_F16:  ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, dst, n); break;
+        case GGML_TYPE_BF16: ggml_bf16_to_fp32_row((const ggml_bf16_t *) src, dst, n); break;
+        default: throw quantize_error("internal: cannot widen type " + std::string(ggml_type_name(type)));
+    }
+}
+
+// f32 rows -> `type` rows, split over threads by whole rows
+void convert_rows(ggml_type type, const float * src, void * dst, int64_t nrows, int64_t n_per_row, int n_threads) {
+    if (type == GGML_TYPE_F32) {
+        std::memcpy(dst, src, (size_t) (nrows * n_per_row) * sizeof(float));
+        return;
+    }
+    const int n = (int) std::max<int64_t>(1, std::min<int64_t>(n_threads, nrows));
+    const int64_t per = (nrows + n - 1) / n;
+    std::vector<std::thread> workers;
+    for (int k = 0; k < n; ++k) {
+        const int64_t r0 = k * per, r1 = std::min(nrows, r0 + per);
+        if (r0 >= r1) break;
+        workers.emplace_back([=] {
+            ggml_quantize_chunk(type, src, dst, r0 * n_per_row, r1 - r0, n_per_row, nullptr);
+        });
+    }
+    for (auto & w : workers) w.join();
+}
+
+struct temp_file_guard {
+    fs::path path;
+    bool keep = false;
+    ~temp_file_guard() {
+        if (!keep) {
+            std::error_code ec;
+            fs::remove(path, ec);
+        }
+    }
+};
+
+} // namespace
+
+quantize_result quantize_file(const quantize_params & params) {
+    const quant_ftype & ft = quant_ftype_by_name(params.ftype);
+    const int n_threads = params.n_threads > 0 ? params.n_threads
+                                               : (int) std::max(1u, std::thread::hardware_concurrency());
+
+    std::error_code ec;
+    if (!fs::is_regular_file(params.input, ec)) {
+        throw quantize_error("input file not found: " + params.input);
+    }
+    const uint64_t file_size = fs::file_size(params.input);
+
+    ggml_context * meta_raw = nullptr;
+    gguf_ptr in(gguf_init_from_file(params.input.c_str(), {/*no_alloc =*/ true, /*ctx =*/ &meta_raw}));
+    if (!in) {
+        throw quantize_error("not a valid GGUF file: " + params.input);
+    }
+    ggml_ptr meta(meta_raw);
+
+    const int64_t arch_id = gguf_find_key(in.get(), "general.architecture");
+    if (arch_id < 0 || gguf_get_kv_type(in.get(), arch_id) != GGUF_TYPE_STRING) {
+        throw quantize_error("GGUF has no general.architecture: " + params.input);
+    }
+    const std::string arch = gguf_get_val_str(in.get(), arch_id);
+    if (arch != "phi4flash") {
+        throw quantize_error("GGUF architecture is '" + arch + "', expected 'phi4flash'");
+    }
+    int n_layer = 0;
+    const int64_t nl_id = gguf_find_key(in.get(), "phi4flash.block_count");
+    if (nl_id >= 0 && gguf_get_kv_type(in.get(), nl_id) == GGUF_TYPE_UINT32) {
+        n_layer = (int) gguf_get_val_u32(in.get(), nl_id);
+    }
+    if (n_layer <= 0) {
+        throw quantize_error("GGUF has no valid phi4flash.block_count");
+    }
+
+    // plan: every tensor's new type, checking the input first
+    const int64_t n_tensors = gguf_get_n_tensors(in.get());
+    const size_t data_offset = gguf_get_data_offset(in.get());
+    gguf_ptr out(gguf_init_empty());
+    gguf_set_kv(out.get(), in.get());
+    gguf_set_val_u32(out.get(), "general.file_type", ft.file_type);
+    gguf_set_val_u32(out.get(), "general.quantization_version", GGML_QNT_VERSION);
+
+    std::vector<ggml_type> new_types(n_tensors);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const std::string name = gguf_get_tensor_name(in.get(), i);
+        ggml_tensor * t = ggml_get_tensor(meta.get(), name.c_str());
+        if (!t) {
+            throw quantize_error("internal: tensor '" + name + "' missing from the GGUF context");
+        }
+        if (!is_float_type(t->type)) {
+            throw quantize_error("input is already quantized (tensor '" + name + "' is " +
+                                 ggml_type_name(t->type) + "); quantize from an F32, F16 or BF16 GGUF");
+        }
+        const size_t off = data_offset + gguf_get_tensor_offset(in.get(), i);
+        if (off > file_size || ggml_nbytes(t) > file_size - off) {
+            throw quantize_error("GGUF is truncated: data of tensor '" + name + "' ends past the end of the file");
+        }
+        tensor_desc desc{name, ggml_n_dims(t), t->ne[0], t->type, layer_of(name), n_layer};
+        new_types[i] = quant_tensor_type(ft, desc);
+        gguf_add_tensor(out.get(), t);
+        gguf_set_tensor_type(out.get(), name.c_str(), new_types[i]);
+    }
+
+    // write: metadata, then each tensor's data padded to the alignment, to a temporary file
+    const fs::path out_path(params.output);
+    const fs::path dir = out_path.has_parent_path() ? out_path.parent_path() : fs::path(".");
+    if (!fs::is_directory(dir, ec)) {
+        throw quantize_error("output folder does not exist: " + dir.string());
+    }
+    std::random_device rd;
+    temp_file_guard tmp{dir / ("." + out_path.filename().string() + ".tmp" + std::to_string(rd()))};
+
+    std::ifstream fin(params.input, std::ios::binary);
+    std::ofstream fout(tmp.path, std::ios::binary | std::ios::trunc);
+    if (!fin || !fout) {
+        throw quantize_error("cannot open " + std::string(!fin ? params.input : tmp.path.string()));
+    }
+    std::vector<char> meta_buf(gguf_get_meta_size(out.get()));
+    gguf_get_meta_data(out.get(), meta_buf.data());
+    fout.write(meta_buf.data(), (std::streamsize) meta_buf.size());
+
+    const size_t alignment = gguf_get_alignment(out.get());
+    quantize_result result;
+    std::vector<char> src_buf, dst_buf;
+    std::vector<float> f32_buf;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const std::string name = gguf_get_tensor_name(in.get(), i);
+        const ggml_tensor * t = ggml_get_tensor(meta.get(), name.c_str());
+        const size_t nbytes_in = ggml_nbytes(t);
+        src_buf.resize(nbytes_in);
+        fin.seekg((std::streamoff) (data_offset + gguf_get_tensor_offset(in.get(), i)));
+        fin.read(src_buf.data(), (std::streamsize) nbytes_in);
+        if (!fin) {
+            throw quantize_error("read error on tensor '" + name + "'");
+        }
+        const ggml_type type = new_types[i];
+        const int64_t n_per_row = t->ne[0];
+        const int64_t nrows = ggml_nelements(t) / n_per_row;
+        const size_t nbytes_out = ggml_row_size(type, n_per_row) * (size_t) nrows;
+        const char * data = src_buf.data();
+        if (type != t->type) {
+            f32_buf.resize((size_t) ggml_nelements(t));
+            to_f32(t->type, src_buf.data(), f32_buf.data(), ggml_nelements(t));
+            dst_buf.resize(nbytes_out);
+            convert_rows(type, f32_buf.data(), dst_buf.data(), nrows, n_per_row, n_threads);
+            if (!ggml_validate_row_data(type, dst_buf.data(), nbytes_out)) {
+                throw quantize_error("quantized data of tensor '" + name + "' failed validation (NaN or inf in the input?)");
+            }
+            data = dst_buf.data();
+        }
+        const size_t expect = meta_buf.size() + gguf_get_tensor_offset(out.get(), i);
+        if ((size_t) fout.tellp() != expect) {
+            throw quantize_error("internal: tensor '" + name + "' would be written at the wrong offset");
+        }
+        fout.write(data, (std::streamsize) nbytes_out);
+        const size_t pad = (alignment - nbytes_out % alignment) % alignment;
+        static const char zeros[64] = {0};
+        for (size_t left = pad; left > 0;) {
+            const size_t n = std::min(left, sizeof(zeros));
+            fout.write(zeros, (std::streamsize) n);
+            left -= n;
+        }
+        result.bytes_in += nbytes_in;
+        result.bytes_out += nbytes_out;
+        result.tensor_types.emplace_back(name, ggml_type_name(type));
+        if (params.progress) {
+            params.progress((size_t) i + 1, (size_t) n_tensors, name, ggml_type_name(type));
+        }
+    }
+    fout.flush();
+    if (!fout) {
+        throw quantize_error("write error on " + tmp.path.string() + " (disk full?)");
+    }
+    fout.close();
+    fs::rename(tmp.path, out_path, ec);
+    if (ec) {
+        throw quantize_error("cannot move the result to " + params.output + ": " + ec.message());
+    }
+    tmp.keep = true;
+    return result;
+}
+
+} // namespace sambay

@@ -1,0 +1,65 @@
+// GGUF -> GGUF quantization with llama-quantize's per-tensor rules, adapted to SambaY's tensors.
+// ref: llama.cpp src/llama-quant.cpp (llama_tensor_get_type), GGML_NOTES §4
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ggml.h"
+
+namespace sambay {
+
+// bad input for quantization (unknown type, already quantized, unreadable or foreign file)
+struct quantize_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// A target file type: the default type of the big matrices plus the rules that raise some.
+struct quant_ftype {
+    std::string name;         // "Q4_K_M", "Q8_0", "F16", ...
+    uint32_t    file_type;    // llama.cpp's LLAMA_FTYPE_* value, stored as general.file_type
+    ggml_type   default_type; // what an "other" matrix becomes
+};
+
+// every supported name, in the order `sambay quantize --help` lists them
+const std::vector<quant_ftype> & quant_ftypes();
+
+// throws quantize_error for an unknown name (case-insensitive)
+const quant_ftype & quant_ftype_by_name(const std::string & name);
+
+// The type one tensor gets. `i_layer`/`n_layer` place it in the stack (llama-quantize's
+// use_more_bits rule). Tensors that must stay as they are (norms, biases, SSM constants, conv)
+// keep `cur_type`.
+struct tensor_desc {
+    std::string name;
+    int         n_dims;
+    int64_t     ne0;
+    ggml_type   cur_type;
+    int         i_layer; // -1 for tensors outside blk.N
+    int         n_layer;
+};
+ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t);
+
+struct quantize_params {
+    std::string input;
+    std::string output;
+    std::string ftype;   // a quant_ftype name
+    int n_threads = 0;   // 0: all hardware threads
+    // called after each tensor: (index, count, name, new type name)
+    std::function<void(size_t, size_t, const std::string &, const std::string &)> progress;
+};
+
+struct quantize_result {
+    uint64_t bytes_in  = 0;  // tensor data bytes read
+    uint64_t bytes_out = 0;  // tensor data bytes written
+    std::vector<std::pair<std::string, std::string>> tensor_types; // name -> type name
+};
+
+// Writes `output` atomically (a temporary file renamed at the end; removed on failure).
+// Throws quantize_error with a readable message on bad input.
+quantize_result quantize_file(const quantize_params & params);
+
+} // namespace sambay

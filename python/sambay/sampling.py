@@ -1,0 +1,130 @@
+"""Token sampling with llama.cpp's semantics, on NumPy.
+
+The chain, as llama-cpp-python runs it: repetition/frequency/presence penalties over the last
+``penalty_last_n`` tokens, then top-k, top-p and min-p on the temperature-1 distribution, then
+temperature, then a draw from a seeded generator. ``temperature <= 0`` is greedy (argmax after
+the penalties).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every sampling knob, defined once (defaults as in llama-cpp-python's completion)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "penalty_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0.0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.penalty_last_n < 0:
+            raise ValueError(f"penalty_last_n must be >= 0, got {self.penalty_last_n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def apply_penalties(logits: np.ndarray, recent: Sequence[int], params: SamplingParams) -> np.ndarray:
+    """``logits`` with llama.cpp's penalties for the recent tokens applied (a copy when
+    anything changes; the input is never modified).
+
+    For each token seen c > 0 times among the last ``penalty_last_n``: a positive logit is
+    divided by ``repeat_penalty`` and a negative one multiplied by it; then
+    ``c * frequency_penalty + presence_penalty`` is subtracted.
+    """
+    if (params.penalty_last_n == 0 or len(recent) == 0 or (
+            params.repeat_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)):
+        return np.asarray(logits, dtype=np.float32)  # nothing to change: no copy
+    out = np.array(logits, dtype=np.float32, copy=True)
+    window = np.asarray(recent[-params.penalty_last_n:], dtype=np.int64)
+    ids, counts = np.unique(window, return_counts=True)
+    vals = out[ids]
+    vals = np.where(vals > 0, vals / params.repeat_penalty, vals * params.repeat_penalty)
+    vals -= counts * params.frequency_penalty + params.presence_penalty
+    out[ids] = vals
+    return out
+
+
+def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Token ids that survive top-k, top-p and min-p, most likely first (never empty)."""
+    n_vocab = logits.shape[0]
+    if 0 < params.top_k < n_vocab:
+        from ._native import _core  # one pass with a small heap: ~10x faster than argpartition
+
+        order = _core.top_k_indices(logits, params.top_k).astype(np.int64)
+    else:
+        order = np.argsort(-logits, kind="stable")
+    if params.top_p >= 1.0 and params.min_p <= 0.0:
+        return order
+    top = logits[order].astype(np.float64)
+    probs = np.exp(top - top[0])
+    probs /= probs.sum()
+    n = len(order)
+    if params.top_p < 1.0:
+        n = min(n, int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1)
+    if params.min_p > 0.0:
+        n = min(n, max(1, int(np.count_nonzero(probs >= params.min_p * probs[0]))))
+    return order[: max(1, n)]
+
+
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    recent: Sequence[int] = (),
+) -> int:
+    """Draw the next token id from one row of logits."""
+    adjusted = apply_penalties(logits, recent, params)
+    if params.greedy:
+        return int(np.argmax(adjusted))
+    cand = candidates(adjusted, params)
+    if len(cand) == 1:
+        return int(cand[0])
+    scaled = adjusted[cand].astype(np.float64) / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    return int(cand[rng.choice(len(cand), p=probs)])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log probabilities of one row (or each row) of logits, in float32."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    lse = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    return (x - lse).astype(np.float32)
+
+
+def make_rng(seed: Optional[int]) -> np.random.Generator:
+    """A generator from a seed (None: fresh entropy)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,72 @@
+"""Chat templates render like transformers and are sandboxed."""
+
+from __future__ import annotations
+
+import pytest
+
+from sambay.chat import ChatFormatter, ChatTemplateError
+from sambay.convert import tiny
+
+MESSAGES = [
+    {"role": "system", "content": "You are Phi."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+]
+
+
+def test_phi4_mini_template():
+    f = ChatFormatter(tiny.CHAT_TEMPLATE, eos_token="<|endoftext|>")
+    assert f.render(MESSAGES) == (
+        "<|system|>You are Phi.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>"
+        "<|user|>And 3+3?<|end|><|assistant|>")
+    assert f.render(MESSAGES[:2], add_generation_prompt=False).endswith("<|end|><|endoftext|>")
+    tools = [{"role": "system", "content": "S", "tools": '[{"name": "f"}]'}]
+    assert f.render(tools, add_generation_prompt=False) == (
+        '<|system|>S<|tool|>[{"name": "f"}]<|/tool|><|end|><|endoftext|>')
+
+
+def test_matches_transformers_environment_options():
+    # trim_blocks / lstrip_blocks as transformers sets them
+    tpl = "{% for m in messages %}\n  {{ m['content'] }}\n{% endfor %}"
+    assert ChatFormatter(tpl).render([{"role": "user", "content": "x"}]) == "  x\n"
+    assert ChatFormatter("{{ messages[0] | tojson }}").render(
+        [{"role": "user", "content": "é"}]) == '{"role": "user", "content": "é"}'
+
+
+def test_sandbox_blocks_python_internals():
+    f = ChatFormatter("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ChatTemplateError, match="unsafe|failed"):
+        f.render([{"role": "user", "content": "x"}])
+    g = ChatFormatter("{{ ''.__class__.__base__ }}")
+    with pytest.raises(ChatTemplateError):
+        g.render([{"role": "user", "content": "x"}])
+
+
+def test_huge_output_and_runaway_loops_are_bounded():
+    f = ChatFormatter("{% for i in range(90000) %}{{ 'x' * 100 }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="exceeds"):
+        f.render([{"role": "user", "content": "x"}])
+    # 10^10 silent iterations would hang: the range budget stops them
+    g = ChatFormatter("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="loop iterations"):
+        g.render([{"role": "user", "content": "x"}])
+    h = ChatFormatter("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
+    with pytest.raises(ChatTemplateError):
+        h.render([{"role": "user", "content": "x"}])
+
+
+def test_raise_exception_and_bad_templates():
+    with pytest.raises(ChatTemplateError, match="raised: nope"):
+        ChatFormatter("{{ raise_exception('nope') }}").render([{"role": "user", "content": ""}])
+    with pytest.raises(ChatTemplateError, match="invalid chat template"):
+        ChatFormatter("{% for %}")
+
+
+@pytest.mark.parametrize("messages", [
+    "hello", [{"content": "no role"}], [{"role": "user", "content": 3}], [42],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+])
+def test_bad_messages(messages):
+    with pytest.raises(ChatTemplateError):
+        ChatFormatter(tiny.CHAT_TEMPLATE).render(messages)

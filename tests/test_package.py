@@ -1,0 +1,65 @@
+"""The installed package: version, the ggml it runs on, the CLI entry point."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+import subprocess
+import sys
+
+import sambay
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sambay", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_version_matches_metadata():
+    assert sambay.__version__ == importlib.metadata.version("sambay")
+    out = _run("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"sambay {sambay.__version__}"
+
+
+def test_runtime_ggml_is_the_pinned_one():
+    # the extension must run against the exact ggml it was built with (ssm_scan's signature
+    # changes between releases while the SONAME stays libggml*.so.0)
+    pins = [
+        r for r in importlib.metadata.requires("sambay") or [] if r.startswith("libggml-python")
+    ]
+    assert pins == ["libggml-python==0.20.2.post1"]
+    assert importlib.metadata.version("libggml-python") == "0.20.2.post1"
+    info = sambay.system_info()
+    assert info["ggml_version"] == "0.20.2"
+
+
+def test_system_info_reports_cpu_backend_and_features():
+    info = sambay.system_info()
+    assert info["sambay_version"] == sambay.__version__
+    names = [b["name"] for b in info["backends"]]
+    assert "CPU" in names
+    cpu_devices = [d for d in info["devices"] if d["type"] == "cpu"]
+    assert cpu_devices and cpu_devices[0]["memory_total"] > 0
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # the PyPI x86-64 wheels of libggml are built for AVX2/FMA/F16C
+        assert {"AVX2", "FMA", "F16C"} <= set(info["cpu_features"])
+    assert all(isinstance(f, str) and f for f in info["cpu_features"])
+
+
+def test_cli_system_info():
+    out = _run("system-info")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^sambay \S+$", out.stdout, re.M)
+    assert re.search(r"^ggml 0\.20\.2 \(commit \w+\)$", out.stdout, re.M)
+    assert "CPU features:" in out.stdout
+    assert re.search(r"^  CPU \[cpu\]", out.stdout, re.M)
+
+
+def test_cli_help_lists_commands():
+    out = _run("--help")
+    assert out.returncode == 0
+    for cmd in ("convert", "system-info"):
+        assert cmd in out.stdout

@@ -1,0 +1,197 @@
+"""sambay.quantize: per-tensor type rules, data fidelity, metadata, atomic output, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize
+
+import sambay.quantize as sq
+from sambay.quantize import QUANT_TYPES, QuantizeError, quantize
+
+N_LAYER = 8
+
+
+def _write_gguf(path, arch="phi4flash", tensors=None, quantized=False):
+    """A small phi4flash-shaped GGUF: the quantizer only reads names, shapes and data."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(N_LAYER)
+    w.add_string("tokenizer.chat_template", "{{ messages }}")
+    w.add_array("phi4flash.layer_types", [0, 1, 0, 1, 0, 2, 3, 4])
+    if tensors is None:
+        tensors = {
+            "token_embd.weight": rng.standard_normal((64, 256)),
+            "output_norm.weight": rng.standard_normal(256),
+            "blk.0.attn_norm.weight": rng.standard_normal(256),
+            "blk.0.ssm_in.weight": rng.standard_normal((1024, 256)),
+            "blk.0.ssm_conv1d.weight": rng.standard_normal((512, 4)),
+            "blk.0.ssm_dt.weight": rng.standard_normal((512, 16)),  # ne0 = dt_rank = 16
+            "blk.0.ssm_dt.bias": rng.standard_normal(512),
+            "blk.0.ssm_a": -np.exp(rng.standard_normal((512, 16))),
+            "blk.0.ffn_down.weight": rng.standard_normal((256, 512)),
+            "blk.3.ffn_down.weight": rng.standard_normal((256, 512)),
+            "blk.1.attn_qkv.weight": rng.standard_normal((512, 256)),
+            "blk.1.attn_output.weight": rng.standard_normal((256, 256)),
+            "blk.1.attn_sub_norm.weight": rng.standard_normal(64),
+            "blk.6.gmu_in.weight": rng.standard_normal((512, 256)),
+        }
+    for name, arr in tensors.items():
+        arr = np.asarray(arr, dtype=np.float32)
+        if quantized and arr.ndim == 2 and arr.shape[1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+def _read(path):
+    r = gguf.GGUFReader(str(path))
+    out = {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).reshape(
+        [int(x) for x in reversed(t.shape)])) for t in r.tensors}
+    return r, out
+
+
+def _type_of(ftype, name, ne0, i_layer=-1, n_dims=2):
+    return sq._core.quantize_tensor_type(ftype, name, n_dims, ne0, "f32", i_layer, N_LAYER)
+
+
+def test_supported_types():
+    for t in ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M",
+              "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"):
+        assert t in QUANT_TYPES
+
+
+def test_rules_keep_small_and_sensitive_tensors():
+    for ft in ("Q4_0", "Q4_K_M", "Q8_0", "F16"):
+        assert _type_of(ft, "blk.0.attn_norm.weight", 256, 0, n_dims=1) == "f32"
+        assert _type_of(ft, "blk.0.ssm_a", 16, 0) == "f32"  # no ".weight": a constant
+        assert _type_of(ft, "blk.0.ssm_conv1d.weight", 4, 0) == "f32"
+        assert _type_of(ft, "blk.0.ssm_dt.bias", 512, 0, n_dims=1) == "f32"
+
+
+def test_rules_follow_llama_quantize():
+    # tied embedding = output projection
+    assert _type_of("Q4_K_M", "token_embd.weight", 2560) == "q6_K"
+    assert _type_of("Q4_0", "token_embd.weight", 2560) == "q6_K"
+    assert _type_of("Q8_0", "token_embd.weight", 2560) == "q8_0"
+    assert _type_of("Q4_0", "token_embd.weight", 288) == "q8_0"  # ne0 % 256 != 0
+    assert _type_of("Q4_0", "token_embd.weight", 100) == "f16"  # no block divides 100
+    # _M variants raise attn_qkv and the use_more_bits layers of ffn_down
+    assert _type_of("Q4_K_M", "blk.1.attn_qkv.weight", 2560, 1) == "q5_K"
+    assert _type_of("Q5_K_M", "blk.1.attn_qkv.weight", 2560, 1) == "q6_K"
+    assert _type_of("Q4_K_S", "blk.1.attn_qkv.weight", 2560, 1) == "q4_K"
+    more = [i for i in range(32) if i < 4 or i >= 28 or (i - 4) % 3 == 2]
+    for i in range(32):
+        got = sq._core.quantize_tensor_type("Q4_K_M", f"blk.{i}.ffn_down.weight", 2, 10240,
+                                            "f32", i, 32)
+        assert got == ("q6_K" if i in more else "q4_K"), i
+    assert _type_of("Q2_K", "blk.1.attn_output.weight", 2560, 1) == "q3_K"
+    # row length not divisible by the block: dt_proj has dt_rank = 160 columns
+    assert _type_of("Q4_K_M", "blk.0.ssm_dt.weight", 160, 0) == "q5_0"
+    assert _type_of("Q6_K", "blk.0.ssm_dt.weight", 160, 0) == "q8_0"
+    assert _type_of("Q5_K_S", "blk.0.ssm_dt.weight", 160, 0) == "q5_1"
+    assert _type_of("Q4_0", "blk.0.ssm_dt.weight", 16, 0) == "f16"
+    # "other" matrices take the default type
+    assert _type_of("Q4_K_M", "blk.20.gmu_in.weight", 2560, 20) == "q4_K"
+    assert _type_of("Q4_0", "blk.19.attn_q.weight", 2560, 19) == "q4_0"
+
+
+# relative RMS error bounds per tensor type on Gaussian data: about 1.5-2x the measured error (a
+# broken kernel or a wrong type gives errors of order 1 or a different level)
+_BOUND = {"F16": 1e-3, "BF16": 5e-3, "Q8_0": 0.01, "Q6_K": 0.03, "Q5_0": 0.06, "Q5_1": 0.06,
+          "Q5_K": 0.06, "Q4_0": 0.12, "Q4_1": 0.12, "Q4_K": 0.12, "Q3_K": 0.25, "Q2_K": 0.45}
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+def test_quantize_roundtrip(tmp_path, qtype):
+    src = tmp_path / "in.gguf"
+    tensors = _write_gguf(src)
+    dst = tmp_path / "out.gguf"
+    result = quantize(src, dst, qtype, n_threads=2, progress=False)
+    reader, back = _read(dst)
+    assert set(back) == set(tensors)
+    # metadata copied, file type updated
+    ft = {name: code for name, code, _ in sq._core.quantize_ftypes()}[qtype]
+    assert reader.fields["general.file_type"].parts[-1][0] == ft
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "phi4flash"
+    assert bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode() == "{{ messages }}"
+    lt = reader.fields["phi4flash.layer_types"]
+    assert [int(lt.parts[i][0]) for i in lt.data] == [0, 1, 0, 1, 0, 2, 3, 4]
+    types = dict(result["tensor_types"])
+    for name, arr in tensors.items():
+        qt, deq = back[name]
+        assert qt.name.lower() == types[name].lower()
+        ref = np.asarray(arr, dtype=np.float32)
+        assert deq.shape == ref.shape, name
+        if types[name] == "f32":
+            assert np.array_equal(deq, ref), name
+            continue
+        rel = float(np.sqrt(np.mean((deq - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+        assert rel <= _BOUND[qt.name], (name, qt.name, rel)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_quantized_file_is_smaller(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    sizes = {}
+    for qtype in ("F16", "Q8_0", "Q4_0"):
+        dst = tmp_path / f"{qtype}.gguf"
+        sizes[qtype] = quantize(src, dst, qtype, progress=False)["bytes_out"]
+    assert sizes["Q4_0"] < sizes["Q8_0"] < sizes["F16"]
+
+
+def test_bad_inputs(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(QuantizeError, match="unknown quantization type 'Q9_9'"):
+        quantize(src, out, "Q9_9", progress=False)
+    with pytest.raises(QuantizeError, match="not found"):
+        quantize(tmp_path / "missing.gguf", out, "Q8_0", progress=False)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(QuantizeError, match="not a valid GGUF"):
+        quantize(junk, out, "Q8_0", progress=False)
+    other = tmp_path / "llama.gguf"
+    _write_gguf(other, arch="llama")
+    with pytest.raises(QuantizeError, match="architecture is 'llama'"):
+        quantize(other, out, "Q8_0", progress=False)
+    q = tmp_path / "q.gguf"
+    _write_gguf(q, quantized=True)
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize(q, out, "Q4_0", progress=False)
+    truncated = tmp_path / "trunc.gguf"
+    data = src.read_bytes()
+    truncated.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(QuantizeError, match="truncated"):
+        quantize(truncated, out, "Q8_0", progress=False)
+    with pytest.raises(ValueError, match="n_threads"):
+        quantize(src, out, "Q8_0", n_threads=0, progress=False)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    dst = tmp_path / "out.gguf"
+    run = subprocess.run([sys.executable, "-m", "sambay", "quantize", str(src), str(dst), "q8_0",
+                          "-q"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert dst.exists()
+    run = subprocess.run([sys.executable, "-m", "sambay", "quantize", str(src), str(dst), "Q7"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith("sambay quantize: error: unknown quantization type")
+    assert "Traceback" not in run.stderr
