@@ -115,14 +115,8 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
                            "stripe-major Q/K rows; re-convert the model)");
     }
 
-    if (!problems.empty()) {
-        std::string msg = "invalid phi4flash hyper-parameters:";
-        for (const auto & s : problems) msg += "\n  - " + s;
-        throw load_error(msg);
-    }
-
     // head geometry: differential attention works on head pairs
-    if (hp.n_head % 2 || hp.n_head_kv % 2 || hp.n_head % hp.n_head_kv) {
+    if (hp.n_head && hp.n_head_kv && (hp.n_head % 2 || hp.n_head_kv % 2 || hp.n_head % hp.n_head_kv)) {
         problems.push_back("head_count (" + std::to_string(hp.n_head) + ") and head_count_kv (" +
                            std::to_string(hp.n_head_kv) + ") must be even and head_count_kv must divide head_count");
     }
@@ -134,6 +128,8 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
     std::vector<int64_t> kinds;
     if (!gguf_get_int_array(ctx, p + "layer_types", kinds)) {
         problems.push_back("missing metadata key '" + p + "layer_types'");
+    } else if (hp.n_layer == 0) {
+        // block_count already reported
     } else if (kinds.size() != hp.n_layer) {
         problems.push_back("layer_types has " + std::to_string(kinds.size()) + " entries for " +
                            std::to_string(hp.n_layer) + " layers");
@@ -151,7 +147,7 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
     for (auto [key, dst] : { std::pair{"attention.diff_lambda", &lam}, std::pair{"attention.diff_lambda_init", &lam_init} }) {
         if (!gguf_get_float_array(ctx, p + key, *dst)) {
             problems.push_back("missing metadata key '" + p + key + "'");
-        } else if (dst->size() != hp.n_layer) {
+        } else if (hp.n_layer != 0 && dst->size() != hp.n_layer) {
             problems.push_back(std::string(key) + " has " + std::to_string(dst->size()) + " entries for " +
                                std::to_string(hp.n_layer) + " layers");
         } else {
@@ -167,7 +163,7 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
     hp.lambda_init.assign(lam_init.begin(), lam_init.end());
 
     // the schedule must have SambaY's shape: what the graph builder and the YOCO cut rely on
-    if (hp.kinds.size() == hp.n_layer) {
+    if (hp.n_layer != 0 && hp.kinds.size() == hp.n_layer) {
         const uint32_t ml = hp.memory_layer, kl = hp.kv_shared_layer;
         if (ml >= hp.n_layer || hp.kinds[ml] != layer_kind::mamba) {
             problems.push_back("memory_layer " + std::to_string(ml) + " is not a mamba layer");
