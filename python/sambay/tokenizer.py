@@ -12,7 +12,6 @@ llama.cpp; user-defined added tokens (type 4, e.g. the tool tokens) are always m
 from __future__ import annotations
 
 import codecs
-import json
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 # tokenizer.ggml.token_type values (llama.cpp / gguf TokenType)
@@ -72,10 +71,9 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         self._full = hf_tokenizer
-        # a copy that does not recognise the special added tokens: they are plain text there
-        spec = json.loads(hf_tokenizer.to_str())
-        spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if not t.get("special")]
-        self._plain = HFTokenizer.from_str(json.dumps(spec))
+        # a copy that splits special tokens written in the text like any other text
+        self._plain = HFTokenizer.from_str(hf_tokenizer.to_str())
+        self._plain.encode_special_tokens = True
         self.n_vocab = n_vocab
         self.bos_id = bos_id
         self.eos_id = eos_id
