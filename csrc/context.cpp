@@ -17,6 +17,9 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     if (params_.n_ctx == 0) {
         params_.n_ctx = std::min<uint32_t>(hp.n_ctx_train, 4096);
     }
+    if (params_.n_ctx > (1u << 24)) {
+        throw std::invalid_argument("n_ctx " + std::to_string(params_.n_ctx) + " is absurdly large (max 16777216)");
+    }
     if (params_.n_batch == 0) {
         throw std::invalid_argument("n_batch must be positive");
     }

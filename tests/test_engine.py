@@ -249,10 +249,10 @@ def test_f16_kv_cache_within_tolerance(tiny12):
     ids = _ids(53, model.n_vocab, seed=6)
     ctx = Context(model, n_ctx=N_CTX, logits_all=True, **THREADS)  # default kv_type f16
     err = np.abs(ctx.eval(ids) - reference_logits(ref, ids)).max()
-    assert err < 2e-3, f"f16 KV: max |engine - reference| = {err:.3g}"
+    assert err < 1.5e-3, f"f16 KV: max |engine - reference| = {err:.3g}"
 
 
-@pytest.mark.parametrize("outtype, atol", [("f16", 5e-3), ("bf16", 3e-2)])
+@pytest.mark.parametrize("outtype, atol", [("f16", 3e-3), ("bf16", 2e-2)])
 def test_f16_bf16_weights_within_tolerance(tiny12, root, outtype, atol):
     hf_dir, _, _, ref = tiny12
     _, path = make_gguf(root, "tiny-12", outtype)
@@ -272,7 +272,7 @@ def test_bf16_checkpoint_matches_its_reference(root):
     ref = load_reference(hf_dir, dtype=torch.float32)
     ids = _ids(40, model.n_vocab, seed=12)
     err = np.abs(_ctx(model, logits_all=True).eval(ids) - reference_logits(ref, ids)).max()
-    assert err < 3e-2, f"bf16 checkpoint: max |engine - reference| = {err:.3g}"
+    assert err < 1.5e-2, f"bf16 checkpoint: max |engine - reference| = {err:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,3 +332,5 @@ def test_bad_context_arguments(tiny12):
         Context(model, kv_type="q4")
     with pytest.raises(ValueError):
         Context(model, n_batch=0)
+    with pytest.raises(ValueError, match="n_ctx"):
+        Context(model, n_ctx=2**30)
