@@ -334,3 +334,21 @@ def test_bad_context_arguments(tiny12):
         Context(model, n_batch=0)
     with pytest.raises(ValueError, match="n_ctx"):
         Context(model, n_ctx=2**30)
+
+
+def test_quantized_q8_0_model_runs_close_to_reference(tiny12, root):
+    """A Q8_0 file from sambay.quantize (quantized matmuls, Q8_0 embedding via get_rows)."""
+    from sambay.quantize import quantize
+
+    _, path, _, ref = tiny12
+    q8 = root / "tiny-12-q8_0.gguf"
+    if not q8.exists():
+        quantize(path, q8, "Q8_0", n_threads=2, progress=False)
+    model = Model(q8)
+    ids = _ids(53, model.n_vocab, seed=6)
+    got = _ctx(model, logits_all=True).eval(ids)
+    want = reference_logits(ref, ids)
+    err = np.abs(got - want).max()
+    assert err < 6e-2, f"Q8_0: max |engine - reference| = {err:.3g}"
+    # relative mean-squared error stays small
+    assert np.mean((got - want) ** 2) / np.mean(want**2) < 1e-3
