@@ -34,7 +34,8 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     }
     params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
 
-    mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.kv_type);
+    mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.kv_type,
+                                    /*v_trans*/ !params_.flash_attn);
 
     for (ggml_backend_dev_t dev : model_->devices()) {
         ggml_backend_t b = ggml_backend_dev_init(dev, nullptr);
@@ -55,6 +56,7 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
         ubatch ub;
         ub.tokens = dummy.data(); ub.n_tokens = params_.n_batch;
         ub.pos0 = params_.n_ctx - params_.n_batch; ub.n_out = params_.n_batch; ub.yoco = params_.yoco;
+        ub.flash_attn = params_.flash_attn;
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
         ggml_context * ctx = ggml_init(ip);
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_size_, false);
@@ -111,6 +113,7 @@ void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
 void context::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, float * logits) {
     ubatch ub;
     ub.tokens = tokens; ub.n_tokens = n; ub.pos0 = n_past_; ub.n_out = n_out; ub.yoco = params_.yoco;
+    ub.flash_attn = params_.flash_attn;
 
     ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
     ggml_context * ctx = ggml_init(ip);

@@ -23,6 +23,7 @@ struct context_params {
     bool      logits_all      = false; // logits of every token instead of the last one
     ggml_type kv_type         = GGML_TYPE_F16;
     bool      yoco            = true;  // run the cross-decoder on output rows only
+    bool      flash_attn      = false; // ggml_flash_attn_ext instead of mul_mat + soft_max
 };
 
 class context {

@@ -11,8 +11,8 @@
 
 namespace sambay {
 
-memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type)
-    : model_(m), n_ctx_(n_ctx), kv_type_(kv_type) {
+memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type, bool v_trans)
+    : model_(m), n_ctx_(n_ctx), kv_type_(kv_type), v_trans_(v_trans) {
     const hparams & hp = m.hp();
     // a micro-batch p0..p0+n-1 (n <= n_batch) needs keys p0-W+1 .. p0+n-1: W+n-1 cells
     n_swa_cells_ = std::min<uint32_t>(hp.n_swa + n_batch - 1, n_ctx);
@@ -44,7 +44,8 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_t
             case layer_kind::attn_full:
                 lm.n_cells = hp.kind(il) == layer_kind::attn_swa ? n_swa_cells_ : n_ctx;
                 lm.k = ggml_new_tensor_2d(c, kv_type, hp.n_embd_kv(), lm.n_cells);
-                lm.v = ggml_new_tensor_2d(c, kv_type, lm.n_cells, hp.n_embd_kv());
+                lm.v = v_trans ? ggml_new_tensor_2d(c, kv_type, lm.n_cells, hp.n_embd_kv())
+                               : ggml_new_tensor_2d(c, kv_type, hp.n_embd_kv(), lm.n_cells);
                 ggml_format_name(lm.k, "cache_k_l%u", il);
                 ggml_format_name(lm.v, "cache_v_l%u", il);
                 break;
@@ -92,7 +93,7 @@ std::map<std::string, size_t> memory::breakdown() const {
 namespace {
 
 constexpr uint32_t STATE_MAGIC   = 0x53594253;  // "SBYS"
-constexpr uint32_t STATE_VERSION = 1;
+constexpr uint32_t STATE_VERSION = 2;
 
 struct writer {
     std::vector<uint8_t> & out;
@@ -142,9 +143,15 @@ std::vector<uint8_t> memory::save(uint32_t n_past) const {
             const auto k = read_tensor(lm.k);
             const auto v = read_tensor(lm.v);
             const size_t row = lm.k->nb[1];
+            // canonical layout: K rows, then V rows, oldest position first
             for (uint32_t p = p0; p < n_past; ++p) w.put(k.data() + (p % lm.n_cells) * row, row);
-            for (uint32_t j = 0; j < hp.n_embd_kv(); ++j) {
-                for (uint32_t p = p0; p < n_past; ++p) w.put(v.data() + ((size_t) j * lm.n_cells + p % lm.n_cells) * es, es);
+            for (uint32_t p = p0; p < n_past; ++p) {
+                const size_t cell = p % lm.n_cells;
+                if (!v_trans_) {
+                    w.put(v.data() + cell * row, row);
+                    continue;
+                }
+                for (uint32_t j = 0; j < hp.n_embd_kv(); ++j) w.put(v.data() + ((size_t) j * lm.n_cells + cell) * es, es);
             }
         }
     }
@@ -186,8 +193,13 @@ uint32_t memory::load(const std::vector<uint8_t> & data) {
             std::vector<uint8_t> k(ggml_nbytes(lm.k), 0), v(ggml_nbytes(lm.v), 0);
             const size_t row = lm.k->nb[1];
             for (uint32_t p = p0; p < n_past; ++p) r.get(k.data() + (p % lm.n_cells) * row, row);
-            for (uint32_t j = 0; j < hp.n_embd_kv(); ++j) {
-                for (uint32_t p = p0; p < n_past; ++p) r.get(v.data() + ((size_t) j * lm.n_cells + p % lm.n_cells) * es, es);
+            for (uint32_t p = p0; p < n_past; ++p) {
+                const size_t cell = p % lm.n_cells;
+                if (!v_trans_) {
+                    r.get(v.data() + cell * row, row);
+                    continue;
+                }
+                for (uint32_t j = 0; j < hp.n_embd_kv(); ++j) r.get(v.data() + ((size_t) j * lm.n_cells + cell) * es, es);
             }
             images.push_back(std::move(k)); images.push_back(std::move(v));
         }

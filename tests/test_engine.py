@@ -21,6 +21,8 @@ THREADS = dict(n_threads=1, n_threads_batch=1)
 
 @pytest.fixture(scope="session")
 def root(tmp_path_factory):
+    # the tiny reference runs fastest on one thread, and torch's pool stalls on a loaded machine
+    torch.set_num_threads(1)
     return tmp_path_factory.mktemp("engine")
 
 
@@ -164,6 +166,38 @@ def test_chunked_prefill_equals_one_shot(tiny12, n_batch):
     last = _ctx(model, n_batch=n_batch).eval(ids)
     assert last.shape == (1, model.n_vocab)
     np.testing.assert_allclose(last[0], a[-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_type, atol", [("f32", ATOL_F32), ("f16", 1e-2)])
+def test_flash_attention_path_matches_reference(tiny, kv_type, atol):
+    """flash_attn=True: prefill (one shot and chunked) and decode. (On the CPU, F16 K/V in
+    ggml's flash attention accumulate in F16: a looser bound than the mul_mat path.)"""
+    _, _, model, ref = tiny
+    W = model.hparams()["n_swa"]
+    ids = _ids(3 * W + 5 + 16, model.n_vocab, seed=21)
+    want = reference_logits(ref, ids)
+    for n_batch in (512, 7):
+        got = _ctx(model, kv_type=kv_type, n_batch=n_batch, logits_all=True, flash_attn=True).eval(ids)
+        assert np.abs(got - want).max() < atol
+    ctx = _ctx(model, kv_type=kv_type, flash_attn=True)
+    out = [ctx.eval(ids[:3])[0]] + [ctx.eval([t])[0] for t in ids[3:]]
+    assert np.abs(np.stack(out) - want[2:]).max() < atol
+
+
+def test_state_moves_between_attention_paths(tiny12):
+    """The state layout is canonical: V transposed (mul_mat path) or not (flash attention)."""
+    _, _, model, _ = tiny12
+    ids = _ids(40, model.n_vocab, seed=22)
+    fa = _ctx(model, flash_attn=True)
+    fa.eval(ids[:25])
+    state = fa.save_state()
+    a = fa.eval(ids[25:])
+    mm = _ctx(model, flash_attn=False, n_batch=4)
+    mm.load_state(state)
+    np.testing.assert_allclose(mm.eval(ids[25:]), a, rtol=0, atol=1e-5)
+    mm.load_state(mm.save_state())  # and back
+    fa.load_state(mm.save_state())
+    assert fa.n_past == mm.n_past
 
 
 def test_threads_do_not_change_results(tiny12):

@@ -3,7 +3,9 @@
 // [s*Hkv/2, (s+1)*Hkv/2); both stripes attend over V viewed as Hkv/2 pairs of 2*hd values.
 //   O_s = softmax(q_s k_s^T / sqrt(hd) + mask) [v1|v2]        (Dk = hd, Dv = 2*hd)
 //   out = out_proj(flatten((1 - lambda_init) * RMSNorm_2hd(O_1 - lambda * O_2) * w)) + b
-// Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
+// Two paths: mul_mat + soft_max_ext + mul_mat over V stored transposed (default), or
+// ggml_flash_attn_ext over V stored like K (no [n_kv, n_rows, heads] score tensor: the choice
+// for long contexts). Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
 // shared cache of kv_shared_layer (already holding this batch's K/V).
 #include "graph.h"
 #include "memory.h"
@@ -23,6 +25,24 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     const float   scale = 1.0f / std::sqrt((float) hd);  // 1/sqrt(hd), never 1/sqrt(2*hd)
 
     ggml_tensor * o[2];
+    if (ub_.flash_attn) {
+        // V not transposed: [n_embd_kv, n_cells] viewed as [2*hd, n_kv, Hkv/2]
+        ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, 0);
+        for (int s = 0; s < 2; ++s) {
+            ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
+            qs = ggml_permute(ctx_, qs, 0, 2, 1, 3);  // [hd, n_rows, H/2]
+            ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], s * Hkv2 * hd * kes);
+            ks = ggml_permute(ctx_, ks, 0, 2, 1, 3);  // [hd, n_kv, Hkv/2]
+            o[s] = ggml_flash_attn_ext(ctx_, qs, ks, v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
+            ggml_flash_attn_ext_set_prec(o[s], GGML_PREC_F32);
+        }
+        ggml_tensor * cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
+        cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
+        cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
+        cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
+        cb(cur, "diff_attn", il);
+        return build_attn_out(ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows), il);
+    }
     for (int s = 0; s < 2; ++s) {
         ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
         qs = ggml_permute(ctx_, qs, 0, 2, 1, 3);  // [hd, n_rows, H/2]
@@ -46,7 +66,10 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
 
     cur = ggml_permute(ctx_, cur, 0, 2, 1, 3);  // [2*hd, H/2, n_rows]: pair-major = Out_0 | Out_1 | ...
     cur = ggml_cont_2d(ctx_, cur, 2 * hd * H2, n_rows);
+    return build_attn_out(cur, il);
+}
 
+ggml_tensor * graph_builder::build_attn_out(ggml_tensor * cur, int il) {
     const layer_weights & l = model_.layer(il);
     cur = ggml_mul_mat(ctx_, l.wo, cur);  // {H*hd, n_embd} @ {H*hd, n_rows} => {n_embd, n_rows}
     cur = ggml_add(ctx_, cur, l.bo);
@@ -75,8 +98,14 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
     ggml_tensor * k_idx = is_swa ? inp_.swa_k_idx : inp_.full_k_idx;
     ggml_tensor * v_idx = is_swa ? inp_.swa_v_idx : inp_.full_v_idx;
     ggml_tensor * k_all = ggml_set_rows(ctx_, lm.k, ggml_cont(ctx_, k_cur), k_idx);
-    ggml_tensor * v_flat = ggml_reshape_2d(ctx_, lm.v, 1, ggml_nelements(lm.v));
-    ggml_tensor * v_all = ggml_set_rows(ctx_, v_flat, ggml_reshape_2d(ctx_, ggml_cont(ctx_, v_cur), 1, n_embd_kv * n_t), v_idx);
+    ggml_tensor * v_all = nullptr;
+    if (mem_.v_trans()) {
+        // one element per "row": V^T[cell, j] <- V[j, t]
+        ggml_tensor * v_flat = ggml_reshape_2d(ctx_, lm.v, 1, ggml_nelements(lm.v));
+        v_all = ggml_set_rows(ctx_, v_flat, ggml_reshape_2d(ctx_, ggml_cont(ctx_, v_cur), 1, n_embd_kv * n_t), v_idx);
+    } else {
+        v_all = ggml_set_rows(ctx_, lm.v, ggml_cont(ctx_, v_cur), k_idx);
+    }
     ggml_build_forward_expand(gf_, k_all);
     ggml_build_forward_expand(gf_, v_all);
 
@@ -93,7 +122,7 @@ ggml_tensor * graph_builder::build_cross_attn(ggml_tensor * cur, int il) {
     GGML_ASSERT(shared_k_ && "cross-attention layer before the shared-KV layer");
     if (!inp_.cross_mask) {
         // causal over the shared cache, for the rows the cross-decoder runs on
-        inp_.cross_mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, n_kv_full_, n_rows_);
+        inp_.cross_mask = ggml_new_tensor_2d(ctx_, mask_type(), n_kv_full_, n_rows_);
         ggml_set_input(inp_.cross_mask);
         cb(inp_.cross_mask, "inp_cross_mask", -1);
     }

@@ -132,6 +132,9 @@ class Context:
             Mamba states are always F32.
         yoco: when only the last token's logits are needed, run the cross-decoder on that
             token only (exact; disable only to compare).
+        flash_attn: use ggml's fused flash attention (no score matrix of n_ctx x n_batch per
+            head: much smaller compute buffers at long contexts; F16 KV then also accumulates
+            in F16 on the CPU).
 
     Raises:
         ValueError: an invalid argument.
@@ -148,6 +151,7 @@ class Context:
         logits_all: bool = False,
         kv_type: str = "f16",
         yoco: bool = True,
+        flash_attn: bool = False,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a sambay.engine.Model, got {type(model).__name__}")
@@ -167,6 +171,7 @@ class Context:
             logits_all=bool(logits_all),
             kv_type=kv_type,
             yoco=bool(yoco),
+            flash_attn=bool(flash_attn),
         )
 
     def eval(self, tokens: Union[Sequence[int], np.ndarray]) -> np.ndarray:
@@ -204,6 +209,11 @@ class Context:
     def logits_all(self) -> bool:
         """Whether eval returns logits for every token."""
         return self._c.logits_all
+
+    @property
+    def flash_attn(self) -> bool:
+        """Whether attention runs through ggml_flash_attn_ext."""
+        return self._c.flash_attn
 
     @property
     def device(self) -> str:
