@@ -50,12 +50,13 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
                                     /*parallel*/ false, /*op_offload*/ backends_.size() > 1);
 
     // reserve the compute buffers with the worst case: a full micro-batch at the end of the
-    // context, logits for every row
+    // context, with the logits rows this context returns
     {
         std::vector<int32_t> dummy(params_.n_batch, 0);
         ubatch ub;
         ub.tokens = dummy.data(); ub.n_tokens = params_.n_batch;
-        ub.pos0 = params_.n_ctx - params_.n_batch; ub.n_out = params_.n_batch; ub.yoco = params_.yoco;
+        ub.pos0 = params_.n_ctx - params_.n_batch; ub.yoco = params_.yoco;
+        ub.n_out = params_.logits_all ? params_.n_batch : 1;
         ub.flash_attn = params_.flash_attn;
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
         ggml_context * ctx = ggml_init(ip);
