@@ -91,6 +91,7 @@ void context::set_threads(int n) {
 }
 
 void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
     const hparams & hp = model_->hp();
     for (size_t i = 0; i < n_tokens; ++i) {
         if (tokens[i] < 0 || (uint32_t) tokens[i] >= hp.n_vocab) {
@@ -142,19 +143,23 @@ void context::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, fl
 }
 
 void context::reset() {
+    std::lock_guard<std::mutex> lock(mutex_);
     mem_->clear();
     n_past_ = 0;
 }
 
 std::vector<uint8_t> context::save_state() const {
+    std::lock_guard<std::mutex> lock(mutex_);
     return mem_->save(n_past_);
 }
 
 void context::load_state(const std::vector<uint8_t> & data) {
+    std::lock_guard<std::mutex> lock(mutex_);
     n_past_ = mem_->load(data);
 }
 
 std::map<std::string, size_t> context::memory_breakdown() const {
+    std::lock_guard<std::mutex> lock(mutex_);
     auto out = mem_->breakdown();
     size_t compute = 0;
     for (auto * b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_, b);

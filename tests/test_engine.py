@@ -289,12 +289,14 @@ def test_memory_layout_and_breakdown(tiny12):
         assert mem["compute"] > 0 and mem["weights"] == model.weights_bytes
 
 
-def test_f16_kv_cache_within_tolerance(tiny12):
+@pytest.mark.parametrize("kv_type, atol", [(None, 1.5e-3), ("bf16", 1e-2)])
+def test_f16_bf16_kv_cache_within_tolerance(tiny12, kv_type, atol):
     _, _, model, ref = tiny12
     ids = _ids(53, model.n_vocab, seed=6)
-    ctx = Context(model, n_ctx=N_CTX, logits_all=True, **THREADS)  # default kv_type f16
+    kw = {} if kv_type is None else {"kv_type": kv_type}  # default: f16
+    ctx = Context(model, n_ctx=N_CTX, logits_all=True, **kw, **THREADS)
     err = np.abs(ctx.eval(ids) - reference_logits(ref, ids)).max()
-    assert err < 1.5e-3, f"f16 KV: max |engine - reference| = {err:.3g}"
+    assert err < atol, f"{kv_type or 'f16'} KV: max |engine - reference| = {err:.3g}"
 
 
 @pytest.mark.parametrize("outtype, atol", [("f16", 3e-3), ("bf16", 2e-2)])
