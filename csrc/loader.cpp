@@ -1,65 +1,19 @@
 #include "loader.h"
 
 #include "errors.h"
+#include "log.h"
 
 #include "ggml.h"
 #include "gguf.h"
 
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
-#include <thread>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace sambay {
-
-namespace {
-
-// Captures what ggml logs on this thread while parsing, so the reason for a rejected file
-// travels inside the exception instead of only to stderr.
-struct log_capture {
-    ggml_log_callback prev_cb = nullptr;
-    void *            prev_ud = nullptr;
-    std::thread::id   tid     = std::this_thread::get_id();
-    std::string       text;
-
-    static void callback(ggml_log_level level, const char * msg, void * ud) {
-        auto * self = (log_capture *) ud;
-        if (std::this_thread::get_id() == self->tid) {
-            self->text += msg;
-        } else if (self->prev_cb) {
-            self->prev_cb(level, msg, self->prev_ud);
-        } else {
-            std::fputs(msg, stderr);
-        }
-    }
-    log_capture() {
-        ggml_log_get(&prev_cb, &prev_ud);
-        ggml_log_set(callback, this);
-    }
-    ~log_capture() { ggml_log_set(prev_cb, prev_ud); }
-
-    std::string summary() const {  // the logged lines without their function prefixes, joined
-        std::string out, line;
-        auto flush = [&] {
-            while (!line.empty() && line.back() == ' ') line.pop_back();
-            const size_t colon = line.find(": ");
-            if (colon != std::string::npos && line.compare(0, 4, "gguf") == 0) line = line.substr(colon + 2);
-            if (!line.empty()) out += (out.empty() ? "" : "; ") + line;
-            line.clear();
-        };
-        for (char ch : text) {
-            if (ch == '\n') flush(); else line += ch;
-        }
-        flush();
-        return out;
-    }
-};
-
-} // namespace
 
 gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -83,7 +37,8 @@ gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
     gguf_init_params params = { /*no_alloc*/ true, /*ctx*/ &meta_ };
     std::string ggml_says;
     {
-        log_capture capture;
+        // the reason for a rejected file travels inside the exception, not only to stderr
+        log_scope capture(log_scope::mode::collect);
         gguf_ = gguf_init_from_file(path.c_str(), params);
         ggml_says = capture.summary();
     }

@@ -399,3 +399,6 @@ def test_quantized_q8_0_model_runs_close_to_reference(tiny12, root):
     assert err < 6e-2, f"Q8_0: max |engine - reference| = {err:.3g}"
     # relative mean-squared error stays small
     assert np.mean((got - want) ** 2) / np.mean(want**2) < 1e-3
+    # the CPU's repacked Q8_0 layout (default) computes what the plain mapped layout computes
+    plain = _ctx(Model(q8, use_extra_bufts=False), logits_all=True).eval(ids)
+    np.testing.assert_allclose(got, plain, rtol=0, atol=2e-3)

@@ -45,6 +45,9 @@ class Model:
         n_gpu_layers: with a GPU, how many of the last layers to place there; ``-1`` places
             every layer and the output there too, ``0`` keeps everything on the CPU.
         use_mmap: map the file instead of reading it into memory.
+        use_extra_bufts: let the CPU backend re-lay out (repack) the quantized matrices it has
+            faster kernels for (Q4_0, Q8_0, ... on AVX2): a private copy of those tensors
+            instead of the mapped pages, about 1.5-2x faster quantized prefill.
 
     Raises:
         LoadError: missing/truncated/corrupt file, wrong magic, another architecture, a missing
@@ -58,8 +61,15 @@ class Model:
         device: str = "auto",
         n_gpu_layers: int = -1,
         use_mmap: bool = True,
+        use_extra_bufts: bool = True,
     ) -> None:
-        self._m = _core.Model(os.fspath(path), device=device, n_gpu_layers=int(n_gpu_layers), use_mmap=bool(use_mmap))
+        self._m = _core.Model(
+            os.fspath(path),
+            device=device,
+            n_gpu_layers=int(n_gpu_layers),
+            use_mmap=bool(use_mmap),
+            use_extra_bufts=bool(use_extra_bufts),
+        )
 
     @property
     def path(self) -> str:

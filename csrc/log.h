@@ -1,0 +1,38 @@
+// Scoped control of ggml's (global) log callback for the calling thread; other threads' logs
+// pass through to the previous callback unchanged.
+#pragma once
+
+#include "ggml.h"
+
+#include <string>
+#include <thread>
+
+namespace sambay {
+
+class log_scope {
+public:
+    enum class mode {
+        collect,  // keep everything this thread logs (for error messages), print nothing
+        quiet,    // drop debug/info chatter (e.g. "repack: repack tensor ..."), print warnings/errors
+    };
+    explicit log_scope(mode m);
+    ~log_scope();
+    log_scope(const log_scope &) = delete;
+    log_scope & operator=(const log_scope &) = delete;
+
+    // collected lines without their "gguf_...: " prefixes, joined with "; "
+    std::string summary() const;
+
+private:
+    static void callback(ggml_log_level level, const char * text, void * ud);
+    void forward(ggml_log_level level, const char * text) const;
+
+    mode              mode_;
+    ggml_log_callback prev_cb_ = nullptr;
+    void *            prev_ud_ = nullptr;
+    std::thread::id   tid_     = std::this_thread::get_id();
+    ggml_log_level    last_level_ = GGML_LOG_LEVEL_NONE;
+    std::string       text_;
+};
+
+} // namespace sambay
