@@ -360,6 +360,28 @@ def test_invalid_token_ids_raise_before_compute(tiny12):
     assert ctx.n_past == 1
 
 
+def test_tokens_must_be_integers(tiny12):
+    _, _, model, _ = tiny12
+    ctx = _ctx(model)
+    with pytest.raises(TypeError):
+        ctx.eval([1.5, 2.0])
+    with pytest.raises(ValueError):
+        ctx.eval([[1, 2], [3, 4]])
+    assert ctx.n_past == 0
+    assert ctx.eval(np.array([1, 2], dtype=np.uint16)).shape == (1, model.n_vocab)
+
+
+def test_context_smaller_than_the_window(tiny12):
+    _, _, model, ref = tiny12
+    W = model.hparams()["n_swa"]
+    ids = _ids(W // 2 + 2, model.n_vocab, seed=14)
+    ctx = _ctx(model, n_ctx=len(ids), n_batch=3, logits_all=True)
+    got = np.concatenate([ctx.eval(ids[:5]), ctx.eval(ids[5:])])
+    assert np.abs(got - reference_logits(ref, ids)).max() < ATOL_F32
+    with pytest.raises(ContextFullError):
+        ctx.eval([1])
+
+
 def test_exceeding_n_ctx_raises_context_full(tiny12):
     _, _, model, _ = tiny12
     ctx = _ctx(model, n_ctx=32, n_batch=8)

@@ -34,10 +34,17 @@ void register_context(py::module_ & m) {
              py::arg("model"), py::kw_only(), py::arg("n_ctx") = 0, py::arg("n_batch") = 512,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("logits_all") = false,
              py::arg("kv_type") = "f16", py::arg("yoco") = true, py::arg("flash_attn") = false)
-        .def("eval", [](context & c, py::array_t<int64_t, py::array::c_style | py::array::forcecast> tokens) {
-            if (tokens.ndim() != 1) {
+        .def("eval", [](context & c, py::object obj) {
+            py::array arr = py::array::ensure(obj);
+            if (!arr || arr.ndim() != 1) {
                 throw std::invalid_argument("tokens must be a 1-D sequence of ints");
             }
+            const char kind = arr.dtype().kind();
+            if (arr.size() > 0 && kind != 'i' && kind != 'u') {
+                throw py::type_error(std::string("tokens must be integers, got dtype ") +
+                                     py::str(arr.dtype()).cast<std::string>());
+            }
+            auto tokens = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
             const int64_t n_vocab = c.get_model().hp().n_vocab;
             const auto * src = tokens.data();
             std::vector<int32_t> ids((size_t) tokens.size());
