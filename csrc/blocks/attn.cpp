@@ -5,8 +5,8 @@
 //   out = out_proj(flatten((1 - lambda_init) * RMSNorm_2hd(O_1 - lambda * O_2) * w)) + b
 // Two paths: mul_mat + soft_max_ext + mul_mat over V stored transposed (default), or
 // ggml_flash_attn_ext over V stored like K (no [n_kv, n_rows, heads] score tensor: the choice
-// for long contexts). Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
-// shared cache of kv_shared_layer (already holding this batch's K/V).
+// for long contexts). Self layers (SWA, full) write their K/V first; cross layers project Q
+// only and read the shared cache of kv_shared_layer (already holding this batch's K/V).
 #include "graph.h"
 #include "memory.h"
 #include "model.h"
@@ -17,55 +17,48 @@ namespace sambay {
 
 ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                              uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il) {
-    // q: [hd, H, n_rows] (a view); k_all: K cache [n_embd_kv, n_cells]; v_all: V^T cache
+    // q: [hd, H, n_rows] (a view); k_all: K cache [n_embd_kv, n_cells]; v_all: V cache
     const int64_t hd = hp_.n_embd_head, H2 = hp_.n_head / 2, Hkv2 = hp_.n_head_kv / 2;
     const int64_t n_rows = q->ne[2];
     const size_t  kes = ggml_type_size(k_all->type);
     const size_t  ves = ggml_type_size(v_all->type);
     const float   scale = 1.0f / std::sqrt((float) hd);  // 1/sqrt(hd), never 1/sqrt(2*hd)
 
+    const bool fa = ub_.flash_attn;
+    // V as pairs of 2*hd values (pair g holds V heads 2g, 2g+1), per path:
+    //   fa: V stored like K, [n_embd_kv, n_cells] viewed as [2*hd, n_kv, Hkv/2]
+    //   mul_mat: V^T stored [n_cells, n_embd_kv] viewed as [n_kv, 2*hd, Hkv/2]
+    ggml_tensor * v = fa ? ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, 0)
+                         : ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, 0);
     ggml_tensor * o[2];
-    if (ub_.flash_attn) {
-        // V not transposed: [n_embd_kv, n_cells] viewed as [2*hd, n_kv, Hkv/2]
-        ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, 0);
-        for (int s = 0; s < 2; ++s) {
-            ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
-            qs = ggml_permute(ctx_, qs, 0, 2, 1, 3);  // [hd, n_rows, H/2]
-            ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], s * Hkv2 * hd * kes);
-            ks = ggml_permute(ctx_, ks, 0, 2, 1, 3);  // [hd, n_kv, Hkv/2]
-            o[s] = ggml_flash_attn_ext(ctx_, qs, ks, v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
-            ggml_flash_attn_ext_set_prec(o[s], GGML_PREC_F32);
-        }
-        ggml_tensor * cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
-        cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
-        cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
-        cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
-        cb(cur, "diff_attn", il);
-        return build_attn_out(ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows), il);
-    }
     for (int s = 0; s < 2; ++s) {
         ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
         qs = ggml_permute(ctx_, qs, 0, 2, 1, 3);  // [hd, n_rows, H/2]
         ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], s * Hkv2 * hd * kes);
         ks = ggml_permute(ctx_, ks, 0, 2, 1, 3);  // [hd, n_kv, Hkv/2]
-
-        // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over dim 2
-        ggml_tensor * kq = ggml_mul_mat(ctx_, ks, qs);  // [n_kv, n_rows, H/2]
-        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-        kq = ggml_soft_max_ext(ctx_, kq, mask, scale, 0.0f);
-
-        // V^T as [n_kv, 2*hd, Hkv/2]: pair g holds V heads 2g, 2g+1
-        ggml_tensor * vt = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, 0);
-        o[s] = ggml_mul_mat(ctx_, vt, kq);  // [2*hd, n_rows, H/2]
+        // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over the head dimension
+        if (fa) {
+            o[s] = ggml_flash_attn_ext(ctx_, qs, ks, v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
+            ggml_flash_attn_ext_set_prec(o[s], GGML_PREC_F32);
+        } else {
+            ggml_tensor * kq = ggml_mul_mat(ctx_, ks, qs);  // [n_kv, n_rows, H/2]
+            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+            kq = ggml_soft_max_ext(ctx_, kq, mask, scale, 0.0f);
+            o[s] = ggml_mul_mat(ctx_, v, kq);  // [2*hd, n_rows, H/2]
+        }
     }
+    // per pair (rows of 2*hd values, whatever the order of the other dimensions)
     ggml_tensor * cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
-    cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);  // over the 2*hd features of each pair
+    cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
     cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
     cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
     cb(cur, "diff_attn", il);
 
-    cur = ggml_permute(ctx_, cur, 0, 2, 1, 3);  // [2*hd, H/2, n_rows]: pair-major = Out_0 | Out_1 | ...
-    cur = ggml_cont_2d(ctx_, cur, 2 * hd * H2, n_rows);
+    if (!fa) {
+        cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 2, 1, 3));  // [2*hd, H/2, n_rows]
+    }
+    // pair-major = Out_0 | Out_1 | ... = the original head order
+    cur = ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows);
     return build_attn_out(cur, il);
 }
 
