@@ -178,20 +178,16 @@ void graph_builder::set_inputs() const {
         }
         set_mask(inp_.swa_mask, mask);
     }
-    auto causal_mask = [&](ggml_tensor * t, uint32_t n_rows, uint32_t first_row) {
+    auto causal_mask = [&](ggml_tensor * t, uint32_t n_rows) {
         std::vector<float> mask((size_t) n_kv_full_ * n_rows, ninf);
         for (uint32_t r = 0; r < n_rows; ++r) {
-            const uint32_t pq = pos0 + first_row + r;
+            const uint32_t pq = pos0 + r;
             for (uint32_t c = 0; c <= pq && c < n_kv_full_; ++c) mask[(size_t) r * n_kv_full_ + c] = 0.0f;
         }
         set_mask(t, mask);
     };
     if (is_set(inp_.full_mask)) {
-        causal_mask(inp_.full_mask, n_tokens, 0);
-    }
-    if (is_set(inp_.cross_mask)) {
-        const uint32_t n_rows = (uint32_t) inp_.cross_mask->ne[1];
-        causal_mask(inp_.cross_mask, n_rows, n_tokens - n_rows);
+        causal_mask(inp_.full_mask, n_tokens);
     }
     auto write_idx = [&](ggml_tensor * k_idx, ggml_tensor * v_idx, uint32_t cells, bool ring) {
         std::vector<int64_t> k(n_tokens);

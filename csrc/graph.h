@@ -33,8 +33,7 @@ struct graph_inputs {
     ggml_tensor * out_ids    = nullptr;  // I32 [n_out] rows of the micro-batch that give logits
     ggml_tensor * ssm_ids    = nullptr;  // I32 [1]: the (only) state slot, 0
     ggml_tensor * swa_mask   = nullptr;  // F32 [n_kv_swa, n_tokens]: 0 or -inf (F16 with flash_attn)
-    ggml_tensor * full_mask  = nullptr;  // F32 [n_kv_full, n_tokens]
-    ggml_tensor * cross_mask = nullptr;  // F32 [n_kv_full, n_rows_cross]
+    ggml_tensor * full_mask  = nullptr;  // F32 [n_kv_full, n_tokens] (cross layers: a view of its last rows)
     ggml_tensor * swa_k_idx  = nullptr;  // I64 [n_tokens]: ring cell per token
     ggml_tensor * swa_v_idx  = nullptr;  // I64 [n_tokens*n_embd_kv]: element index in V^T (mul_mat path only)
     ggml_tensor * full_k_idx = nullptr;  // I64 [n_tokens]
@@ -78,7 +77,8 @@ private:
     graph_inputs  inp_;
     ggml_tensor * gmu_memory_ = nullptr;  // [d_inner, n_rows] SSM read-out of memory_layer
     ggml_tensor * shared_k_   = nullptr;  // kv_shared_layer's K cache after this batch's write
-    ggml_tensor * shared_v_   = nullptr;  // ... and its V^T cache
+    ggml_tensor * shared_v_   = nullptr;  // ... and its V cache
+    ggml_tensor * cross_mask_ = nullptr;  // view of full_mask for the cross-decoder rows
 };
 
 // nodes budget for ggml_new_graph_custom and the scheduler

@@ -113,18 +113,18 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
 ggml_tensor * graph_builder::build_cross_attn(ggml_tensor * cur, int il) {
     const layer_weights & l = model_.layer(il);
     GGML_ASSERT(shared_k_ && "cross-attention layer before the shared-KV layer");
-    if (!inp_.cross_mask) {
-        // causal over the shared cache, for the rows the cross-decoder runs on
-        inp_.cross_mask = ggml_new_tensor_2d(ctx_, mask_type(), n_kv_full_, n_rows_);
-        ggml_set_input(inp_.cross_mask);
-        cb(inp_.cross_mask, "inp_cross_mask", -1);
+    if (!cross_mask_) {
+        // causal over the shared cache for the rows the cross-decoder runs on: the last n_rows
+        // rows of the full layer's mask (a contiguous view)
+        ggml_tensor * m = inp_.full_mask;
+        cross_mask_ = ggml_view_2d(ctx_, m, m->ne[0], n_rows_, m->nb[1], (m->ne[1] - n_rows_) * m->nb[1]);
     }
     ggml_tensor * q = ggml_mul_mat(ctx_, l.wq, cur);  // {n_embd, H*hd} @ {n_embd, n_rows} => {H*hd, n_rows}
     q = ggml_add(ctx_, q, l.bq);
     cb(q, "wq", il);
     q = ggml_reshape_3d(ctx_, q, hp_.n_embd_head, hp_.n_head, n_rows_);
     const uint32_t n_cells = mem_.layer(hp_.kv_shared_layer).n_cells;
-    return build_diff_attn(q, shared_k_, shared_v_, n_cells, n_kv_full_, inp_.cross_mask, il);
+    return build_diff_attn(q, shared_k_, shared_v_, n_cells, n_kv_full_, cross_mask_, il);
 }
 
 } // namespace sambay
