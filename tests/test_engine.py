@@ -407,7 +407,7 @@ def test_bad_context_arguments(tiny12):
 
 def test_quantized_q8_0_model_runs_close_to_reference(tiny12, root):
     """A Q8_0 file from sambay.quantize (quantized matmuls, Q8_0 embedding via get_rows)."""
-    from sambay.quantize import quantize
+    from sambay.quantization import quantize
 
     _, path, _, ref = tiny12
     q8 = root / "tiny-12-q8_0.gguf"
