@@ -37,6 +37,9 @@ void log_scope::callback(ggml_log_level level, const char * text, void * ud) {
         case mode::quiet:
             if (self->last_level_ == GGML_LOG_LEVEL_WARN || self->last_level_ == GGML_LOG_LEVEL_ERROR) {
                 self->forward(level, text);
+            } else if (self->prev_cb_) {
+                // an installed logger (e.g. Python logging) still sees the chatter, as debug
+                self->prev_cb_(GGML_LOG_LEVEL_DEBUG, text, self->prev_ud_);
             }
             break;
     }

@@ -13,7 +13,8 @@ class log_scope {
 public:
     enum class mode {
         collect,  // keep everything this thread logs (for error messages), print nothing
-        quiet,    // drop debug/info chatter (e.g. "repack: repack tensor ..."), print warnings/errors
+        quiet,    // debug/info chatter (e.g. "repack: repack tensor ...") only as debug to an installed
+                  // logger, never to stderr; warnings/errors pass through
     };
     explicit log_scope(mode m);
     ~log_scope();
