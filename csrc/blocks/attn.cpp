@@ -86,18 +86,18 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
     ggml_tensor * k_cur = ggml_view_2d(ctx_, qkv, n_embd_kv, n_t, qkv->nb[1], n_embd_q * es);
     ggml_tensor * v_cur = ggml_view_2d(ctx_, qkv, n_embd_kv, n_t, qkv->nb[1], (n_embd_q + n_embd_kv) * es);
 
-    // write this batch's K rows and V^T elements; the attention reads the results of the
-    // writes, so it is ordered after them
+    // write this batch's K rows and V elements (set_rows takes the strided views as they are);
+    // the attention reads the results of the writes, so it is ordered after them
     ggml_tensor * k_idx = is_swa ? inp_.swa_k_idx : inp_.full_k_idx;
     ggml_tensor * v_idx = is_swa ? inp_.swa_v_idx : inp_.full_v_idx;
-    ggml_tensor * k_all = ggml_set_rows(ctx_, lm.k, ggml_cont(ctx_, k_cur), k_idx);
+    ggml_tensor * k_all = ggml_set_rows(ctx_, lm.k, k_cur, k_idx);
     ggml_tensor * v_all = nullptr;
     if (mem_.v_trans()) {
         // one element per "row": V^T[cell, j] <- V[j, t]
         ggml_tensor * v_flat = ggml_reshape_2d(ctx_, lm.v, 1, ggml_nelements(lm.v));
         v_all = ggml_set_rows(ctx_, v_flat, ggml_reshape_2d(ctx_, ggml_cont(ctx_, v_cur), 1, n_embd_kv * n_t), v_idx);
     } else {
-        v_all = ggml_set_rows(ctx_, lm.v, ggml_cont(ctx_, v_cur), k_idx);
+        v_all = ggml_set_rows(ctx_, lm.v, v_cur, k_idx);
     }
     ggml_build_forward_expand(gf_, k_all);
     ggml_build_forward_expand(gf_, v_all);
