@@ -4,7 +4,9 @@
 
 namespace sambay {
 
-log_scope::log_scope(mode m) : mode_(m) {
+static std::recursive_mutex g_scope_mutex;
+
+log_scope::log_scope(mode m) : lock_(g_scope_mutex), mode_(m) {
     ggml_log_get(&prev_cb_, &prev_ud_);
     ggml_log_set(callback, this);
 }

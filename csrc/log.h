@@ -1,9 +1,11 @@
 // Scoped control of ggml's (global) log callback for the calling thread; other threads' logs
-// pass through to the previous callback unchanged.
+// pass through to the previous callback unchanged. Scopes are serialised process-wide (ggml has
+// one callback slot: two threads' overlapping scopes would restore each other's pointers).
 #pragma once
 
 #include "ggml.h"
 
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -28,6 +30,7 @@ private:
     static void callback(ggml_log_level level, const char * text, void * ud);
     void forward(ggml_log_level level, const char * text) const;
 
+    std::unique_lock<std::recursive_mutex> lock_;
     mode              mode_;
     ggml_log_callback prev_cb_ = nullptr;
     void *            prev_ud_ = nullptr;
