@@ -131,8 +131,8 @@ def test_decode_steps_match_full_forward(tiny):
     assert err < ATOL_F32, f"decode max |engine - reference| = {err:.3g}"
 
 
-def test_greedy_generation_matches_reference(tiny12):
-    _, _, model, ref = tiny12
+def test_greedy_generation_matches_reference(tiny):
+    _, _, model, ref = tiny
     prompt = _ids(8, model.n_vocab, seed=11)
     ctx = _ctx(model)
     logits = ctx.eval(prompt)[0]
