@@ -55,18 +55,24 @@ gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
     for (int64_t i = 0; i < n_tensors; ++i) {
         const size_t off  = gguf_get_tensor_offset(gguf_, i);
         const size_t size = gguf_get_tensor_size(gguf_, i);
-        const char * name = gguf_get_tensor_name(gguf_, i);
+        // a copy: the message is built after gguf_free, which frees the name (fuzzing found
+        // the use-after-free this was)
+        const std::string name = gguf_get_tensor_name(gguf_, i);
+        std::string problem;
         if (align == 0 || off % align != 0) {
-            gguf_free(gguf_); ggml_free(meta_); ::close(fd_);
-            throw load_error("'" + path + "': tensor '" + name + "' data is not aligned");
+            problem = "'" + path + "': tensor '" + name + "' data is not aligned";
+        } else if (data_start > file_size_ || off > file_size_ - data_start ||
+                   size > file_size_ - data_start - off) {
+            problem = "'" + path + "': tensor '" + name + "' data [" +
+                      std::to_string(data_start + off) + ", " +
+                      std::to_string(data_start + off + size) + ") lies beyond the end of the file (" +
+                      std::to_string(file_size_) + " bytes): truncated file?";
         }
-        if (data_start > file_size_ || off > file_size_ - data_start ||
-            size > file_size_ - data_start - off) {
-            gguf_free(gguf_); ggml_free(meta_); ::close(fd_);
-            throw load_error("'" + path + "': tensor '" + name + "' data [" +
-                             std::to_string(data_start + off) + ", " +
-                             std::to_string(data_start + off + size) + ") lies beyond the end of the file (" +
-                             std::to_string(file_size_) + " bytes): truncated file?");
+        if (!problem.empty()) {
+            gguf_free(gguf_); gguf_ = nullptr;
+            ggml_free(meta_); meta_ = nullptr;
+            ::close(fd_); fd_ = -1;
+            throw load_error(problem);
         }
     }
 
