@@ -7,11 +7,20 @@
 
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 
 namespace py = pybind11;
 
 namespace sambay::py_bindings {
+
+// strings from the file are bytes: invalid UTF-8 is kept with surrogateescape (never an
+// exception), as for the token strings
+static py::object file_str(const char * s) {
+    PyObject * u = PyUnicode_DecodeUTF8(s, (Py_ssize_t) std::strlen(s), "surrogateescape");
+    if (!u) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(u);
+}
 
 static py::object scalar_value(const gguf_context * g, int64_t id, gguf_type t) {
     switch (t) {
@@ -26,7 +35,7 @@ static py::object scalar_value(const gguf_context * g, int64_t id, gguf_type t) 
         case GGUF_TYPE_FLOAT32: return py::float_(gguf_get_val_f32(g, id));
         case GGUF_TYPE_FLOAT64: return py::float_(gguf_get_val_f64(g, id));
         case GGUF_TYPE_BOOL:    return py::bool_(gguf_get_val_bool(g, id));
-        case GGUF_TYPE_STRING:  return py::str(gguf_get_val_str(g, id));
+        case GGUF_TYPE_STRING:  return file_str(gguf_get_val_str(g, id));
         default:                return py::none();
     }
 }
@@ -113,7 +122,7 @@ void register_model(py::module_ & m) {
         .def("metadata", [](const model & md) {
             const gguf_context * g = md.file().gguf();
             py::dict d;
-            for (int64_t i = 0; i < gguf_get_n_kv(g); ++i) d[py::str(gguf_get_key(g, i))] = kv_value(g, i);
+            for (int64_t i = 0; i < gguf_get_n_kv(g); ++i) d[file_str(gguf_get_key(g, i))] = kv_value(g, i);
             return d;
         })
         .def("metadata_value", [](const model & md, const std::string & key, py::object dflt) {
