@@ -89,9 +89,35 @@ class Tokenizer:
         """Rebuild the tokenizer from a GGUF metadata mapping (key -> value).
 
         Raises:
-            TokenizerError: the metadata has no usable tokenizer.
+            TokenizerError: the metadata has no usable tokenizer (missing, or keys of the wrong
+                type or out of range: a GGUF from anywhere must not fail any other way).
         """
+        try:
+            return cls._from_metadata(meta)
+        except TokenizerError:
+            raise
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as err:
+            raise TokenizerError(f"the GGUF's tokenizer metadata is invalid: {type(err).__name__}: {err}") from err
+
+    @classmethod
+    def _from_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
+
+        for key, kind in (("tokenizer.ggml.tokens", list), ("tokenizer.ggml.token_type", list),
+                          ("tokenizer.ggml.merges", list), ("tokenizer.huggingface.json", str),
+                          ("tokenizer.ggml.eog_token_ids", list)):
+            if meta.get(key) is not None and not isinstance(meta[key], kind):
+                raise TokenizerError(f"metadata key '{key}' has the wrong type ({type(meta[key]).__name__})")
+        n_tok = len(meta.get("tokenizer.ggml.tokens") or [])
+        if meta.get("tokenizer.ggml.token_type") is not None and len(meta["tokenizer.ggml.token_type"]) != n_tok:
+            raise TokenizerError("tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+            v = meta.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_tok):
+                raise TokenizerError(f"metadata key '{key}' = {v!r} is not a token id (n_tokens {n_tok})")
+        for v in meta.get("tokenizer.ggml.eog_token_ids") or []:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_tok:
+                raise TokenizerError(f"tokenizer.ggml.eog_token_ids holds {v!r}, not a token id")
 
         tokens = meta.get("tokenizer.ggml.tokens")
         if not tokens:
