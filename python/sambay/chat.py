@@ -3,18 +3,35 @@
 Rendering runs in Jinja's ``ImmutableSandboxedEnvironment`` (``trim_blocks``,
 ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` that keeps non-ASCII text, and
 ``raise_exception`` / ``strftime_now`` globals), so a hostile template cannot reach Python
-internals; rendering is bounded in output size and in loop iterations (``range`` is budgeted),
-so a template cannot run away.
+internals. A template found on the internet cannot run away either:
+
+- output size: at most ``MAX_RENDERED_CHARS`` characters;
+- loops: all ``range()`` iterations of one render together at most ``MAX_RANGE_STEPS``;
+- time: a render that runs longer than ``max_seconds`` (default ``MAX_RENDER_SECONDS``) is
+  stopped between two Python steps (a trace function; this catches endless macro recursion
+  with fan-out and anything else that only burns time);
+- size of single operations: ``*``, ``**``, ``%``, ``+`` and ``~`` (string/list repetition,
+  huge powers, ``'%0999999999d'`` formatting, doubling concatenation), the width arguments of the
+  ``center``/``indent``/``wordwrap`` filters, ``replace`` and the ``str`` methods that pad
+  (``center``, ``ljust``, ``rjust``, ``zfill``, ``expandtabs``) are checked before they run
+  against ``MAX_RENDERED_CHARS``; ``lipsum`` is not available.
+
+Every failure is a :class:`ChatTemplateError` that says what happened.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
+import sys
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 MAX_RENDERED_CHARS = 4_000_000
 MAX_RANGE_STEPS = 1_000_000  # all range() iterations of one render together
+MAX_RENDER_SECONDS = 5.0
+MAX_POW_BITS = 4096  # largest integer ** may produce, in bits
 
 
 class ChatTemplateError(ValueError):
@@ -33,16 +50,149 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+def _too_big(what: str, n: int) -> ChatTemplateError:
+    return ChatTemplateError(
+        f"chat template operation too large: {what} would make {n} items "
+        f"(limit {MAX_RENDERED_CHARS})"
+    )
+
+
+def _check_size(what: str, n: Any) -> None:
+    if isinstance(n, int) and n > MAX_RENDERED_CHARS:
+        raise _too_big(what, n)
+
+
+_SIZED = (str, bytes, list, tuple)
+_FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _safe_binop(op: str, left: Any, right: Any) -> Any:
+    """``left op right`` after checking that the result cannot be absurdly large."""
+    if op == "*":
+        for seq, k in ((left, right), (right, left)):
+            if isinstance(seq, _SIZED) and isinstance(k, int):
+                _check_size("repetition", len(seq) * k)
+        return left * right
+    if op == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if right * abs(left).bit_length() > MAX_POW_BITS:
+                raise ChatTemplateError(f"chat template operation too large: {left} ** {right}")
+        return left ** right
+    if op == "%":
+        if isinstance(left, str):
+            for width, prec in _FORMAT_WIDTH.findall(left):
+                for v in (width, prec):
+                    if v == "*":
+                        raise ChatTemplateError("chat template: '*' widths in % formatting are not allowed")
+                    if v and int(v) > MAX_RENDERED_CHARS:
+                        raise _too_big("% formatting", int(v))
+        return left % right
+    if op == "+":
+        if isinstance(left, _SIZED) and isinstance(right, _SIZED):
+            _check_size("concatenation", len(left) + len(right))
+        return left + right
+    raise AssertionError(op)
+
+
+_PADDING_METHODS = {"center", "ljust", "rjust", "zfill"}
+
+
+def _make_environment() -> Any:
+    from jinja2 import filters as jf
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from jinja2.compiler import CodeGenerator
+
+    class CodeGen(CodeGenerator):
+        # ``a ~ b`` compiles to str_join((a, b)) in plain Jinja: route it through a size check
+        # (no autoescape here, so str_join's semantics are the ones to keep)
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            self.write("environment.checked_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    def checked_concat(values: Sequence[Any]) -> str:
+        parts = [str(v) for v in values]
+        _check_size("~ concatenation", sum(map(len, parts)))
+        return "".join(parts)
+
+    class Env(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%", "+"})
+        code_generator_class = CodeGen
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            return _safe_binop(operator, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            target = getattr(__obj, "__self__", None)
+            name = getattr(__obj, "__name__", "")
+            if isinstance(target, str):
+                if name in _PADDING_METHODS and args:
+                    _check_size(f"str.{name}", args[0])
+                elif name == "expandtabs":
+                    _check_size("str.expandtabs", len(target) * (args[0] if args else kwargs.get("tabsize", 8)))
+                elif name == "replace" and len(args) >= 2 and isinstance(args[1], str):
+                    _check_size("str.replace", (len(target) + 1) * max(1, len(args[1])))
+                elif name == "join" and args and isinstance(args[0], _SIZED):
+                    _check_size("str.join", len(target) * len(args[0]))
+            return super().call(__context, __obj, *args, **kwargs)
+
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.checked_concat = checked_concat  # type: ignore[attr-defined]
+
+    def center(value: Any, width: int = 80) -> str:
+        _check_size("center", width)
+        return jf.do_center(value, width)
+
+    def indent(s: str, width: Any = 4, first: bool = False, blank: bool = False) -> str:
+        if isinstance(width, int):
+            _check_size("indent", width * (str(s).count("\n") + 1))
+        elif isinstance(width, str):
+            _check_size("indent", len(width) * (str(s).count("\n") + 1))
+        return jf.do_indent(s, width, first, blank)
+
+    def wordwrap(eval_ctx: Any, s: str, width: int = 79, *args: Any, **kwargs: Any) -> str:
+        _check_size("wordwrap", width)
+        return jf.do_wordwrap(eval_ctx, s, width, *args, **kwargs)
+
+    def replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Optional[int] = None) -> Any:
+        _check_size("replace", (len(str(s)) + 1) * max(1, len(str(new))))
+        return jf.do_replace(eval_ctx, s, old, new, count)
+
+    from jinja2.utils import pass_eval_context
+
+    env.filters["center"] = center
+    env.filters["indent"] = indent
+    env.filters["wordwrap"] = pass_eval_context(wordwrap)
+    env.filters["replace"] = pass_eval_context(replace)
+    env.globals.pop("lipsum", None)
+    return env
+
+
 class ChatFormatter:
-    """Renders a list of chat messages to a prompt with one Jinja template."""
+    """Renders a list of chat messages to a prompt with one Jinja template.
 
-    def __init__(self, template: str, *, eos_token: str = "", bos_token: str = "") -> None:
+    Args:
+        template: the Jinja source (e.g. a GGUF's ``tokenizer.chat_template``).
+        eos_token, bos_token: the texts the template sees as ``eos_token`` / ``bos_token``.
+        max_seconds: a render that takes longer is stopped with :class:`ChatTemplateError`.
+
+    Raises:
+        ChatTemplateError: the template does not compile.
+    """
+
+    def __init__(self, template: str, *, eos_token: str = "", bos_token: str = "",
+                 max_seconds: float = MAX_RENDER_SECONDS) -> None:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
+        if not isinstance(template, str):
+            raise ChatTemplateError(f"the chat template must be a string, got {type(template).__name__}")
+        if len(template) > MAX_RENDERED_CHARS:
+            raise ChatTemplateError(f"the chat template is too long ({len(template)} characters)")
+        self.max_seconds = float(max_seconds)
+        env = _make_environment()
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
@@ -84,6 +234,23 @@ class ChatFormatter:
                 yield i
 
         extra.setdefault("range", budgeted_range)
+        deadline = time.monotonic() + self.max_seconds
+        max_seconds = self.max_seconds
+
+        fired = False
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            nonlocal fired
+            if fired:
+                return None
+            if time.monotonic() > deadline:
+                fired = True  # once: Jinja's own error handling must run untraced
+                sys.settrace(None)
+                raise ChatTemplateError(f"chat template rendering took longer than {max_seconds:g} s")
+            return tracer
+
+        previous_trace = sys.gettrace()
+        sys.settrace(tracer)
         try:
             pieces = []
             size = 0
@@ -105,11 +272,13 @@ class ChatFormatter:
             raise ChatTemplateError(f"chat template tried unsafe access: {err}") from err
         except jinja2.TemplateError as err:
             raise ChatTemplateError(f"chat template failed: {err}") from err
-        except (OverflowError, RecursionError, TypeError, ValueError, KeyError,
-                AttributeError, IndexError, ZeroDivisionError) as err:
+        except (OverflowError, RecursionError, TypeError, ValueError, KeyError, MemoryError,
+                AttributeError, IndexError, ZeroDivisionError, LookupError) as err:
             if isinstance(err, ChatTemplateError):
                 raise
             raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from err
+        finally:
+            sys.settrace(previous_trace)
         return "".join(pieces)
 
 
