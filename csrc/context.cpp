@@ -23,6 +23,12 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     if (params_.n_batch == 0) {
         throw std::invalid_argument("n_batch must be positive");
     }
+    // ggml's thread pools hold at most GGML_MAX_N_THREADS workers
+    if (params_.n_threads > GGML_MAX_N_THREADS || params_.n_threads_batch > GGML_MAX_N_THREADS) {
+        throw std::invalid_argument("n_threads and n_threads_batch must be at most " +
+                                    std::to_string(GGML_MAX_N_THREADS) + " (got " +
+                                    std::to_string(std::max(params_.n_threads, params_.n_threads_batch)) + ")");
+    }
     if (params_.n_threads <= 0) {
         params_.n_threads = std::max(1u, std::thread::hardware_concurrency());
     }
@@ -43,6 +49,13 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             throw compute_error(std::string("cannot initialise the backend of device ") + ggml_backend_dev_name(dev));
         }
         backends_.push_back(b);
+        // cancel(): the backend checks the flag between graph nodes
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+        auto set_abort = reg ? (ggml_backend_set_abort_callback_t)
+            ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_abort_callback") : nullptr;
+        if (set_abort) {
+            set_abort(b, [](void * ud) { return ((std::atomic<bool> *) ud)->load(std::memory_order_relaxed); }, &abort_);
+        }
     }
     graph_size_ = graph_size_for(hp);
     graph_meta_.resize(ggml_tensor_overhead() * graph_size_ + ggml_graph_overhead_custom(graph_size_, false));
@@ -102,12 +115,21 @@ void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
     if ((uint64_t) n_past_ + n_tokens > params_.n_ctx) {
         throw context_full_error((int64_t) (n_past_ + n_tokens), params_.n_ctx);
     }
+    if (poisoned_) {
+        throw state_error("the context was cancelled in the middle of a computation: reset() it or "
+                          "load_state() a saved state before evaluating more tokens");
+    }
     const uint32_t n_vocab = hp.n_vocab;
     for (size_t i = 0; i < n_tokens; i += params_.n_batch) {
         const uint32_t n = (uint32_t) std::min<size_t>(params_.n_batch, n_tokens - i);
         const bool last = i + n == n_tokens;
         const uint32_t n_out = params_.logits_all ? n : (last ? 1 : 0);
         float * out = params_.logits_all ? logits + i * (size_t) n_vocab : logits;
+        if (abort_.exchange(false)) {
+            // between micro-batches: the memory is consistent (n_past_ tokens), nothing poisoned
+            throw aborted_error("evaluation cancelled after " + std::to_string(i) + " of " +
+                                std::to_string(n_tokens) + " tokens (n_past is " + std::to_string(n_past_) + ")");
+        }
         eval_ubatch(tokens + i, n, n_out, out);
     }
 }
@@ -131,6 +153,17 @@ void context::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, fl
     gb.set_inputs();
     set_threads(n == 1 ? params_.n_threads : params_.n_threads_batch);
     const ggml_status st = ggml_backend_sched_graph_compute(sched_, gf);
+    if (st == GGML_STATUS_ABORTED) {
+        // earlier nodes (or scheduler splits) have written part of the memory for this
+        // micro-batch, later ones not: the memory no longer describes any position.
+        // (A cancel that came after the last node leaves the graph complete and the flag set:
+        // the next micro-batch or eval stops instead.)
+        ggml_free(ctx);
+        abort_.store(false);
+        poisoned_ = true;
+        throw aborted_error("evaluation cancelled during a micro-batch at position " + std::to_string(n_past_) +
+                            ": reset() or load_state() before the next eval");
+    }
     if (st != GGML_STATUS_SUCCESS) {
         ggml_free(ctx);
         throw compute_error(std::string("graph compute failed: ") + ggml_status_to_string(st));
@@ -146,6 +179,7 @@ void context::reset() {
     std::lock_guard<std::mutex> lock(mutex_);
     mem_->clear();
     n_past_ = 0;
+    poisoned_ = false;
 }
 
 std::vector<uint8_t> context::save_state() const {
@@ -156,6 +190,7 @@ std::vector<uint8_t> context::save_state() const {
 void context::load_state(const std::vector<uint8_t> & data) {
     std::lock_guard<std::mutex> lock(mutex_);
     n_past_ = mem_->load(data);
+    poisoned_ = false;
 }
 
 std::map<std::string, size_t> context::memory_breakdown() const {

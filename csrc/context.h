@@ -7,6 +7,7 @@
 
 #include "ggml-backend.h"
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -43,6 +44,16 @@ public:
 
     uint32_t n_past() const { return n_past_; }  // (read without the lock: a plain value)
     void     reset();
+
+    // Cancellation, callable from any thread while another one is in eval(): the running graph
+    // stops at its next node (the CPU backend's abort callback) and eval throws aborted_error.
+    // A request made while no eval runs is kept and stops the next eval before it computes
+    // anything (clear_cancel() drops it). After an abort the memory holds a partly computed
+    // micro-batch: eval throws state_error until reset() or load_state().
+    void     cancel() { abort_.store(true); }
+    void     clear_cancel() { abort_.store(false); }
+    bool     cancel_requested() const { return abort_.load(); }
+    bool     needs_reset() const { return poisoned_; }
     std::vector<uint8_t> save_state() const;
     void                 load_state(const std::vector<uint8_t> & data);
 
@@ -63,6 +74,8 @@ private:
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
     uint32_t                       n_past_ = 0;
+    std::atomic<bool>              abort_{false};
+    bool                           poisoned_ = false;  // an aborted compute left the memory half-written
     mutable std::mutex             mutex_;  // one eval/state call at a time (the GIL is released)
 };
 

@@ -74,7 +74,15 @@ void register_context(py::module_ & m) {
         .def_property_readonly("flash_attn", [](const context & c) { return c.params().flash_attn; })
         .def_property_readonly("kv_type", [](const context & c) { return std::string(ggml_type_name(c.params().kv_type)); })
         .def_property_readonly("device", &context::device_name)
-        .def("reset", &context::reset)
+        .def("reset", [](context & c) {
+            py::gil_scoped_release release;  // waits for a running eval (the context's lock)
+            c.reset();
+        })
+        .def("cancel", &context::cancel,
+             "stop a running eval at its next graph node (from any thread); eval raises AbortedError")
+        .def("clear_cancel", &context::clear_cancel, "drop a cancel request that no eval has consumed")
+        .def_property_readonly("cancel_requested", &context::cancel_requested)
+        .def_property_readonly("needs_reset", &context::needs_reset)
         .def("save_state", [](const context & c) {
             std::vector<uint8_t> s;
             {
@@ -89,7 +97,14 @@ void register_context(py::module_ & m) {
             py::gil_scoped_release release;
             c.load_state(s);
         }, py::arg("state"))
-        .def("memory_breakdown", &context::memory_breakdown);
+        .def("memory_breakdown", [](const context & c) {
+            std::map<std::string, size_t> out;
+            {
+                py::gil_scoped_release release;
+                out = c.memory_breakdown();
+            }
+            return out;
+        });
 }
 
 } // namespace sambay::py_bindings

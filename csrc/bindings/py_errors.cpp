@@ -10,6 +10,7 @@ namespace sambay::py_bindings {
 void register_errors(py::module_ & m) {
     py::register_exception<load_error>(m, "LoadError", PyExc_ValueError);
     py::register_exception<state_error>(m, "StateError", PyExc_ValueError);
+    py::register_exception<aborted_error>(m, "AbortedError", PyExc_RuntimeError);
     // ContextFullError carries n_requested and n_ctx as attributes
     static py::exception<context_full_error> ctx_full(m, "ContextFullError", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
