@@ -15,6 +15,9 @@
 
 namespace sambay {
 
+// no tensor of any real model comes near: 2^50 elements (a petabyte of F8)
+static constexpr int64_t MAX_ELEMENTS = int64_t(1) << 50;
+
 gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) {
@@ -59,7 +62,25 @@ gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
         // the use-after-free this was)
         const std::string name = gguf_get_tensor_name(gguf_, i);
         std::string problem;
-        if (align == 0 || off % align != 0) {
+        // ggml's parser lets element counts whose byte size overflows size_t through (a
+        // [2^40, 2^40] F32 tensor reports 0 bytes): count elements and bytes ourselves, and
+        // require the byte size ggml reports to be that one
+        const ggml_tensor * t = meta_ ? ggml_get_tensor(meta_, name.c_str()) : nullptr;
+        bool shape_ok = t != nullptr;
+        int64_t n_el = 1;
+        for (int d = 0; shape_ok && d < GGML_MAX_DIMS; ++d) {
+            const int64_t ne = t->ne[d];
+            shape_ok = ne >= 0 && (ne == 0 || n_el <= MAX_ELEMENTS / ne);
+            if (shape_ok) n_el *= ne;
+        }
+        if (shape_ok) {
+            const int64_t bs = ggml_blck_size(t->type);
+            shape_ok = bs > 0 && t->ne[0] % bs == 0 &&
+                       (uint64_t) (n_el / bs) * ggml_type_size(t->type) == (uint64_t) size;
+        }
+        if (!shape_ok) {
+            problem = "'" + path + "': tensor '" + name + "' has an absurd shape or a data size that does not match it";
+        } else if (align == 0 || off % align != 0) {
             problem = "'" + path + "': tensor '" + name + "' data is not aligned";
         } else if (data_start > file_size_ || off > file_size_ - data_start ||
                    size > file_size_ - data_start - off) {
