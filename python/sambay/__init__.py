@@ -9,13 +9,14 @@ _logging.getLogger("sambay").addHandler(_logging.NullHandler())
 
 from ._system import system_info
 from ._version import __version__
-from .errors import (ChatTemplateError, ContextFullError, GGUFMetadataError, LoadError,
+from .errors import (AbortedError, ChatTemplateError, ContextFullError, GGUFMetadataError, LoadError,
                      QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
 from .quantization import QUANT_TYPES, quantize
 from .sampling import SamplingParams
 
 __all__ = [
+    "AbortedError",
     "ChatTemplateError",
     "ContextFullError",
     "GGUFMetadataError",

@@ -9,7 +9,9 @@ Errors:
     LoadError (a ValueError): the file is not a valid phi4flash GGUF.
     ContextFullError (a RuntimeError): an eval would exceed ``n_ctx``; carries
         ``n_requested`` and ``n_ctx``.
-    StateError (a ValueError): a saved state does not fit the context.
+    StateError (a ValueError): a saved state does not fit the context, or the context was
+        cancelled inside a computation and needs reset()/load_state() first.
+    AbortedError (a RuntimeError): Context.cancel() stopped an eval.
     ValueError: bad arguments, e.g. a token id outside ``[0, n_vocab)``.
 """
 
@@ -25,8 +27,9 @@ from ._native import _core
 LoadError = _core.LoadError
 ContextFullError = _core.ContextFullError
 StateError = _core.StateError
+AbortedError = _core.AbortedError
 
-__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError"]
+__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError"]
 
 _KV_TYPES = ("f16", "f32", "bf16")
 
@@ -197,6 +200,12 @@ class Context:
         Raises:
             ValueError: a token id out of range (nothing is evaluated).
             ContextFullError: ``n_past + len(tokens) > n_ctx`` (nothing is evaluated).
+            AbortedError: :meth:`cancel` was called (see there for the state it leaves).
+            StateError: the context needs :meth:`reset` after a cancel.
+
+        Thread safety: the GIL is released while the engine computes. Calls on one Context
+        from several threads are serialised by a lock inside it (each runs whole, in some
+        order); several Contexts on one Model run in parallel.
         """
         return self._c.eval(tokens)
 
@@ -233,6 +242,27 @@ class Context:
     def reset(self) -> None:
         """Forgets the sequence: zero states and caches, ``n_past = 0``."""
         self._c.reset()
+
+    def cancel(self) -> None:
+        """Stops a running :meth:`eval` (call it from another thread): the graph stops at its
+        next node and eval raises :class:`AbortedError`.
+
+        Cut between two micro-batches, the context holds the tokens before the cut (``n_past``
+        says how many) and stays usable. Cut inside a micro-batch, its caches are half-written:
+        :attr:`needs_reset` is then true and eval raises :class:`StateError` until
+        :meth:`reset` or :meth:`load_state`. A cancel made while no eval runs stops the next
+        one before it computes anything (:meth:`clear_cancel` drops it).
+        """
+        self._c.cancel()
+
+    def clear_cancel(self) -> None:
+        """Drops a :meth:`cancel` request no eval has consumed yet."""
+        self._c.clear_cancel()
+
+    @property
+    def needs_reset(self) -> bool:
+        """True after a cancel cut a micro-batch in the middle (see :meth:`cancel`)."""
+        return bool(self._c.needs_reset)
 
     def save_state(self) -> bytes:
         """Every cache and state plus the position, as bytes (see :meth:`load_state`)."""

@@ -9,12 +9,13 @@ state that does not fit), ``QuantizeError``.
 from __future__ import annotations
 
 from .chat import ChatTemplateError
-from .engine import ContextFullError, LoadError, StateError
+from .engine import AbortedError, ContextFullError, LoadError, StateError
 from .gguf_metadata import GGUFMetadataError
 from .quantization import QuantizeError
 from .tokenizer import TokenizerError
 
 __all__ = [
+    "AbortedError",
     "ChatTemplateError",
     "ContextFullError",
     "GGUFMetadataError",

@@ -17,7 +17,7 @@ import numpy as np
 from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
-from .engine import Context, LoadError, Model
+from .engine import AbortedError, Context, LoadError, Model
 from .sampling import SamplingParams, log_softmax, make_rng, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -216,12 +216,38 @@ class Llama:
                 f"Requested tokens ({len(self._input_ids) + len(tokens)}) exceed context window "
                 f"of {self.n_ctx()}"
             )
-        logits = self._ctx.eval(np.asarray(tokens, dtype=np.int64))
-        self.n_tokens_evaluated += len(tokens)
-        self._input_ids.extend(tokens)
-        self._last_logits = logits[-1]
+        # one micro-batch per engine call: a KeyboardInterrupt (Ctrl-C) or cancel() lands
+        # between two of them, with the state consistent; the engine splits the same way, so
+        # the results are those of one call
+        step = max(1, int(self._ctx.n_batch))
+        rows: list[np.ndarray] = []
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i:i + step]
+            try:
+                logits = self._ctx.eval(np.asarray(chunk, dtype=np.int64))
+            except AbortedError:
+                if self._ctx._c.needs_reset:
+                    # cancelled inside a graph: the caches are half-written; start afresh (the
+                    # snapshots still serve prefix reuse)
+                    self._ctx.reset()
+                    self._input_ids = []
+                    self._last_logits = None
+                    self._all_logits = []
+                raise
+            self.n_tokens_evaluated += len(chunk)
+            self._input_ids.extend(chunk)
+            self._last_logits = logits[-1]
+            if self.logits_all:
+                rows.extend(logits)
         if self.logits_all:  # the rows of this call only: all rows of a long run would be GBs
-            self._all_logits = list(logits)
+            self._all_logits = rows
+
+    def cancel(self) -> None:
+        """Stop a running generation or evaluation from another thread (or a signal handler):
+        the engine stops at its next graph node and the call raises :class:`sambay.AbortedError`.
+        The Llama stays usable: tokens evaluated before stay, and a micro-batch cut in the middle
+        resets the context (the next call re-evaluates its prompt, reusing snapshots)."""
+        self._ctx._c.cancel()
 
     def _prepare(self, tokens: list[int]) -> int:
         """Bring the context to the state after ``tokens[:-1]`` ... or all of ``tokens``.
@@ -283,6 +309,7 @@ class Llama:
         elif overrides:
             params = SamplingParams(**{**params.__dict__, **overrides})
         rng = make_rng(seed) if seed is not None else self._rng
+        self._ctx._c.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
         evaluated = self._prepare(tokens)
         self._snapshot()
