@@ -203,6 +203,13 @@ class Tokenizer:
         """
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8", errors="replace")
+        elif isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # lone surrogates (e.g. surrogateescape'd bytes from argv or a file name) are not
+                # text: U+FFFD, as for invalid UTF-8 bytes
+                text = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
         ids = (self._full if special else self._plain).encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
