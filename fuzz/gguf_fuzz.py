@@ -571,13 +571,17 @@ class Worker:
         self.stderr_path.unlink(missing_ok=True)
 
 
+SEED_NAMES = ("tiny-8-f32.gguf", "tiny-8-f16.gguf", "tiny-8-q8_0.gguf")
+
+
 def make_seeds(folder: Path) -> list[Path]:
     """Tiny phi4flash GGUFs from the test checkpoints: F32, F16 and Q8_0."""
     from sambay.convert import convert, tiny
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for config, outtype in (("tiny-8", "f32"), ("tiny-8", "f16"), ("tiny-8", "q8_0")):
+    for name in SEED_NAMES:
+        config, outtype = name[:-len(".gguf")].rsplit("-", 1)
         path = folder / f"{config}-{outtype}.gguf"
         if not path.exists():
             hf = folder / f"{config}-hf"
@@ -621,6 +625,7 @@ def sanitizer_env(asan: bool) -> dict[str, str]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--make-seeds", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--inputs", type=int, default=1000, help="how many mutated inputs (default 1000)")
     ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0: no limit)")
     ap.add_argument("--seed", type=int, default=0)
@@ -634,6 +639,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return worker()
+    if args.make_seeds:
+        make_seeds(args.make_seeds)
+        return 0
 
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="gguf-fuzz-"))
@@ -655,7 +663,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.replay:
         sources = [(p.read_bytes(), p.name) for p in sorted(args.replay.glob("*.gguf"))]
     else:
-        seeds = [p.read_bytes() for p in make_seeds(args.seeds_dir)]
+        # in a child with the workers' environment: sambay is never imported here (a sanitizer
+        # build cannot be imported without its runtime preloaded)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--make-seeds", str(args.seeds_dir)],
+                       env=sanitizer_env(args.asan), check=True)
+        seeds = [(args.seeds_dir / n).read_bytes() for n in SEED_NAMES]
         sources = None
     n = len(sources) if sources is not None else args.inputs
     try:
