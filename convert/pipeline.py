@@ -40,7 +40,7 @@ def _read_json(path: Path, *, required: bool) -> Any:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ConvertError(f"{path.name}: cannot parse: {err}") from None
 
 

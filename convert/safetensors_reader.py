@@ -90,8 +90,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise ConvertError(f"{where}: cannot read: {err.strerror or err}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{where}: corrupt safetensors header (not JSON: {err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        # RecursionError: deeply nested JSON ([[[[...) exhausts the parser's stack
+        raise ConvertError(f"{where}: corrupt safetensors header (not JSON: {type(err).__name__}: {err})") from None
     if not isinstance(header, dict):
         raise ConvertError(f"{where}: corrupt safetensors header (not a JSON object)")
 
@@ -104,7 +105,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if not isinstance(info, dict):
             raise ConvertError(f"{where}: corrupt header entry for {name}")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in ST_DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in ST_DTYPE_SIZES:
             raise ConvertError(f"{where}: tensor {name} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
@@ -144,7 +145,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ConvertError(f"{path.name}: cannot parse: {err}") from None
 
 

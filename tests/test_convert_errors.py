@@ -6,6 +6,7 @@ Also the command line: ``sambay convert`` and ``python -m sambay.convert`` (exit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -415,3 +416,73 @@ def test_python_dash_m_sambay_convert(ck, out_dir):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("sambay convert: error: ")
     assert "no such folder" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile headers and interruption (issue 8)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: b"[" * 200_000 + b"]" * 200_000, "corrupt safetensors header"),  # RecursionError
+    (lambda h: b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}', "bad data_offsets"),
+    (lambda h: b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 18446744073709551623]}}',
+     "needs 8 bytes"),
+    (lambda h: b'{"a": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 8]}}', "needs"),
+    (lambda h: b'{"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}', "bad shape"),
+    (lambda h: b'{"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}', "bad shape"),
+    (lambda h: b'{"a": {"dtype": "__class__", "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype"),
+    (lambda h: b'{"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype"),
+    (lambda h: b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [true, 8]}}', "bad data_offsets"),
+    (lambda h: b'{"a": 5}', "corrupt header entry"),
+    (lambda h: b'"just a string"', "not a JSON object"),
+    (lambda h: b"\xff\xfe{}", "not JSON"),
+])
+def test_hostile_safetensors_headers(ck, out_dir, edit, match):
+    rewrite_header(ck, edit)
+    fails(ck, out_dir, match)
+
+
+def test_kill_9_mid_write_leaves_no_valid_looking_file(ck, tmp_path):
+    """SIGKILL while the GGUF is being written: the output name never exists (the data goes to a
+    temporary name that os.replace publishes only when complete), and what is left under the
+    temporary name is rejected by the loader as truncated."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    code = (
+        "import sys, time\n"
+        "import sambay.convert.writer as w\n"
+        "n = [0]\n"
+        "def slow(x):\n"  # the writer's memoryview: called once per chunk written
+        "    n[0] += 1\n"
+        "    if n[0] == 20:\n"
+        "        print('writing', flush=True); time.sleep(60)\n"
+        "    return memoryview(x)\n"
+        "w.memoryview = slow\n"
+        "from sambay.convert import convert\n"
+        "convert(sys.argv[1], sys.argv[2], outtype='f32', progress=False)\n"
+    )
+    root = tmp_path
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ck), str(out / "m.gguf")],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=str(root))
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "m.gguf").exists()
+    left = list(out.iterdir())
+    assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in left), left
+    from sambay.engine import LoadError, Model
+
+    for p in left:
+        with pytest.raises(LoadError, match="truncated|beyond the end|cannot parse"):
+            Model(p)
