@@ -223,7 +223,8 @@ def test_model_file_truncated_while_loaded(gguf_path, tmp_path):
         "Context(m, n_ctx=8, n_threads=1).eval([1, 2, 3])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(r)], capture_output=True, timeout=120)
-    assert proc.returncode in (0, -signal.SIGBUS), proc.stderr[-2000:]
+    # SIGBUS; under AddressSanitizer its deadly-signal handler reports it and aborts instead
+    assert proc.returncode in (0, -signal.SIGBUS, -signal.SIGABRT), proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ threads
@@ -353,7 +354,7 @@ def test_ctrl_c_stops_a_long_prompt(gguf_path, tmp_path):
     """SIGINT during a long prompt: KeyboardInterrupt between two micro-batches."""
     code = (
         "import sys, time; from sambay import Llama\n"
-        "llm = Llama(sys.argv[1], n_ctx=8192, n_batch=32, n_threads=1, n_threads_batch=1, verbose=False)\n"
+        "llm = Llama(sys.argv[1], n_ctx=8192, n_batch=8, n_threads=1, n_threads_batch=1, verbose=False)\n"
         "print('ready', flush=True)\n"
         "t0 = time.monotonic()\n"
         "try:\n"
@@ -364,9 +365,9 @@ def test_ctrl_c_stops_a_long_prompt(gguf_path, tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(gguf_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    time.sleep(0.5)
+    time.sleep(0.2)  # 1024 micro-batches of 8: seconds of work, interrupted early
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert out.startswith("interrupted"), out
     n = int(out.split()[1])
-    assert n % 32 == 0 and n < 8192
+    assert n % 8 == 0 and n < 8192
