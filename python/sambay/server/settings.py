@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt threads per slot (default: the cores / parallel)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
-    p.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the samplers for requests that give none (slot i: SEED + i)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
