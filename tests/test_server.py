@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx")
 from sambay import Llama  # noqa: E402
 from sambay.convert import convert, tiny  # noqa: E402
 from sambay.engine import Model  # noqa: E402
-from sambay.server.app import create_app  # noqa: E402
+from sambay.server.app import create_app, make_server  # noqa: E402
 from sambay.server.pool import SlotLlama, SlotPool  # noqa: E402
 
 N_CTX = 512
@@ -64,8 +64,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
         self.pool: SlotPool = app.state.pool
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.server = make_server(app, log_level="warning", timeout_graceful_shutdown=5)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + TIMEOUT
@@ -90,7 +89,7 @@ class Server:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.handle_exit(signal.SIGINT, None)  # what Ctrl-C does
         self.thread.join(timeout=TIMEOUT)
         assert not self.thread.is_alive(), "the server did not stop"
 
@@ -352,6 +351,35 @@ def test_client_disconnect_stops_generation(model):
         s.wait_for(lambda h: h["slots_idle"] == 1, "the generation to stop", timeout=10)
         assert s.pool.tokens_evaluated - before < n_prompt + 80
         assert s.pool.n_cancelled == 2
+
+
+def test_shutdown_ends_running_and_queued_requests_promptly(model):
+    with serving(model, parallel=1, max_queue=4) as s:
+        slow_down(s, 0.05)  # 300 tokens: 15 s
+        body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0}
+        out: dict[str, Any] = {}
+
+        def stream() -> None:
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=TIMEOUT) as r:
+                out["stream"] = (r.status_code, r.read().decode())
+
+        threads = [threading.Thread(target=stream),
+                   threading.Thread(target=lambda: out.update(queued=httpx.post(s.url + "/v1/completions", json=body,
+                                                                                timeout=TIMEOUT)))]
+        threads[0].start()
+        s.wait_for(lambda h: h["slots_processing"] == 1, "the stream to run")
+        threads[1].start()
+        s.wait_for(lambda h: h["queue"] == 1, "the second request to queue")
+        t0 = time.monotonic()
+        s.stop()
+        stop_seconds = time.monotonic() - t0
+        for t in threads:
+            t.join(timeout=TIMEOUT)
+    assert stop_seconds < 4, stop_seconds  # not uvicorn's 5 s graceful timeout
+    status, text = out["stream"]
+    events = sse_events(text)
+    assert status == 200 and json.loads(events[-1])["error"]["code"] == "shutting_down"
+    assert _error(out["queued"], 503)["code"] == "shutting_down"
 
 
 def test_load_32_concurrent_streams(model):

@@ -89,9 +89,7 @@ def serve(settings: ServerSettings) -> int:
         sambay.LoadError: the model cannot be loaded.
     """
     require_dependencies()
-    import uvicorn
-
-    from .app import create_app
+    from .app import create_app, make_server
 
     pool = load_pool(settings)
     print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
@@ -100,6 +98,10 @@ def serve(settings: ServerSettings) -> int:
     auth = "API key required" if settings.api_key else "no API key"
     print(f"sambay serve: OpenAI API at http://{settings.host}:{settings.port}/v1 ({auth}, "
           f"{pool.n_slots} slot(s), queue of {pool.max_queue})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    server = make_server(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                         timeout_graceful_shutdown=5)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop
+        pass
     return 0

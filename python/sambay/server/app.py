@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ChatTemplateError, ContextFullError
-from .pool import GenerationCancelled, QueueFull, SlotLlama, SlotPool
+from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama, SlotPool
 from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                       Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -42,6 +42,7 @@ class InvalidParameter(ValueError):
 # exception type -> (HTTP status, OpenAI error type, code); the first match along the MRO wins
 ERRORS: dict[type, tuple[int, str, Optional[str]]] = {
     QueueFull: (503, "server_error", "server_busy"),
+    ShuttingDown: (503, "server_error", "shutting_down"),
     ContextFullError: (400, "invalid_request_error", "context_length_exceeded"),
     ChatTemplateError: (400, "invalid_request_error", "invalid_messages"),
     ValueError: (400, "invalid_request_error", None),
@@ -286,7 +287,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
                 llm = await pool.acquire(gone)
             except GenerationCancelled:
                 return error_response(499, "client closed the request", code="client_closed")
-            except QueueFull as err:
+            except (QueueFull, ShuttingDown) as err:
                 return exception_response(err)
             job = pool.start(llm, work, stream=stream)
             job_box.append(job)
@@ -398,3 +399,23 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         return {"content": text.decode("utf-8", "replace")}
 
     return app
+
+
+def make_server(app: FastAPI, **config: Any) -> Any:
+    """A ``uvicorn.Server`` for ``app`` whose exit signal (Ctrl-C, SIGTERM) first stops the
+    generations (:meth:`SlotPool.shutdown`), so shutting down does not wait for long streams.
+
+    Args:
+        app: from :func:`create_app`.
+        **config: ``uvicorn.Config`` keywords (host, port, log_level, ...).
+    """
+    import uvicorn
+
+    pool: SlotPool = app.state.pool
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            pool.shutdown()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, **config))

@@ -29,6 +29,10 @@ class GenerationCancelled(Exception):
     """A job's cancel event was set while it generated."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: running generations end and queued requests are refused (503)."""
+
+
 class SlotLlama(Llama):
     """A :class:`sambay.Llama` whose ``generate`` stops between tokens once ``cancel`` is set.
 
@@ -136,6 +140,8 @@ class SlotPool:
         self._waiters: collections.deque[asyncio.Future[SlotLlama]] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=len(self.llamas), thread_name_prefix="sambay-slot")
         self._running: set[threading.Event] = set()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.shutting_down = False
         self.n_rejected = 0
         self.n_cancelled = 0
 
@@ -163,7 +169,11 @@ class SlotPool:
         Raises:
             QueueFull: no slot is free and ``max_queue`` requests already wait.
             GenerationCancelled: ``gone`` was set (the client left) while waiting.
+            ShuttingDown: the server is stopping.
         """
+        self._loop = asyncio.get_running_loop()
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
         if self._free:
             return self._free.popleft()
         if self.n_waiting >= self.max_queue:
@@ -184,7 +194,7 @@ class SlotPool:
         if fut.cancelled():
             self.n_cancelled += 1
             raise GenerationCancelled()
-        return fut.result()
+        return fut.result()  # raises ShuttingDown when the server stops first
 
     def _release(self, llm: SlotLlama) -> None:
         while self._waiters:
@@ -229,8 +239,14 @@ class SlotPool:
                     put(_ITEM, work(llm))
                 put(_END)
             except GenerationCancelled:
-                put(_END)
-                loop.call_soon_threadsafe(self._count_cancel)
+                if self.shutting_down:  # tell the client, rather than end as if complete
+                    put(_ERROR, ShuttingDown("the server is shutting down"))
+                else:
+                    put(_END)
+                    try:
+                        loop.call_soon_threadsafe(self._count_cancel)
+                    except RuntimeError:
+                        pass
             except BaseException as err:  # reported to the request, never kills the slot
                 put(_ERROR, err)
             finally:
@@ -248,8 +264,28 @@ class SlotPool:
     def _count_cancel(self) -> None:
         self.n_cancelled += 1
 
+    def shutdown(self) -> None:
+        """Starts stopping: running generations end at their next token (their clients get a
+        "shutting down" error) and queued and new requests get :class:`ShuttingDown`.
+        Callable from any thread (e.g. a signal handler)."""
+        self.shutting_down = True
+        for cancel in list(self._running):
+            cancel.set()
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fail_waiters)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _fail_waiters(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(ShuttingDown("the server is shutting down"))
+
     def close(self) -> None:
         """Cancels running jobs and waits for the slot threads."""
+        self.shutting_down = True
         for cancel in list(self._running):
             cancel.set()
         self._executor.shutdown(wait=True)
