@@ -34,7 +34,8 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     }
     params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
 
-    mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.kv_type);
+    mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.kv_type,
+                                    /*v_trans*/ !params_.flash_attn);
 
     for (ggml_backend_dev_t dev : model_->devices()) {
         ggml_backend_t b = ggml_backend_dev_init(dev, nullptr);
@@ -49,12 +50,14 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
                                     /*parallel*/ false, /*op_offload*/ backends_.size() > 1);
 
     // reserve the compute buffers with the worst case: a full micro-batch at the end of the
-    // context, logits for every row
+    // context, with the logits rows this context returns
     {
         std::vector<int32_t> dummy(params_.n_batch, 0);
         ubatch ub;
         ub.tokens = dummy.data(); ub.n_tokens = params_.n_batch;
-        ub.pos0 = params_.n_ctx - params_.n_batch; ub.n_out = params_.n_batch; ub.yoco = params_.yoco;
+        ub.pos0 = params_.n_ctx - params_.n_batch; ub.yoco = params_.yoco;
+        ub.n_out = params_.logits_all ? params_.n_batch : 1;
+        ub.flash_attn = params_.flash_attn;
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
         ggml_context * ctx = ggml_init(ip);
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_size_, false);
@@ -88,6 +91,7 @@ void context::set_threads(int n) {
 }
 
 void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
     const hparams & hp = model_->hp();
     for (size_t i = 0; i < n_tokens; ++i) {
         if (tokens[i] < 0 || (uint32_t) tokens[i] >= hp.n_vocab) {
@@ -111,6 +115,7 @@ void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
 void context::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, float * logits) {
     ubatch ub;
     ub.tokens = tokens; ub.n_tokens = n; ub.pos0 = n_past_; ub.n_out = n_out; ub.yoco = params_.yoco;
+    ub.flash_attn = params_.flash_attn;
 
     ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
     ggml_context * ctx = ggml_init(ip);
@@ -138,19 +143,23 @@ void context::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, fl
 }
 
 void context::reset() {
+    std::lock_guard<std::mutex> lock(mutex_);
     mem_->clear();
     n_past_ = 0;
 }
 
 std::vector<uint8_t> context::save_state() const {
+    std::lock_guard<std::mutex> lock(mutex_);
     return mem_->save(n_past_);
 }
 
 void context::load_state(const std::vector<uint8_t> & data) {
+    std::lock_guard<std::mutex> lock(mutex_);
     n_past_ = mem_->load(data);
 }
 
 std::map<std::string, size_t> context::memory_breakdown() const {
+    std::lock_guard<std::mutex> lock(mutex_);
     auto out = mem_->breakdown();
     size_t compute = 0;
     for (auto * b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_, b);

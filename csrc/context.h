@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@ struct context_params {
     bool      logits_all      = false; // logits of every token instead of the last one
     ggml_type kv_type         = GGML_TYPE_F16;
     bool      yoco            = true;  // run the cross-decoder on output rows only
+    bool      flash_attn      = false; // ggml_flash_attn_ext instead of mul_mat + soft_max
 };
 
 class context {
@@ -39,7 +41,7 @@ public:
     // n_outputs(n) rows of n_vocab floats to logits
     void eval(const int32_t * tokens, size_t n_tokens, float * logits);
 
-    uint32_t n_past() const { return n_past_; }
+    uint32_t n_past() const { return n_past_; }  // (read without the lock: a plain value)
     void     reset();
     std::vector<uint8_t> save_state() const;
     void                 load_state(const std::vector<uint8_t> & data);
@@ -61,6 +63,7 @@ private:
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
     uint32_t                       n_past_ = 0;
+    mutable std::mutex             mutex_;  // one eval/state call at a time (the GIL is released)
 };
 
 } // namespace sambay

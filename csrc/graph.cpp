@@ -5,6 +5,7 @@
 
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -44,18 +45,20 @@ ggml_tensor * graph_builder::build() {
     ggml_set_input(inp_.tokens); cb(inp_.tokens, "inp_tokens", -1);
     inp_.ssm_ids = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, 1);
     ggml_set_input(inp_.ssm_ids); cb(inp_.ssm_ids, "inp_ssm_ids", -1);
-    inp_.swa_mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, n_kv_swa_, n_tokens);
+    inp_.swa_mask = ggml_new_tensor_2d(ctx_, mask_type(), n_kv_swa_, n_tokens);
     ggml_set_input(inp_.swa_mask); cb(inp_.swa_mask, "inp_swa_mask", -1);
-    inp_.full_mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, n_kv_full_, n_tokens);
+    inp_.full_mask = ggml_new_tensor_2d(ctx_, mask_type(), n_kv_full_, n_tokens);
     ggml_set_input(inp_.full_mask); cb(inp_.full_mask, "inp_full_mask", -1);
     inp_.swa_k_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens);
     ggml_set_input(inp_.swa_k_idx); cb(inp_.swa_k_idx, "inp_swa_k_idx", -1);
-    inp_.swa_v_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens * n_embd_kv);
-    ggml_set_input(inp_.swa_v_idx); cb(inp_.swa_v_idx, "inp_swa_v_idx", -1);
     inp_.full_k_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens);
     ggml_set_input(inp_.full_k_idx); cb(inp_.full_k_idx, "inp_full_k_idx", -1);
-    inp_.full_v_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens * n_embd_kv);
-    ggml_set_input(inp_.full_v_idx); cb(inp_.full_v_idx, "inp_full_v_idx", -1);
+    if (mem_.v_trans()) {
+        inp_.swa_v_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens * n_embd_kv);
+        ggml_set_input(inp_.swa_v_idx); cb(inp_.swa_v_idx, "inp_swa_v_idx", -1);
+        inp_.full_v_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens * n_embd_kv);
+        ggml_set_input(inp_.full_v_idx); cb(inp_.full_v_idx, "inp_full_v_idx", -1);
+    }
     if (ub_.n_out > 0 && ub_.n_out < n_tokens) {
         inp_.out_ids = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, ub_.n_out);
         ggml_set_input(inp_.out_ids); cb(inp_.out_ids, "inp_out_ids", -1);
@@ -116,6 +119,21 @@ ggml_tensor * graph_builder::build() {
     return cur;
 }
 
+// masks are built as F32 and converted when the graph wants F16 (flash attention)
+static void set_mask(ggml_tensor * t, const std::vector<float> & mask) {
+    if (t->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_set(t, mask.data(), 0, mask.size() * sizeof(float));
+        return;
+    }
+    std::vector<ggml_fp16_t> h(mask.size());
+    ggml_fp32_to_fp16_row(mask.data(), h.data(), (int64_t) mask.size());
+    ggml_backend_tensor_set(t, h.data(), 0, h.size() * sizeof(ggml_fp16_t));
+}
+
+ggml_type graph_builder::mask_type() const {
+    return ub_.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32;
+}
+
 void graph_builder::set_inputs() const {
     const uint32_t n_tokens = ub_.n_tokens;
     const uint32_t pos0     = ub_.pos0;
@@ -158,33 +176,30 @@ void graph_builder::set_inputs() const {
                 if (pk >= 0 && pk <= pq && pk >= pq - (W - 1)) mask[(size_t) t * n_kv_swa_ + c] = 0.0f;
             }
         }
-        ggml_backend_tensor_set(inp_.swa_mask, mask.data(), 0, mask.size() * sizeof(float));
+        set_mask(inp_.swa_mask, mask);
     }
-    auto causal_mask = [&](ggml_tensor * t, uint32_t n_rows, uint32_t first_row) {
+    auto causal_mask = [&](ggml_tensor * t, uint32_t n_rows) {
         std::vector<float> mask((size_t) n_kv_full_ * n_rows, ninf);
         for (uint32_t r = 0; r < n_rows; ++r) {
-            const uint32_t pq = pos0 + first_row + r;
+            const uint32_t pq = pos0 + r;
             for (uint32_t c = 0; c <= pq && c < n_kv_full_; ++c) mask[(size_t) r * n_kv_full_ + c] = 0.0f;
         }
-        ggml_backend_tensor_set(t, mask.data(), 0, mask.size() * sizeof(float));
+        set_mask(t, mask);
     };
     if (is_set(inp_.full_mask)) {
-        causal_mask(inp_.full_mask, n_tokens, 0);
-    }
-    if (is_set(inp_.cross_mask)) {
-        const uint32_t n_rows = (uint32_t) inp_.cross_mask->ne[1];
-        causal_mask(inp_.cross_mask, n_rows, n_tokens - n_rows);
+        causal_mask(inp_.full_mask, n_tokens);
     }
     auto write_idx = [&](ggml_tensor * k_idx, ggml_tensor * v_idx, uint32_t cells, bool ring) {
-        std::vector<int64_t> k(n_tokens), v((size_t) n_tokens * n_embd_kv);
-        for (uint32_t t = 0; t < n_tokens; ++t) {
-            const int64_t cell = ring ? (pos0 + t) % cells : (pos0 + t);
-            k[t] = cell;
-            // V^T element (cell, j) of the [cells, n_embd_kv] tensor
-            for (int64_t j = 0; j < n_embd_kv; ++j) v[(size_t) t * n_embd_kv + j] = j * cells + cell;
-        }
+        std::vector<int64_t> k(n_tokens);
+        for (uint32_t t = 0; t < n_tokens; ++t) k[t] = ring ? (pos0 + t) % cells : (pos0 + t);
         if (is_set(k_idx)) ggml_backend_tensor_set(k_idx, k.data(), 0, k.size() * sizeof(int64_t));
-        if (is_set(v_idx)) ggml_backend_tensor_set(v_idx, v.data(), 0, v.size() * sizeof(int64_t));
+        if (!is_set(v_idx)) return;
+        // V^T element (cell, j) of the [cells, n_embd_kv] tensor
+        std::vector<int64_t> v((size_t) n_tokens * n_embd_kv);
+        for (uint32_t t = 0; t < n_tokens; ++t) {
+            for (int64_t j = 0; j < n_embd_kv; ++j) v[(size_t) t * n_embd_kv + j] = j * cells + k[t];
+        }
+        ggml_backend_tensor_set(v_idx, v.data(), 0, v.size() * sizeof(int64_t));
     };
     write_idx(inp_.swa_k_idx, inp_.swa_v_idx, n_cells, true);
     write_idx(inp_.full_k_idx, inp_.full_v_idx, mem_.n_ctx(), false);

@@ -24,6 +24,7 @@ struct ubatch {
     uint32_t        pos0     = 0;
     uint32_t        n_out    = 0;     // logits rows: n_tokens (all), 1 (last token) or 0 (none)
     bool            yoco     = true;  // cut to the output rows right after kv_shared_layer
+    bool            flash_attn = false;  // ggml_flash_attn_ext (F16 masks, V not transposed)
 };
 
 // host-filled graph inputs; a tensor the graph ended up not using has no buffer and is skipped
@@ -31,11 +32,10 @@ struct graph_inputs {
     ggml_tensor * tokens     = nullptr;  // I32 [n_tokens]
     ggml_tensor * out_ids    = nullptr;  // I32 [n_out] rows of the micro-batch that give logits
     ggml_tensor * ssm_ids    = nullptr;  // I32 [1]: the (only) state slot, 0
-    ggml_tensor * swa_mask   = nullptr;  // F32 [n_kv_swa, n_tokens]: 0 or -inf
-    ggml_tensor * full_mask  = nullptr;  // F32 [n_kv_full, n_tokens]
-    ggml_tensor * cross_mask = nullptr;  // F32 [n_kv_full, n_rows_cross]
+    ggml_tensor * swa_mask   = nullptr;  // F32 [n_kv_swa, n_tokens]: 0 or -inf (F16 with flash_attn)
+    ggml_tensor * full_mask  = nullptr;  // F32 [n_kv_full, n_tokens] (cross layers: a view of its last rows)
     ggml_tensor * swa_k_idx  = nullptr;  // I64 [n_tokens]: ring cell per token
-    ggml_tensor * swa_v_idx  = nullptr;  // I64 [n_tokens*n_embd_kv]: element index in V^T
+    ggml_tensor * swa_v_idx  = nullptr;  // I64 [n_tokens*n_embd_kv]: element index in V^T (mul_mat path only)
     ggml_tensor * full_k_idx = nullptr;  // I64 [n_tokens]
     ggml_tensor * full_v_idx = nullptr;  // I64 [n_tokens*n_embd_kv]
 };
@@ -58,7 +58,9 @@ private:
     ggml_tensor * build_cross_attn(ggml_tensor * cur, int il);
     ggml_tensor * build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                   uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il);
+    ggml_tensor * build_attn_out(ggml_tensor * cur, int il);
     void cb(ggml_tensor * t, const char * name, int il) const;
+    ggml_type mask_type() const;
 
     const model &   model_;
     const hparams & hp_;
@@ -75,7 +77,8 @@ private:
     graph_inputs  inp_;
     ggml_tensor * gmu_memory_ = nullptr;  // [d_inner, n_rows] SSM read-out of memory_layer
     ggml_tensor * shared_k_   = nullptr;  // kv_shared_layer's K cache after this batch's write
-    ggml_tensor * shared_v_   = nullptr;  // ... and its V^T cache
+    ggml_tensor * shared_v_   = nullptr;  // ... and its V cache
+    ggml_tensor * cross_mask_ = nullptr;  // view of full_mask for the cross-decoder rows
 };
 
 // nodes budget for ggml_new_graph_custom and the scheduler

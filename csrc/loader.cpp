@@ -1,6 +1,7 @@
 #include "loader.h"
 
 #include "errors.h"
+#include "log.h"
 
 #include "ggml.h"
 #include "gguf.h"
@@ -34,10 +35,17 @@ gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
     }
 
     gguf_init_params params = { /*no_alloc*/ true, /*ctx*/ &meta_ };
-    gguf_ = gguf_init_from_file(path.c_str(), params);
+    std::string ggml_says;
+    {
+        // the reason for a rejected file travels inside the exception, not only to stderr
+        log_scope capture(log_scope::mode::collect);
+        gguf_ = gguf_init_from_file(path.c_str(), params);
+        ggml_says = capture.summary();
+    }
     if (!gguf_) {
         ::close(fd_);
-        throw load_error("'" + path + "': cannot parse the GGUF header (truncated or corrupt file)");
+        throw load_error("'" + path + "': cannot parse the GGUF header (truncated or corrupt file)" +
+                         (ggml_says.empty() ? std::string() : ": " + ggml_says));
     }
 
     // every tensor's data must lie inside the file: a truncated file fails here, before any read

@@ -11,8 +11,8 @@
 
 namespace sambay {
 
-memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type)
-    : model_(m), n_ctx_(n_ctx), kv_type_(kv_type) {
+memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type, bool v_trans)
+    : model_(m), n_ctx_(n_ctx), kv_type_(kv_type), v_trans_(v_trans) {
     const hparams & hp = m.hp();
     // a micro-batch p0..p0+n-1 (n <= n_batch) needs keys p0-W+1 .. p0+n-1: W+n-1 cells
     n_swa_cells_ = std::min<uint32_t>(hp.n_swa + n_batch - 1, n_ctx);
@@ -44,7 +44,8 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_t
             case layer_kind::attn_full:
                 lm.n_cells = hp.kind(il) == layer_kind::attn_swa ? n_swa_cells_ : n_ctx;
                 lm.k = ggml_new_tensor_2d(c, kv_type, hp.n_embd_kv(), lm.n_cells);
-                lm.v = ggml_new_tensor_2d(c, kv_type, lm.n_cells, hp.n_embd_kv());
+                lm.v = v_trans ? ggml_new_tensor_2d(c, kv_type, lm.n_cells, hp.n_embd_kv())
+                               : ggml_new_tensor_2d(c, kv_type, hp.n_embd_kv(), lm.n_cells);
                 ggml_format_name(lm.k, "cache_k_l%u", il);
                 ggml_format_name(lm.v, "cache_v_l%u", il);
                 break;
@@ -88,33 +89,82 @@ std::map<std::string, size_t> memory::breakdown() const {
 
 // ---------------------------------------------------------------------------------------------
 // state
+//
+// Layout (version 2): magic, version, n_past, 7 shape words (n_layer, n_embd_kv, d_inner,
+// d_state, d_conv, n_swa, kv_type), then per layer in order: Mamba conv and SSM states (raw F32);
+// attention K rows then V rows (n_embd_kv values each, the cache type) of the positions the
+// layer can still see (the last min(W, n_past) for SWA, all n_past for the full layer), oldest
+// first. Independent of n_ctx, n_batch and the V layout; reading/writing touches only those
+// positions, so a snapshot costs O(n_past), not O(n_ctx).
 
 namespace {
 
 constexpr uint32_t STATE_MAGIC   = 0x53594253;  // "SBYS"
-constexpr uint32_t STATE_VERSION = 1;
+constexpr uint32_t STATE_VERSION = 2;
 
 struct writer {
     std::vector<uint8_t> & out;
     void put(const void * p, size_t n) { out.insert(out.end(), (const uint8_t *) p, (const uint8_t *) p + n); }
     template <typename T> void put(T v) { put(&v, sizeof(v)); }
+    uint8_t * grow(size_t n) { out.resize(out.size() + n); return out.data() + out.size() - n; }
 };
 
 struct reader {
     const std::vector<uint8_t> & in;
     size_t pos = 0;
-    void get(void * p, size_t n) {
+    const uint8_t * take(size_t n) {
         if (n > in.size() - pos) throw state_error("state data is truncated");
-        std::memcpy(p, in.data() + pos, n);
         pos += n;
+        return in.data() + pos - n;
     }
-    template <typename T> T get() { T v; get(&v, sizeof(v)); return v; }
+    template <typename T> T get() { T v; std::memcpy(&v, take(sizeof(v)), sizeof(v)); return v; }
 };
 
-std::vector<uint8_t> read_tensor(const ggml_tensor * t) {
-    std::vector<uint8_t> buf(ggml_nbytes(t));
-    ggml_backend_tensor_get(t, buf.data(), 0, buf.size());
-    return buf;
+// the positions [p0, n_past) an attention layer keeps
+uint32_t first_kept(const hparams & hp, uint32_t il, uint32_t n_past) {
+    return hp.kind(il) == layer_kind::attn_swa ? n_past - std::min(hp.n_swa, n_past) : 0;
+}
+
+// copies the K (or non-transposed V) rows of positions [p0, p1) between the cache and dst/src;
+// rows of consecutive positions are contiguous unless the ring wraps
+void rows_io(ggml_tensor * t, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
+    const size_t row = t->nb[1];
+    uint32_t p = p0;
+    while (p < p1) {
+        const uint32_t cell = p % n_cells;
+        const uint32_t n = std::min(p1 - p, n_cells - cell);  // until the end of the ring
+        if (to_host) ggml_backend_tensor_get(t, host, (size_t) cell * row, (size_t) n * row);
+        else         ggml_backend_tensor_set(t, host, (size_t) cell * row, (size_t) n * row);
+        host += (size_t) n * row;
+        p += n;
+    }
+}
+
+// the same for a transposed V cache [n_cells, n_embd_kv], converting to/from position rows
+void vt_io(ggml_tensor * t, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
+    const size_t es = ggml_type_size(t->type);
+    const int64_t n_embd = t->ne[1];
+    const size_t n = p1 - p0;
+    std::vector<uint8_t> run(n * es);  // one channel, positions p0..p1-1
+    for (int64_t j = 0; j < n_embd; ++j) {
+        uint8_t * r = run.data();
+        if (!to_host) {
+            for (size_t i = 0; i < n; ++i) std::memcpy(r + i * es, host + (i * n_embd + j) * es, es);
+        }
+        uint32_t p = p0;
+        while (p < p1) {
+            const uint32_t cell = p % n_cells;
+            const uint32_t m = std::min(p1 - p, n_cells - cell);
+            const size_t off = ((size_t) j * n_cells + cell) * es;
+            if (to_host) ggml_backend_tensor_get(t, r, off, m * es);
+            else         ggml_backend_tensor_set(t, r, off, m * es);
+            r += m * es;
+            p += m;
+        }
+        if (to_host) {
+            for (size_t i = 0; i < n; ++i) std::memcpy(host + (i * n_embd + j) * es, run.data() + i * es, es);
+        }
+    }
 }
 
 } // namespace
@@ -128,24 +178,18 @@ std::vector<uint8_t> memory::save(uint32_t n_past) const {
     for (uint32_t v : { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa, (uint32_t) kv_type_ }) {
         w.put(v);
     }
-    const size_t es = ggml_type_size(kv_type_);
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (lm.conv) {
-            auto c = read_tensor(lm.conv); w.put(c.data(), c.size());
-            auto s = read_tensor(lm.ssm);  w.put(s.data(), s.size());
+            ggml_backend_tensor_get(lm.conv, w.grow(ggml_nbytes(lm.conv)), 0, ggml_nbytes(lm.conv));
+            ggml_backend_tensor_get(lm.ssm, w.grow(ggml_nbytes(lm.ssm)), 0, ggml_nbytes(lm.ssm));
         }
         if (lm.k) {
-            // the positions still visible, oldest first
-            const uint32_t n  = hp.kind(il) == layer_kind::attn_swa ? std::min(hp.n_swa, n_past) : n_past;
-            const uint32_t p0 = n_past - n;
-            const auto k = read_tensor(lm.k);
-            const auto v = read_tensor(lm.v);
-            const size_t row = lm.k->nb[1];
-            for (uint32_t p = p0; p < n_past; ++p) w.put(k.data() + (p % lm.n_cells) * row, row);
-            for (uint32_t j = 0; j < hp.n_embd_kv(); ++j) {
-                for (uint32_t p = p0; p < n_past; ++p) w.put(v.data() + ((size_t) j * lm.n_cells + p % lm.n_cells) * es, es);
-            }
+            const uint32_t p0 = first_kept(hp, il, n_past);
+            const size_t bytes = (size_t) (n_past - p0) * lm.k->nb[1];
+            rows_io(lm.k, lm.n_cells, p0, n_past, w.grow(bytes), true);
+            if (v_trans_) vt_io(lm.v, lm.n_cells, p0, n_past, w.grow(bytes), true);
+            else          rows_io(lm.v, lm.n_cells, p0, n_past, w.grow(bytes), true);
         }
     }
     return out;
@@ -170,39 +214,38 @@ uint32_t memory::load(const std::vector<uint8_t> & data) {
     if (n_past > n_ctx_) {
         throw context_full_error(n_past, n_ctx_);
     }
-    // decode everything into host images first, so a bad state leaves the memory untouched
-    std::vector<std::vector<uint8_t>> images;
-    const size_t es = ggml_type_size(kv_type_);
+    // check the size before touching the memory, so a bad state leaves it as it was
+    size_t expected = r.pos;
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const layer_memory & lm = layers_[il];
+        if (lm.conv) expected += ggml_nbytes(lm.conv) + ggml_nbytes(lm.ssm);
+        if (lm.k)    expected += 2 * (size_t) (n_past - first_kept(hp, il, n_past)) * lm.k->nb[1];
+    }
+    if (expected != data.size()) {
+        throw state_error("state data has " + std::to_string(data.size()) + " bytes, expected " +
+                          std::to_string(expected) + " for " + std::to_string(n_past) + " positions");
+    }
+    // zero the small parts (SWA rings, states) as in a fresh context; the full cache is only
+    // ever read at positions < n_past, which the state overwrites, so it is left alone (O(n_past))
+    for (uint32_t il = 0; il < hp.n_layer; ++il) {
+        const layer_memory & lm = layers_[il];
+        if (hp.kind(il) == layer_kind::attn_swa) {
+            ggml_backend_tensor_memset(lm.k, 0, 0, ggml_nbytes(lm.k));
+            ggml_backend_tensor_memset(lm.v, 0, 0, ggml_nbytes(lm.v));
+        }
+    }
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (lm.conv) {
-            std::vector<uint8_t> c(ggml_nbytes(lm.conv)), s(ggml_nbytes(lm.ssm));
-            r.get(c.data(), c.size()); r.get(s.data(), s.size());
-            images.push_back(std::move(c)); images.push_back(std::move(s));
+            ggml_backend_tensor_set(lm.conv, r.take(ggml_nbytes(lm.conv)), 0, ggml_nbytes(lm.conv));
+            ggml_backend_tensor_set(lm.ssm, r.take(ggml_nbytes(lm.ssm)), 0, ggml_nbytes(lm.ssm));
         }
         if (lm.k) {
-            const uint32_t n  = hp.kind(il) == layer_kind::attn_swa ? std::min(hp.n_swa, n_past) : n_past;
-            const uint32_t p0 = n_past - n;
-            std::vector<uint8_t> k(ggml_nbytes(lm.k), 0), v(ggml_nbytes(lm.v), 0);
-            const size_t row = lm.k->nb[1];
-            for (uint32_t p = p0; p < n_past; ++p) r.get(k.data() + (p % lm.n_cells) * row, row);
-            for (uint32_t j = 0; j < hp.n_embd_kv(); ++j) {
-                for (uint32_t p = p0; p < n_past; ++p) r.get(v.data() + ((size_t) j * lm.n_cells + p % lm.n_cells) * es, es);
-            }
-            images.push_back(std::move(k)); images.push_back(std::move(v));
-        }
-    }
-    if (r.pos != data.size()) {
-        throw state_error("state data has " + std::to_string(data.size() - r.pos) + " trailing bytes");
-    }
-    size_t i = 0;
-    for (uint32_t il = 0; il < hp.n_layer; ++il) {
-        const layer_memory & lm = layers_[il];
-        for (ggml_tensor * t : { lm.conv, lm.ssm, lm.k, lm.v }) {
-            if (t) {
-                ggml_backend_tensor_set(t, images[i].data(), 0, images[i].size());
-                ++i;
-            }
+            const uint32_t p0 = first_kept(hp, il, n_past);
+            const size_t bytes = (size_t) (n_past - p0) * lm.k->nb[1];
+            rows_io(lm.k, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
+            if (v_trans_) vt_io(lm.v, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
+            else          rows_io(lm.v, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
         }
     }
     return n_past;

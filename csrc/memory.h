@@ -6,8 +6,9 @@
 //                   layer and read, never written, by every cross-attention layer.
 // GMU, cross-attention and MLP keep nothing.
 //
-// K caches are [n_embd_kv, n_cells] (one row per cell); V caches are stored transposed,
-// [n_cells, n_embd_kv], so attention reads V^T as a strided view without a copy.
+// K caches are [n_embd_kv, n_cells] (one row per cell). V caches are stored transposed,
+// [n_cells, n_embd_kv], for the mul_mat attention path (it reads V^T as a strided view without
+// a copy), and like K for the flash-attention path (v_trans == false).
 // Invariant: cells holding positions < n_past are the only ones any graph reads; the graph
 // writes the cells of the micro-batch's positions (ggml_set_rows with index inputs) and the
 // context advances n_past after a successful compute.
@@ -30,13 +31,13 @@ struct layer_memory {
     ggml_tensor * conv = nullptr;  // mamba: F32 [d_conv-1, d_inner]
     ggml_tensor * ssm  = nullptr;  // mamba: F32 [d_state, d_inner]
     ggml_tensor * k    = nullptr;  // swa/full: [n_embd_kv, n_cells]
-    ggml_tensor * v    = nullptr;  // swa/full: [n_cells, n_embd_kv] (transposed)
+    ggml_tensor * v    = nullptr;  // swa/full: [n_cells, n_embd_kv] if v_trans, else like k
     uint32_t n_cells   = 0;
 };
 
 class memory {
 public:
-    memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type);
+    memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type, bool v_trans);
     ~memory();
     memory(const memory &) = delete;
     memory & operator=(const memory &) = delete;
@@ -45,14 +46,15 @@ public:
     uint32_t n_ctx() const { return n_ctx_; }
     uint32_t n_swa_cells() const { return n_swa_cells_; }
     ggml_type kv_type() const { return kv_type_; }
+    bool v_trans() const { return v_trans_; }
 
     void clear();  // zero every state and cache (a fresh sequence)
 
     // bytes per part: mamba_conv, mamba_ssm, swa_kv, full_kv
     std::map<std::string, size_t> breakdown() const;
 
-    // state (de)serialisation of the first n_past positions; layout independent of n_ctx and
-    // n_batch, so a state moves between contexts of the same model and KV type
+    // state (de)serialisation of the first n_past positions; the layout is independent of
+    // n_ctx, n_batch and v_trans, so a state moves between contexts of the same model and KV type
     std::vector<uint8_t> save(uint32_t n_past) const;
     uint32_t load(const std::vector<uint8_t> & data);  // returns n_past; throws state_error
 
@@ -61,6 +63,7 @@ private:
     uint32_t                           n_ctx_;
     uint32_t                           n_swa_cells_;
     ggml_type                          kv_type_;
+    bool                               v_trans_;
     std::vector<layer_memory>          layers_;
     std::vector<ggml_context *>        ctxs_;
     std::vector<ggml_backend_buffer_t> buffers_;

@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "errors.h"
+#include "log.h"
 
 #include "ggml.h"
 #include "gguf.h"
@@ -12,10 +13,12 @@
 namespace sambay {
 
 model::model(const std::string & path, const model_params & params) {
+    use_extra_bufts_ = params.use_extra_bufts;
     file_    = std::make_unique<gguf_file>(path, params.use_mmap);
     hparams_ = hparams::from_gguf(file_->gguf());
     select_devices(params);
     create_tensors();
+    log_scope quiet(log_scope::mode::quiet);  // backends log every repacked tensor at info level
     load_data(params.use_mmap);
 }
 
@@ -210,16 +213,51 @@ void model::create_tensors() {
     }
 }
 
-void model::load_data(bool use_mmap) {
-    // group the weights by device
-    std::map<ggml_backend_dev_t, std::vector<ggml_tensor *>> by_dev;
-    for (auto & [t, d] : tensors_) by_dev[d].push_back(t);
+// The CPU's extra buffer types (e.g. "CPU_REPACK": quantized weights re-laid out for faster
+// matmuls) that accept a weight used as mul_mat's first operand; nullptr when none does.
+static ggml_backend_buffer_type_t extra_buft_for(ggml_backend_dev_t dev, ggml_tensor * w) {
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra || ggml_n_dims(w) != 2 || w->type == GGML_TYPE_F32) {
+        return nullptr;
+    }
+    ggml_init_params ip = { ggml_tensor_overhead() * 4, nullptr, /*no_alloc*/ true };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * x  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
+    ggml_tensor * op = ggml_mul_mat(ctx, w, x);
+    ggml_backend_buffer_type_t found = nullptr;
+    for (ggml_backend_buffer_type_t * b = get_extra(dev); b && *b && !found; ++b) {
+        // supports_op looks at the weight's buffer type: give it an empty buffer of that type
+        ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(*b, 0);
+        if (!dummy) continue;
+        w->buffer = dummy;
+        if (ggml_backend_dev_supports_op(dev, op)) found = *b;
+        w->buffer = nullptr;
+        ggml_backend_buffer_free(dummy);
+    }
+    ggml_free(ctx);
+    return found;
+}
 
-    for (auto & [dev, tensors] : by_dev) {
+void model::load_data(bool use_mmap) {
+    // group the weights by device and buffer type (nullptr: the device's default, or the mapped
+    // file); CPU matrices go to an extra buffer type (repacked) when one accepts them
+    std::map<std::pair<ggml_backend_dev_t, ggml_backend_buffer_type_t>, std::vector<ggml_tensor *>> groups;
+    for (auto & [t, d] : tensors_) {
+        ggml_backend_buffer_type_t extra = nullptr;
+        if (use_extra_bufts_ && t != tok_embd && ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            extra = extra_buft_for(d, t);
+        }
+        groups[{d, extra}].push_back(t);
+    }
+
+    for (auto & [key, tensors] : groups) {
+        auto [dev, extra] = key;
         ggml_backend_dev_props props;
         ggml_backend_dev_get_props(dev, &props);
 
-        if (use_mmap && file_->mapping() && props.caps.buffer_from_host_ptr) {
+        if (!extra && use_mmap && file_->mapping() && props.caps.buffer_from_host_ptr) {
             // zero-copy: the device uses the mapped file pages directly
             size_t max_size = 0;
             for (auto * t : tensors) max_size = std::max(max_size, ggml_nbytes(t));
@@ -238,15 +276,15 @@ void model::load_data(bool use_mmap) {
             }
         }
 
-        // streamed: one device buffer, filled from the file in chunks
-        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(dev);
+        // streamed: one buffer, filled from the file
+        ggml_backend_buffer_type_t buft = extra ? extra : ggml_backend_dev_buffer_type(dev);
         const size_t align = ggml_backend_buft_get_alignment(buft);
         size_t total = 0;
         for (auto * t : tensors) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
         ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, total);
         if (!buf) {
-            throw load_error("cannot allocate " + std::to_string(total) + " bytes of weights on " +
-                             ggml_backend_dev_name(dev));
+            throw load_error("cannot allocate " + std::to_string(total) + " bytes of weights (" +
+                             ggml_backend_buft_name(buft) + ")");
         }
         buffers_.push_back(buf);
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
@@ -265,14 +303,19 @@ void model::load_data(bool use_mmap) {
             const size_t src = file_->data_offset(t);
             if (is_host) {
                 file_->read(src, t->data, n);
-                continue;
-            }
-            const size_t chunk = 64u << 20;
-            staging.resize(std::min(n, chunk));
-            for (size_t done = 0; done < n; done += chunk) {
-                const size_t m = std::min(chunk, n - done);
-                file_->read(src + done, staging.data(), m);
-                ggml_backend_tensor_set(t, staging.data(), done, m);
+            } else if (extra) {
+                // a repacking buffer converts whole tensors only
+                staging.resize(n);
+                file_->read(src, staging.data(), n);
+                ggml_backend_tensor_set(t, staging.data(), 0, n);
+            } else {
+                const size_t chunk = 64u << 20;
+                staging.resize(std::min(n, chunk));
+                for (size_t done = 0; done < n; done += chunk) {
+                    const size_t m = std::min(chunk, n - done);
+                    file_->read(src + done, staging.data(), m);
+                    ggml_backend_tensor_set(t, staging.data(), done, m);
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ struct model_params {
     std::string device       = "auto";  // "auto": first GPU if any, else CPU; "cpu"; or a ggml device name
     int         n_gpu_layers = -1;      // with a GPU: how many of the last layers go there (-1 = all + output)
     bool        use_mmap     = true;
+    bool        use_extra_bufts = true;  // let the CPU repack quantized matrices it has fast kernels for
 };
 
 struct layer_weights {
@@ -80,6 +81,7 @@ private:
     std::vector<std::pair<ggml_tensor *, ggml_backend_dev_t>> tensors_;  // every weight and its device
     std::vector<ggml_backend_buffer_t> buffers_;
     bool                               mmapped_ = false;
+    bool                               use_extra_bufts_ = true;
 };
 
 } // namespace sambay

@@ -170,3 +170,12 @@ def test_unknown_device(good):
     _, path = good
     with pytest.raises(LoadError, match="no ggml device"):
         Model(path, device="NoSuchGPU0")
+
+
+def test_unsupported_gguf_version_says_why(good, tmp_path):
+    _, path = good
+    data = bytearray(path.read_bytes())
+    data[4:8] = (9).to_bytes(4, "little")
+    p = tmp_path / "v9.gguf"
+    p.write_bytes(bytes(data))
+    _load_fails(p, "cannot parse the GGUF header", "version 9")

@@ -23,20 +23,28 @@ static ggml_type parse_kv_type(const std::string & s) {
 void register_context(py::module_ & m) {
     py::class_<context>(m, "Context")
         .def(py::init([](std::shared_ptr<model> md, uint32_t n_ctx, uint32_t n_batch, int n_threads,
-                         int n_threads_batch, bool logits_all, const std::string & kv_type, bool yoco) {
+                         int n_threads_batch, bool logits_all, const std::string & kv_type, bool yoco, bool flash_attn) {
                  context_params p;
                  p.n_ctx = n_ctx; p.n_batch = n_batch; p.n_threads = n_threads; p.n_threads_batch = n_threads_batch;
                  p.logits_all = logits_all; p.kv_type = parse_kv_type(kv_type); p.yoco = yoco;
+                 p.flash_attn = flash_attn;
                  py::gil_scoped_release release;
                  return std::make_unique<context>(std::move(md), p);
              }),
              py::arg("model"), py::kw_only(), py::arg("n_ctx") = 0, py::arg("n_batch") = 512,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("logits_all") = false,
-             py::arg("kv_type") = "f16", py::arg("yoco") = true)
-        .def("eval", [](context & c, py::array_t<int64_t, py::array::c_style | py::array::forcecast> tokens) {
-            if (tokens.ndim() != 1) {
+             py::arg("kv_type") = "f16", py::arg("yoco") = true, py::arg("flash_attn") = false)
+        .def("eval", [](context & c, py::object obj) {
+            py::array arr = py::array::ensure(obj);
+            if (!arr || arr.ndim() != 1) {
                 throw std::invalid_argument("tokens must be a 1-D sequence of ints");
             }
+            const char kind = arr.dtype().kind();
+            if (arr.size() > 0 && kind != 'i' && kind != 'u') {
+                throw py::type_error(std::string("tokens must be integers, got dtype ") +
+                                     py::str(arr.dtype()).cast<std::string>());
+            }
+            auto tokens = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
             const int64_t n_vocab = c.get_model().hp().n_vocab;
             const auto * src = tokens.data();
             std::vector<int32_t> ids((size_t) tokens.size());
@@ -63,6 +71,7 @@ void register_context(py::module_ & m) {
         .def_property_readonly("n_threads_batch", [](const context & c) { return c.params().n_threads_batch; })
         .def_property_readonly("logits_all", [](const context & c) { return c.params().logits_all; })
         .def_property_readonly("yoco", [](const context & c) { return c.params().yoco; })
+        .def_property_readonly("flash_attn", [](const context & c) { return c.params().flash_attn; })
         .def_property_readonly("kv_type", [](const context & c) { return std::string(ggml_type_name(c.params().kv_type)); })
         .def_property_readonly("device", &context::device_name)
         .def("reset", &context::reset)

@@ -74,14 +74,16 @@ static py::object kv_value(const gguf_context * g, int64_t id) {
 
 void register_model(py::module_ & m) {
     py::class_<model, std::shared_ptr<model>>(m, "Model")
-        .def(py::init([](const std::string & path, const std::string & device, int n_gpu_layers, bool use_mmap) {
+        .def(py::init([](const std::string & path, const std::string & device, int n_gpu_layers, bool use_mmap,
+                         bool use_extra_bufts) {
                  model_params p;
                  p.device = device; p.n_gpu_layers = n_gpu_layers; p.use_mmap = use_mmap;
+                 p.use_extra_bufts = use_extra_bufts;
                  py::gil_scoped_release release;
                  return std::make_shared<model>(path, p);
              }),
              py::arg("path"), py::kw_only(), py::arg("device") = "auto", py::arg("n_gpu_layers") = -1,
-             py::arg("use_mmap") = true)
+             py::arg("use_mmap") = true, py::arg("use_extra_bufts") = true)
         .def_property_readonly("path", [](const model & md) { return md.file().path(); })
         .def_property_readonly("n_vocab", [](const model & md) { return md.hp().n_vocab; })
         .def_property_readonly("n_embd", [](const model & md) { return md.hp().n_embd; })
