@@ -70,3 +70,28 @@ def test_raise_exception_and_bad_templates():
 def test_bad_messages(messages):
     with pytest.raises(ChatTemplateError):
         ChatFormatter(tiny.CHAT_TEMPLATE).render(messages)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_same_text_as_transformers_apply_chat_template(tmp_path, add_generation_prompt):
+    import transformers  # a test dependency (pyproject: test extra)
+    folder = tiny.write_checkpoint(tmp_path / "ck", "tiny-8")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), chat_template=tiny.CHAT_TEMPLATE,
+        eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    convs = [
+        MESSAGES,
+        [{"role": "system", "content": "S", "tools": '[{"name": "f"}]'},
+         {"role": "user", "content": "naïve 東京 {{ not a tag }}"}],
+        [{"role": "user", "content": "  spaces\n\nnewlines  "}],
+    ]
+    # a template with whitespace control, loops and filters, to compare environments
+    fancy = ("{% for m in messages %}\n  {%- if loop.first %}[{{ m.role | upper }}]{% endif %}\n"
+             "  {{ m['content'] | trim }}|{{ m | length }}\n{% endfor %}"
+             "{% if add_generation_prompt %}<gen>{% endif %}")
+    for template in (tiny.CHAT_TEMPLATE, fancy):
+        ours = ChatFormatter(template, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        for messages in convs:
+            want = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+            assert ours.render(messages, add_generation_prompt=add_generation_prompt) == want

@@ -220,3 +220,35 @@ def test_generation_stops_when_the_context_is_full(gguf_path):
         assert out["choices"][0]["finish_reason"] in ("length", "stop")
         if out["choices"][0]["finish_reason"] == "length":
             assert len(tokens) + out["usage"]["completion_tokens"] == 32 + 1
+
+
+def test_contexts_sharing_one_model_run_in_parallel_threads(gguf_path):
+    import threading
+
+    from sambay.engine import Model
+
+    with Llama(gguf_path, n_ctx=128, verbose=False) as ref:
+        want = {s: ref(PROMPT, max_tokens=12, temperature=1.0, seed=s)["choices"][0]["text"] for s in (1, 2)}
+    model = Model(gguf_path)
+    a = Llama.from_model(model, n_ctx=128, n_threads=1, verbose=False)
+    b = Llama.from_model(model, n_ctx=128, n_threads=1, verbose=False)
+    assert a.model is b.model is model and a._ctx is not b._ctx
+    got: dict[int, list[str]] = {1: [], 2: []}
+
+    def work(llm: Llama, seed: int) -> None:
+        for _ in range(3):
+            got[seed].append(llm(PROMPT, max_tokens=12, temperature=1.0, seed=seed)["choices"][0]["text"])
+
+    threads = [threading.Thread(target=work, args=(a, 1)), threading.Thread(target=work, args=(b, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == {1: [want[1]] * 3, 2: [want[2]] * 3}
+    # the model must be the one of the path given, and a Model
+    with pytest.raises(ValueError, match="not the path"):
+        Llama("/elsewhere/m.gguf", model=model)
+    with pytest.raises(TypeError, match="sambay.engine.Model"):
+        Llama(gguf_path, model="m.gguf")
+    a.close()
+    assert b(PROMPT, max_tokens=12, temperature=1.0, seed=1)["choices"][0]["text"] == want[1]

@@ -84,3 +84,17 @@ def test_native_top_k_matches_a_stable_sort():
     assert list(_core.top_k_indices(x, 2)) == [2, 0]  # NaN ranks last
     with pytest.raises(ValueError):
         _core.top_k_indices(np.zeros((2, 2), dtype=np.float32), 1)
+
+
+def test_min_p_prefilter_without_top_k_matches_the_definition():
+    rng = np.random.default_rng(9)
+    logits = (rng.standard_normal(5000) * 3).astype(np.float32)
+    p = SamplingParams(top_k=0, top_p=0.9, min_p=0.02)
+    got = candidates(logits, p)
+    # by definition: sort all, softmax, top-p then min-p on the temperature-1 distribution
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits[order].astype(np.float64) - logits[order[0]])
+    probs /= probs.sum()
+    n = int(np.searchsorted(np.cumsum(probs), 0.9)) + 1
+    n = min(n, int(np.count_nonzero(probs >= 0.02 * probs[0])))
+    assert list(got) == list(order[:n])

@@ -1,4 +1,4 @@
-"""The ``sambay`` command line: convert, quantize, run, chat, info, system-info."""
+"""The ``sambay`` command line: convert, quantize, run, chat, serve, info, system-info."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ def _known_errors() -> tuple[type, ...]:
     from .convert import ConvertError
     from .errors import ContextFullError, LoadError, QuantizeError, StateError
     from .gguf_metadata import GGUFMetadataError
+    from .server import MissingDependencyError
     from .tokenizer import TokenizerError
 
-    return (ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
+    return (MissingDependencyError, ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
             ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
 
 
@@ -146,6 +147,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if args.verbose_speed:
             _report_speed(llm)
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import from_args, serve
+
+    return serve(from_args(args))
 
 
 _KIND_NAMES = {0: "mamba", 1: "attn_swa", 2: "attn_full", 3: "gmu", 4: "attn_cross"}
@@ -286,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--verbose-speed", action="store_true", help="print speeds after each reply")
     p.set_defaults(func=_cmd_chat)
+
+    from .server.settings import add_arguments as add_server_arguments
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs sambay[server])",
+                       formatter_class=ex,
+                       epilog="examples:\n  sambay serve -m model.gguf\n"
+                              "  sambay serve -m model.gguf --parallel 4 --api-key secret --port 8080\n"
+                              "then point an OpenAI client at http://127.0.0.1:8000/v1")
+    add_server_arguments(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("info", help="metadata, layer schedule, tensor types, memory estimate",
                        formatter_class=ex, epilog="example:\n  sambay info -m model.gguf -c 32768")

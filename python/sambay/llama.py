@@ -74,6 +74,9 @@ class Llama:
         device: ``"auto"`` (a GPU when present), ``"cpu"``, or a ggml device name.
         max_snapshots: how many prompt-end state snapshots to keep for prefix reuse.
         verbose: log load details to the ``sambay`` logger.
+        model: an already-loaded :class:`sambay.engine.Model` of ``model_path`` to share
+            (its weights are not loaded again; ``device``, ``n_gpu_layers`` and ``use_mmap``
+            are then the model's). See :meth:`from_model`.
 
     Raises:
         sambay.LoadError: the file is missing, not a GGUF, or not a valid phi4flash model.
@@ -97,6 +100,7 @@ class Llama:
         use_mmap: bool = True,
         max_snapshots: int = 4,
         verbose: bool = True,
+        model: Optional[Model] = None,
     ) -> None:
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
@@ -108,13 +112,19 @@ class Llama:
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise ValueError(f"n_gpu_layers must be an integer, got {n_gpu_layers!r}")
         path = os.fspath(model_path)
-        if not os.path.isfile(path):
+        if model is not None:
+            if not isinstance(model, Model):
+                raise TypeError(f"model must be a sambay.engine.Model, got {type(model).__name__}")
+            if os.path.abspath(path) != os.path.abspath(model.path):
+                raise ValueError(f"model_path {path!r} is not the path of the given model ({model.path!r})")
+        elif not os.path.isfile(path):
             raise LoadError(f"model file not found: {path}")
 
         self.model_path = path
         self.verbose = verbose
         self.chat_format = chat_format
-        self._model = Model(path, device=device, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+        self._model = model if model is not None else Model(
+            path, device=device, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         self._ctx = Context(
             self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
             n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type,
@@ -131,6 +141,23 @@ class Llama:
         self._snapshots: list[LlamaState] = []
         self.last_timings = Timings()
         self.n_tokens_evaluated = 0  # total tokens run through the engine (prefix-reuse tests)
+
+    @classmethod
+    def from_model(cls, model: Model, **kwargs: Any) -> "Llama":
+        """A new context over an already-loaded model: several Llama objects made this way
+        share one copy of the weights, each with its own caches, and may run in different
+        threads at once (the engine releases the GIL while it computes).
+
+        Args:
+            model: a :class:`sambay.engine.Model`.
+            **kwargs: the constructor's keywords (``n_ctx``, ``n_threads``, ``seed``, ...).
+        """
+        return cls(model.path, model=model, **kwargs)
+
+    @property
+    def model(self) -> Model:
+        """The loaded :class:`sambay.engine.Model` (shareable with :meth:`from_model`)."""
+        return self._model
 
     # ------------------------------------------------------------------ properties
 

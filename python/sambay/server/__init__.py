@@ -1,0 +1,107 @@
+"""``sambay serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model.
+
+Install the extra first: ``pip install "sambay[server]"``. The pieces: :mod:`.settings` (options,
+importable without FastAPI), :mod:`.schemas` (pydantic bodies), :mod:`.pool` (slots, queue,
+threads, cancellation) and :mod:`.app` (routes, errors, middleware). This module loads the model
+once, builds ``parallel`` contexts over it and runs uvicorn.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+from .settings import ServerSettings, add_arguments, from_args
+
+__all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_args", "load_pool",
+           "memory_report", "require_dependencies", "serve"]
+
+log = logging.getLogger("sambay.server")
+
+_REQUIRED = ("fastapi", "uvicorn", "pydantic")
+
+
+class MissingDependencyError(RuntimeError):
+    """The ``server`` extra is not installed."""
+
+
+def require_dependencies() -> None:
+    """Raises :class:`MissingDependencyError` naming the install command if FastAPI, uvicorn
+    or pydantic cannot be imported."""
+    for name in _REQUIRED:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"the server needs FastAPI and uvicorn (missing: {name}): "
+                f"pip install \"sambay[server]\"") from err
+
+
+def load_pool(settings: ServerSettings) -> Any:
+    """Loads the model once and makes ``settings.parallel`` contexts over it.
+
+    Returns:
+        a :class:`sambay.server.pool.SlotPool`.
+
+    Raises:
+        sambay.LoadError: the model file is missing or invalid.
+    """
+    from ..engine import LoadError, Model
+    from .pool import SlotLlama, SlotPool
+
+    if not os.path.isfile(settings.model):
+        raise LoadError(f"model file not found: {settings.model}")
+    cpus = os.cpu_count() or 1
+    n = settings.parallel
+    model = Model(settings.model, device=settings.device, n_gpu_layers=settings.n_gpu_layers)
+    llamas = [
+        SlotLlama.from_model(
+            model, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+            n_threads=settings.n_threads or max(1, cpus // (2 * n)),
+            n_threads_batch=settings.n_threads_batch or max(1, cpus // n),
+            seed=None if settings.seed is None else settings.seed + i, verbose=False)
+        for i in range(n)
+    ]
+    return SlotPool(llamas, max_queue=settings.max_queue)
+
+
+def memory_report(pool: Any) -> str:
+    """One line: the weights (loaded once) and each context's caches."""
+    mib = 2**20
+    llm = pool.llamas[0]
+    parts = {k: v for k, v in llm.memory_breakdown().items() if k != "weights"}
+    per_ctx = sum(parts.values())
+    weights = llm.model.weights_bytes
+    detail = ", ".join(f"{k} {v / mib:.1f}" for k, v in parts.items())
+    return (f"{os.path.basename(llm.model_path)} on {llm.device}: weights {weights / mib:.1f} MiB "
+            f"(one copy), {pool.n_slots} context(s) x n_ctx {llm.n_ctx()}: {per_ctx / mib:.1f} MiB each "
+            f"({detail} MiB); {(weights + pool.n_slots * per_ctx) / mib:.1f} MiB in all")
+
+
+def serve(settings: ServerSettings) -> int:
+    """Loads the model and serves until interrupted (Ctrl-C / SIGTERM).
+
+    Raises:
+        MissingDependencyError: the ``server`` extra is not installed.
+        sambay.LoadError: the model cannot be loaded.
+    """
+    require_dependencies()
+    from .app import create_app, make_server
+
+    pool = load_pool(settings)
+    print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
+    app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
+                     max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes)
+    auth = "API key required" if settings.api_key else "no API key"
+    print(f"sambay serve: OpenAI API at http://{settings.host}:{settings.port}/v1 ({auth}, "
+          f"{pool.n_slots} slot(s), queue of {pool.max_queue})", file=sys.stderr, flush=True)
+    server = make_server(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                         timeout_graceful_shutdown=5)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop
+        pass
+    return 0

@@ -1,0 +1,104 @@
+"""The server's settings and their command-line options (no FastAPI import here, so
+``sambay --help`` and ``sambay serve --help`` work without the ``server`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``sambay serve`` is started with; fixed for the server's lifetime.
+
+    Args:
+        model: the GGUF file (the only file the server ever loads).
+        host, port: where to listen (loopback by default: nothing else can reach it).
+        n_ctx: context length of each slot.
+        parallel: slots, i.e. independent contexts over one copy of the weights.
+        max_queue: requests that may wait for a free slot; more are answered 503.
+        api_key: when set, every request must carry ``Authorization: Bearer <key>``.
+        model_alias: the model name reported by ``/v1/models`` and in responses
+            (default: the file name).
+        max_tokens: the largest ``max_tokens`` a request may ask for (default: ``n_ctx``).
+        max_body_bytes: the largest request body accepted (413 beyond).
+    """
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: Optional[int] = None
+    n_threads_batch: Optional[int] = None
+    n_gpu_layers: int = -1
+    device: str = "auto"
+    parallel: int = 1
+    max_queue: int = 16
+    api_key: Optional[str] = None
+    model_alias: Optional[str] = None
+    max_tokens: Optional[int] = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    seed: Optional[int] = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
+                              ("max_queue", 0), ("max_body_bytes", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
+
+    @property
+    def alias(self) -> str:
+        return self.model_alias or os.path.basename(self.model)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``sambay serve`` (and ``python -m sambay.server``)."""
+    p.add_argument("-m", "--model", required=True, help="a phi4flash GGUF file (fixed for the server's lifetime)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=4096,
+                   help="context length of each slot (0: the model's)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
+    p.add_argument("-np", "--parallel", type=int, default=1,
+                   help="requests generated at once: contexts sharing one copy of the weights")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for a free slot; beyond that the server answers 503")
+    p.add_argument("--api-key", default=os.environ.get("SAMBAY_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request "
+                        "(default: $SAMBAY_API_KEY; none: no key)")
+    p.add_argument("--model-alias", default=None, help="the model name clients see (default: the file name)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the largest max_tokens a request may ask for (default: the context length)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="the largest request body accepted")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="decode threads per slot (default: half the cores / parallel)")
+    p.add_argument("--threads-batch", type=int, default=None,
+                   help="prompt threads per slot (default: the cores / parallel)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
+    p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the samplers for requests that give none (slot i: SEED + i)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def from_args(args: argparse.Namespace) -> ServerSettings:
+    """:class:`ServerSettings` from :func:`add_arguments`' options."""
+    return ServerSettings(
+        model=args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, n_batch=args.batch_size,
+        n_threads=args.threads, n_threads_batch=args.threads_batch, n_gpu_layers=args.n_gpu_layers,
+        device="cpu" if args.cpu else "auto", parallel=args.parallel, max_queue=args.max_queue,
+        api_key=args.api_key or None, model_alias=args.model_alias, max_tokens=args.max_tokens,
+        max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
+    )
