@@ -371,3 +371,24 @@ def test_ctrl_c_stops_a_long_prompt(gguf_path, tmp_path):
     assert out.startswith("interrupted"), out
     n = int(out.split()[1])
     assert n % 8 == 0 and n < 8192
+
+
+# ------------------------------------------------------------------ tokenizer metadata
+
+@pytest.mark.parametrize("meta", [
+    {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["x y"]},  # merge of unknown tokens
+    {"tokenizer.ggml.tokens": "ab"},
+    {"tokenizer.ggml.tokens": [1, 2, 3]},
+    {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.token_type": [1]},
+    {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.eos_token_id": 7},
+    {"tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.eog_token_ids": ["x"]},
+    {"tokenizer.ggml.tokens": ["a"], "tokenizer.huggingface.json": "{not json"},
+])
+def test_hostile_tokenizer_metadata(meta):
+    """Found by the long fuzz run: merges naming tokens outside the vocabulary made the
+    tokenizers library raise a plain Exception; every such case is a TokenizerError now."""
+    from sambay import TokenizerError
+    from sambay.tokenizer import Tokenizer
+
+    with pytest.raises(TokenizerError):
+        Tokenizer.from_metadata(meta)

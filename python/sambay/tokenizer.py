@@ -96,7 +96,7 @@ class Tokenizer:
             return cls._from_metadata(meta)
         except TokenizerError:
             raise
-        except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as err:
+        except Exception as err:  # noqa: BLE001 - file data: the tokenizers library raises plain Exception
             raise TokenizerError(f"the GGUF's tokenizer metadata is invalid: {type(err).__name__}: {err}") from err
 
     @classmethod
@@ -131,8 +131,13 @@ class Tokenizer:
             except Exception as err:  # tokenizers raises plain Exception
                 raise TokenizerError(f"tokenizer.huggingface.json is not a valid tokenizer: {err}") from err
         else:
-            hf = cls._from_ggml_vocab(tokens, types, list(meta.get("tokenizer.ggml.merges") or []),
-                                      str(meta.get("tokenizer.ggml.pre", "default")))
+            try:
+                hf = cls._from_ggml_vocab(tokens, types, list(meta.get("tokenizer.ggml.merges") or []),
+                                          str(meta.get("tokenizer.ggml.pre", "default")))
+            except TokenizerError:
+                raise
+            except Exception as err:  # tokenizers raises plain Exception (e.g. a merge of unknown tokens)
+                raise TokenizerError(f"the GGUF's tokenizer.ggml.* vocabulary is not usable: {err}") from err
 
         def opt_id(key: str) -> Optional[int]:
             v = meta.get(key)
