@@ -4,6 +4,7 @@
 #include "graph.h"
 
 #include "ggml.h"
+#include "ggml-cpu.h"
 
 #include <algorithm>
 #include <stdexcept>
@@ -56,6 +57,17 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
         if (set_abort) {
             set_abort(b, [](void * ud) { return ((std::atomic<bool> *) ud)->load(std::memory_order_relaxed); }, &abort_);
         }
+        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && !threadpool_) {
+            // one persistent pool for this context: without it the CPU backend starts and joins
+            // its worker threads on every graph compute (every decoded token)
+            ggml_threadpool_params tpp = ggml_threadpool_params_default(
+                std::max(params_.n_threads, params_.n_threads_batch));
+            threadpool_ = ggml_threadpool_new(&tpp);
+            if (!threadpool_) {
+                throw compute_error("cannot create the CPU thread pool");
+            }
+            ggml_backend_cpu_set_threadpool(b, threadpool_);
+        }
     }
     graph_size_ = graph_size_for(hp);
     graph_meta_.resize(ggml_tensor_overhead() * graph_size_ + ggml_graph_overhead_custom(graph_size_, false));
@@ -87,6 +99,7 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
 context::~context() {
     if (sched_) ggml_backend_sched_free(sched_);
     for (auto * b : backends_) ggml_backend_free(b);
+    if (threadpool_) ggml_threadpool_free(threadpool_);
 }
 
 uint32_t context::n_outputs(size_t n_tokens) const {

@@ -70,6 +70,7 @@ private:
     context_params                 params_;
     std::unique_ptr<memory>        mem_;
     std::vector<ggml_backend_t>    backends_;
+    ggml_threadpool_t              threadpool_ = nullptr;  // persistent CPU workers (see constructor)
     ggml_backend_sched_t           sched_ = nullptr;
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
