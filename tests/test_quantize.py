@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-import sambay.quantize as sq
-from sambay.quantize import QUANT_TYPES, QuantizeError, quantize
+import sambay.quantization as sq
+from sambay.quantization import QUANT_TYPES, QuantizeError, quantize
 
 N_LAYER = 8
 

@@ -5,6 +5,10 @@
 
 namespace sambay::py_bindings {
 
+void register_logging(pybind11::module_ & m);
+void register_errors(pybind11::module_ & m);
+void register_model(pybind11::module_ & m);
+void register_context(pybind11::module_ & m);
 void register_quantize(pybind11::module_ & m);
 void register_sampling(pybind11::module_ & m);
 

@@ -10,6 +10,11 @@ namespace py = pybind11;
 PYBIND11_MODULE(_core, m) {
     m.doc() = "sambay C++ engine on ggml";
 
+    sambay::py_bindings::register_logging(m);
+    sambay::py_bindings::register_errors(m);
+    sambay::py_bindings::register_model(m);
+    sambay::py_bindings::register_context(m);
+
     m.def("system_info", [] {
         sambay::system_info info = sambay::get_system_info();
         py::dict out;

@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
-from ._version import __version__
-from ._system import system_info
+import logging as _logging
 
-__all__ = ["__version__", "system_info"]
+# a library logs, the application decides where it goes (ggml's lines arrive as "sambay.ggml")
+_logging.getLogger("sambay").addHandler(_logging.NullHandler())
+
+from ._system import system_info
+from ._version import __version__
+from .errors import (ChatTemplateError, ContextFullError, GGUFMetadataError, LoadError,
+                     QuantizeError, StateError, TokenizerError)
+from .llama import Llama, LlamaState
+from .quantization import QUANT_TYPES, quantize
+from .sampling import SamplingParams
+
+__all__ = [
+    "ChatTemplateError",
+    "ContextFullError",
+    "GGUFMetadataError",
+    "Llama",
+    "LlamaState",
+    "LoadError",
+    "QUANT_TYPES",
+    "QuantizeError",
+    "SamplingParams",
+    "StateError",
+    "TokenizerError",
+    "__version__",
+    "quantize",
+    "system_info",
+]

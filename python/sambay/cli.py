@@ -1,12 +1,32 @@
-"""The ``sambay`` command line."""
+"""The ``sambay`` command line: convert, quantize, run, chat, info, system-info."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+import traceback
+from typing import Any, Optional, Sequence
 
 from ._version import __version__
+
+# exit codes by exception type (never by message text)
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _known_errors() -> tuple[type, ...]:
+    from .chat import ChatTemplateError
+    from .convert import ConvertError
+    from .errors import ContextFullError, LoadError, QuantizeError, StateError
+    from .gguf_metadata import GGUFMetadataError
+    from .tokenizer import TokenizerError
+
+    return (ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
+            ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
 
 
 def _cmd_system_info(args: argparse.Namespace) -> int:
@@ -17,33 +37,20 @@ def _cmd_system_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertError, convert
+    from .convert import convert
 
-    try:
-        convert(
-            args.hf_dir,
-            args.output,
-            outtype=args.outtype,
-            allow_missing_tokenizer=args.no_tokenizer,
-            progress=not args.quiet,
-        )
-    except ConvertError as err:
-        print(f"sambay convert: error: {err}", file=sys.stderr)
-        return 1
+    convert(args.hf_dir, args.output, outtype=args.outtype,
+            allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import QuantizeError, quantize
+    from .quantization import quantize
 
-    try:
-        result = quantize(args.input, args.output, args.type, n_threads=args.threads,
-                          progress=not args.quiet)
-    except (QuantizeError, ValueError) as err:
-        print(f"sambay quantize: error: {err}", file=sys.stderr)
-        return 1
+    result = quantize(args.input, args.output, args.type, n_threads=args.threads,
+                      progress=not args.quiet)
     if not args.quiet:
         mib_in, mib_out = result["bytes_in"] / 2**20, result["bytes_out"] / 2**20
         print(f"wrote {args.output}: {mib_in:.1f} MiB -> {mib_out:.1f} MiB of tensor data",
@@ -51,58 +58,263 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> Any:
+    from .llama import Llama
+
+    return Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size,
+                 n_threads=args.threads, n_threads_batch=args.threads_batch,
+                 n_gpu_layers=args.n_gpu_layers, seed=args.seed,
+                 device="cpu" if args.cpu else "auto", verbose=False)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+            "presence_penalty": args.presence_penalty,
+            "frequency_penalty": args.frequency_penalty}
+
+
+def _report_speed(llm: Any) -> None:
+    t = llm.last_timings
+    pp = t.prompt_evaluated / t.prompt_seconds if t.prompt_seconds > 0 else float("nan")
+    tg = t.generated_tokens / t.generate_seconds if t.generate_seconds > 0 else float("nan")
+    print(f"\n[prompt: {t.prompt_tokens} tokens ({t.prompt_evaluated} evaluated), {pp:.1f} tok/s | "
+          f"generation: {t.generated_tokens} tokens, {tg:.1f} tok/s | device: {llm.device}]",
+          file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.prompt is None and args.file is None:
+        raise ValueError("give a prompt with -p TEXT or -f FILE")
+    prompt = args.prompt if args.prompt is not None else open(args.file, encoding="utf-8").read()
+    llm = _load(args)
+    kw = dict(_sampling_kwargs(args), max_tokens=args.n_predict, stream=True,
+              stop=args.stop or None)
+    use_chat = not args.raw and llm.metadata.get("tokenizer.chat_template")
+    if use_chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        stream = llm.create_chat_completion(messages, **kw)
+        pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
+    else:
+        stream = llm.create_completion(prompt, **kw)
+        pieces = (c["choices"][0]["text"] for c in stream)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not args.quiet:
+        _report_speed(llm)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    if interactive:
+        print("sambay chat: /exit or Ctrl-D to quit, /reset to forget the conversation",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break  # end of piped input
+        text = line.rstrip("\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        for chunk in llm.create_chat_completion(history, stream=True, max_tokens=args.n_predict,
+                                                **_sampling_kwargs(args)):
+            piece = chunk["choices"][0]["delta"].get("content", "")
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+        if args.verbose_speed:
+            _report_speed(llm)
+    return 0
+
+
+_KIND_NAMES = {0: "mamba", 1: "attn_swa", 2: "attn_full", 3: "gmu", 4: "attn_cross"}
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import gguf
+
+    from .gguf_metadata import GGUFMetadataError, read_metadata
+
+    meta = read_metadata(args.model)
+    arch = meta.get("general.architecture")
+    print(f"file: {args.model} ({os.path.getsize(args.model) / 2**20:.1f} MiB)")
+    print(f"architecture: {arch}   name: {meta.get('general.name', '?')}   "
+          f"file_type: {meta.get('general.file_type', '?')}")
+    if arch != "phi4flash":
+        raise GGUFMetadataError(f"not a phi4flash model (architecture {arch!r})")
+    p = "phi4flash."
+    keys = ["context_length", "embedding_length", "block_count", "feed_forward_length",
+            "vocab_size", "attention.head_count", "attention.head_count_kv",
+            "attention.key_length", "attention.sliding_window", "ssm.inner_size",
+            "ssm.state_size", "ssm.conv_kernel", "ssm.time_step_rank", "memory_layer",
+            "kv_shared_layer"]
+    for k in keys:
+        print(f"  {k:28s} {meta.get(p + k, '-')}")
+    kinds = [_KIND_NAMES.get(int(k), str(k)) for k in meta.get(p + "layer_types", [])]
+    print("layers: " + " ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
+
+    reader = gguf.GGUFReader(args.model, "r")
+    by_type: dict[str, list[int]] = {}
+    for t in reader.tensors:
+        entry = by_type.setdefault(t.tensor_type.name, [0, 0])
+        entry[0] += 1
+        entry[1] += int(t.n_bytes)
+    print("tensor types: " + ", ".join(f"{name} x{n} ({b / 2**20:.1f} MiB)"
+                                       for name, (n, b) in sorted(by_type.items())))
+    n_ctx = args.ctx_size or int(meta.get(p + "context_length", 0))
+    est = estimate_memory(meta, n_ctx, kv_bytes=2)
+    print(f"memory estimate at n_ctx={n_ctx} (f16 KV): " + ", ".join(
+        f"{k} {v / 2**20:.1f} MiB" for k, v in est.items()))
+    tmpl = meta.get("tokenizer.chat_template")
+    print(f"tokenizer: {meta.get('tokenizer.ggml.model', 'none')} / "
+          f"{meta.get('tokenizer.ggml.pre', '-')}, {len(meta.get('tokenizer.ggml.tokens', []))} tokens, "
+          f"chat template: {'yes' if tmpl else 'no'}")
+    return 0
+
+
+def estimate_memory(meta: dict[str, Any], n_ctx: int, *, kv_bytes: int = 2) -> dict[str, int]:
+    """Bytes of the caches at ``n_ctx`` positions: the shared full KV (one layer), the SWA
+    rings and the Mamba states (F32), from a phi4flash GGUF's metadata."""
+    p = "phi4flash."
+    kinds = [int(k) for k in meta.get(p + "layer_types", [])]
+    n_kv = int(meta[p + "attention.head_count_kv"]) * int(meta[p + "attention.key_length"])
+    d_inner, d_state = int(meta[p + "ssm.inner_size"]), int(meta[p + "ssm.state_size"])
+    d_conv, n_swa = int(meta[p + "ssm.conv_kernel"]), int(meta[p + "attention.sliding_window"])
+    n_mamba, n_swa_layers = kinds.count(0), kinds.count(1)
+    return {
+        "shared_kv": 2 * n_kv * n_ctx * kv_bytes,
+        "swa_kv": n_swa_layers * 2 * n_kv * min(n_swa, n_ctx) * kv_bytes,
+        "mamba_state": n_mamba * 4 * d_inner * (d_state + d_conv - 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="a phi4flash GGUF file")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (0: the model's)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
+    p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
+    p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
+    p.add_argument("-n", "--n-predict", type=int, default=512, help="max tokens to generate (<= 0: until the context is full)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--system", default=None, help="a system message")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sambay", description="Run Phi-4-mini-flash-reasoning (SambaY) GGUF models on ggml."
-    )
+        prog="sambay", description="Run Phi-4-mini-flash-reasoning (SambaY) GGUF models on ggml.")
     parser.add_argument("--version", action="version", version=f"sambay {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and ggml's log on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    ex = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("system-info", help="versions, CPU features, backends and devices")
     p.set_defaults(func=_cmd_system_info)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF", formatter_class=ex,
+                       epilog="example:\n  sambay convert ./Phi-4-mini-flash-reasoning phi4-flash-bf16.gguf")
     p.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer files")
     p.add_argument("output", help="the GGUF file to write")
-    p.add_argument(
-        "--outtype",
-        choices=["f32", "f16", "bf16", "auto"],
-        default="auto",
-        help="type of the large matrices (auto: the checkpoint's own, bf16 stays bf16); "
-        "norms, biases and SSM constants are always f32",
-    )
-    p.add_argument(
-        "--no-tokenizer",
-        action="store_true",
-        help="convert even when the tokenizer files are missing (the GGUF then has no vocabulary)",
-    )
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "auto"], default="auto",
+                   help="type of the large matrices (auto: the checkpoint's own); norms, biases "
+                        "and SSM constants are always f32")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="convert even when the tokenizer files are missing (no vocabulary in the GGUF)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
     from ._native import _core
 
     types = [name for name, _, _ in _core.quantize_ftypes()]
-    p = sub.add_parser(
-        "quantize",
-        help="quantize a GGUF file",
-        epilog="example: sambay quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M",
-    )
+    p = sub.add_parser("quantize", help="quantize a GGUF file", formatter_class=ex,
+                       epilog="example:\n  sambay quantize phi4-flash-bf16.gguf phi4-flash-q4_k_m.gguf Q4_K_M")
     p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
     p.add_argument("output", help="the GGUF file to write")
     p.add_argument("type", metavar="TYPE", help="one of: " + ", ".join(types))
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("run", help="generate from a prompt, streaming to stdout", formatter_class=ex,
+                       epilog="examples:\n  sambay run -m model.gguf -p \"What is 17 * 23?\"\n"
+                              "  sambay run -m model.gguf -f prompt.txt --raw -n 64 --temp 0")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="the prompt text")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    p.add_argument("--raw", action="store_true", help="plain completion (no chat template)")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no speed report")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat (also reads turns from piped stdin)",
+                       formatter_class=ex,
+                       epilog="examples:\n  sambay chat -m model.gguf\n"
+                              "  printf 'hi\\nwhat is 2+2?\\n' | sambay chat -m model.gguf --temp 0")
+    _add_model_args(p)
+    p.add_argument("--verbose-speed", action="store_true", help="print speeds after each reply")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("info", help="metadata, layer schedule, tensor types, memory estimate",
+                       formatter_class=ex, epilog="example:\n  sambay info -m model.gguf -c 32768")
+    p.add_argument("-m", "--model", required=True, help="a GGUF file")
+    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context for the memory estimate (0: trained)")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _known_errors() as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sambay {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+// C++ exception types -> Python exception types, by type.
+#include "bindings.h"
+
+#include "errors.h"
+
+namespace py = pybind11;
+
+namespace sambay::py_bindings {
+
+void register_errors(py::module_ & m) {
+    py::register_exception<load_error>(m, "LoadError", PyExc_ValueError);
+    py::register_exception<state_error>(m, "StateError", PyExc_ValueError);
+    // ContextFullError carries n_requested and n_ctx as attributes
+    static py::exception<context_full_error> ctx_full(m, "ContextFullError", PyExc_RuntimeError);
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const context_full_error & e) {
+            py::object type = py::reinterpret_borrow<py::object>(ctx_full.ptr());
+            py::object inst = type(e.what());
+            inst.attr("n_requested") = e.n_requested;
+            inst.attr("n_ctx") = e.n_ctx;
+            PyErr_SetObject(ctx_full.ptr(), inst.ptr());
+        }
+    });
+}
+
+} // namespace sambay::py_bindings

@@ -1,0 +1,248 @@
+#include "loader.h"
+
+#include "errors.h"
+
+#include "ggml.h"
+#include "gguf.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace sambay {
+
+gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) {
+        throw load_error("cannot open '" + path + "': " + std::strerror(errno));
+    }
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd_);
+        throw load_error("'" + path + "' is not a regular file");
+    }
+    file_size_ = (size_t) st.st_size;
+
+    // check the magic ourselves: gguf_init_from_file would only say "failed"
+    char magic[4] = {0, 0, 0, 0};
+    if (file_size_ < 4 || ::pread(fd_, magic, 4, 0) != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+        ::close(fd_);
+        throw load_error("'" + path + "' is not a GGUF file (bad magic)");
+    }
+
+    gguf_init_params params = { /*no_alloc*/ true, /*ctx*/ &meta_ };
+    gguf_ = gguf_init_from_file(path.c_str(), params);
+    if (!gguf_) {
+        ::close(fd_);
+        throw load_error("'" + path + "': cannot parse the GGUF header (truncated or corrupt file)");
+    }
+
+    // every tensor's data must lie inside the file: a truncated file fails here, before any read
+    const size_t data_start = gguf_get_data_offset(gguf_);
+    const size_t align      = gguf_get_alignment(gguf_);
+    const int64_t n_tensors = gguf_get_n_tensors(gguf_);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const size_t off  = gguf_get_tensor_offset(gguf_, i);
+        const size_t size = gguf_get_tensor_size(gguf_, i);
+        const char * name = gguf_get_tensor_name(gguf_, i);
+        if (align == 0 || off % align != 0) {
+            gguf_free(gguf_); ggml_free(meta_); ::close(fd_);
+            throw load_error("'" + path + "': tensor '" + name + "' data is not aligned");
+        }
+        if (data_start > file_size_ || off > file_size_ - data_start ||
+            size > file_size_ - data_start - off) {
+            gguf_free(gguf_); ggml_free(meta_); ::close(fd_);
+            throw load_error("'" + path + "': tensor '" + name + "' data [" +
+                             std::to_string(data_start + off) + ", " +
+                             std::to_string(data_start + off + size) + ") lies beyond the end of the file (" +
+                             std::to_string(file_size_) + " bytes): truncated file?");
+        }
+    }
+
+    if (use_mmap && file_size_ > 0) {
+        void * p = ::mmap(nullptr, file_size_, PROT_READ, MAP_PRIVATE, fd_, 0);
+        if (p != MAP_FAILED) {
+            mapping_ = p;
+        }
+    }
+}
+
+gguf_file::~gguf_file() {
+    if (mapping_) {
+        ::munmap(mapping_, file_size_);
+    }
+    if (gguf_) {
+        gguf_free(gguf_);
+    }
+    if (meta_) {
+        ggml_free(meta_);
+    }
+    if (fd_ >= 0) {
+        ::close(fd_);
+    }
+}
+
+size_t gguf_file::data_offset(const ggml_tensor * t) const {
+    const int64_t id = gguf_find_tensor(gguf_, ggml_get_name(t));
+    GGML_ASSERT(id >= 0);
+    return gguf_get_data_offset(gguf_) + gguf_get_tensor_offset(gguf_, id);
+}
+
+void gguf_file::read(size_t offset, void * dst, size_t size) const {
+    GGML_ASSERT(offset <= file_size_ && size <= file_size_ - offset);
+    char * out = (char *) dst;
+    while (size > 0) {
+        const ssize_t n = ::pread(fd_, out, size, (off_t) offset);
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            throw load_error("'" + path_ + "': read failed at offset " + std::to_string(offset));
+        }
+        out += n; offset += (size_t) n; size -= (size_t) n;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// typed metadata getters
+
+static std::string type_err(const gguf_context * ctx, int64_t id, const char * want) {
+    return std::string("metadata key '") + gguf_get_key(ctx, id) + "' has type " +
+           gguf_type_name(gguf_get_kv_type(ctx, id)) + ", expected " + want;
+}
+
+static bool scalar_int(const gguf_context * ctx, int64_t id, gguf_type t, int64_t & out, uint64_t & uout, bool & is_unsigned) {
+    is_unsigned = false;
+    switch (t) {
+        case GGUF_TYPE_UINT8:  uout = gguf_get_val_u8(ctx, id);  is_unsigned = true; return true;
+        case GGUF_TYPE_UINT16: uout = gguf_get_val_u16(ctx, id); is_unsigned = true; return true;
+        case GGUF_TYPE_UINT32: uout = gguf_get_val_u32(ctx, id); is_unsigned = true; return true;
+        case GGUF_TYPE_UINT64: uout = gguf_get_val_u64(ctx, id); is_unsigned = true; return true;
+        case GGUF_TYPE_INT8:   out = gguf_get_val_i8(ctx, id);  return true;
+        case GGUF_TYPE_INT16:  out = gguf_get_val_i16(ctx, id); return true;
+        case GGUF_TYPE_INT32:  out = gguf_get_val_i32(ctx, id); return true;
+        case GGUF_TYPE_INT64:  out = gguf_get_val_i64(ctx, id); return true;
+        default: return false;
+    }
+}
+
+bool gguf_get_uint(const gguf_context * ctx, const std::string & key, uint64_t & out) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) {
+        return false;
+    }
+    int64_t s = 0; uint64_t u = 0; bool is_u = false;
+    if (!scalar_int(ctx, id, gguf_get_kv_type(ctx, id), s, u, is_u)) {
+        throw load_error(type_err(ctx, id, "an unsigned integer"));
+    }
+    if (!is_u) {
+        if (s < 0) {
+            throw load_error("metadata key '" + key + "' is negative (" + std::to_string(s) + ")");
+        }
+        u = (uint64_t) s;
+    }
+    out = u;
+    return true;
+}
+
+bool gguf_get_float(const gguf_context * ctx, const std::string & key, double & out) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) {
+        return false;
+    }
+    switch (gguf_get_kv_type(ctx, id)) {
+        case GGUF_TYPE_FLOAT32: out = gguf_get_val_f32(ctx, id); return true;
+        case GGUF_TYPE_FLOAT64: out = gguf_get_val_f64(ctx, id); return true;
+        default: throw load_error(type_err(ctx, id, "a float"));
+    }
+}
+
+bool gguf_get_bool(const gguf_context * ctx, const std::string & key, bool & out) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) {
+        return false;
+    }
+    if (gguf_get_kv_type(ctx, id) != GGUF_TYPE_BOOL) {
+        throw load_error(type_err(ctx, id, "a bool"));
+    }
+    out = gguf_get_val_bool(ctx, id);
+    return true;
+}
+
+bool gguf_get_string(const gguf_context * ctx, const std::string & key, std::string & out) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) {
+        return false;
+    }
+    if (gguf_get_kv_type(ctx, id) != GGUF_TYPE_STRING) {
+        throw load_error(type_err(ctx, id, "a string"));
+    }
+    out = gguf_get_val_str(ctx, id);
+    return true;
+}
+
+template <typename T>
+static void append_arr(const gguf_context * ctx, int64_t id, size_t n, std::vector<int64_t> & out) {
+    const T * d = (const T *) gguf_get_arr_data(ctx, id);
+    for (size_t i = 0; i < n; ++i) {
+        out.push_back((int64_t) d[i]);
+    }
+}
+
+bool gguf_get_int_array(const gguf_context * ctx, const std::string & key, std::vector<int64_t> & out) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) {
+        return false;
+    }
+    if (gguf_get_kv_type(ctx, id) != GGUF_TYPE_ARRAY) {
+        throw load_error(type_err(ctx, id, "an integer array"));
+    }
+    const size_t n = gguf_get_arr_n(ctx, id);
+    out.clear();
+    switch (gguf_get_arr_type(ctx, id)) {
+        case GGUF_TYPE_UINT8:  append_arr<uint8_t>(ctx, id, n, out);  break;
+        case GGUF_TYPE_INT8:   append_arr<int8_t>(ctx, id, n, out);   break;
+        case GGUF_TYPE_UINT16: append_arr<uint16_t>(ctx, id, n, out); break;
+        case GGUF_TYPE_INT16:  append_arr<int16_t>(ctx, id, n, out);  break;
+        case GGUF_TYPE_UINT32: append_arr<uint32_t>(ctx, id, n, out); break;
+        case GGUF_TYPE_INT32:  append_arr<int32_t>(ctx, id, n, out);  break;
+        case GGUF_TYPE_INT64:  append_arr<int64_t>(ctx, id, n, out);  break;
+        default:
+            throw load_error(std::string("metadata key '") + key + "' is an array of " +
+                             gguf_type_name(gguf_get_arr_type(ctx, id)) + ", expected integers");
+    }
+    return true;
+}
+
+bool gguf_get_float_array(const gguf_context * ctx, const std::string & key, std::vector<double> & out) {
+    const int64_t id = gguf_find_key(ctx, key.c_str());
+    if (id < 0) {
+        return false;
+    }
+    if (gguf_get_kv_type(ctx, id) != GGUF_TYPE_ARRAY) {
+        throw load_error(type_err(ctx, id, "a float array"));
+    }
+    const size_t n = gguf_get_arr_n(ctx, id);
+    out.clear();
+    switch (gguf_get_arr_type(ctx, id)) {
+        case GGUF_TYPE_FLOAT32: {
+            const float * d = (const float *) gguf_get_arr_data(ctx, id);
+            out.assign(d, d + n);
+            break;
+        }
+        case GGUF_TYPE_FLOAT64: {
+            const double * d = (const double *) gguf_get_arr_data(ctx, id);
+            out.assign(d, d + n);
+            break;
+        }
+        default:
+            throw load_error(std::string("metadata key '") + key + "' is an array of " +
+                             gguf_type_name(gguf_get_arr_type(ctx, id)) + ", expected floats");
+    }
+    return true;
+}
+
+} // namespace sambay

@@ -1,0 +1,69 @@
+// The sequence memory of one context, the layout SambaY exists for:
+//   - Mamba layers: F32 conv state (the last d_conv-1 raw x columns) and SSM state, constant size;
+//   - SWA layers:   a K/V ring of n_swa + n_batch - 1 cells (enough for every key a micro-batch
+//                   of up to n_batch tokens can see), cell of position p = p % n_cells;
+//   - layer kv_shared_layer: one full K/V cache of n_ctx cells (cell = position), written by that
+//                   layer and read, never written, by every cross-attention layer.
+// GMU, cross-attention and MLP keep nothing.
+//
+// K caches are [n_embd_kv, n_cells] (one row per cell); V caches are stored transposed,
+// [n_cells, n_embd_kv], so attention reads V^T as a strided view without a copy.
+// Invariant: cells holding positions < n_past are the only ones any graph reads; the graph
+// writes the cells of the micro-batch's positions (ggml_set_rows with index inputs) and the
+// context advances n_past after a successful compute.
+#pragma once
+
+#include "hparams.h"
+
+#include "ggml-backend.h"
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace sambay {
+
+class model;
+
+struct layer_memory {
+    ggml_tensor * conv = nullptr;  // mamba: F32 [d_conv-1, d_inner]
+    ggml_tensor * ssm  = nullptr;  // mamba: F32 [d_state, d_inner]
+    ggml_tensor * k    = nullptr;  // swa/full: [n_embd_kv, n_cells]
+    ggml_tensor * v    = nullptr;  // swa/full: [n_cells, n_embd_kv] (transposed)
+    uint32_t n_cells   = 0;
+};
+
+class memory {
+public:
+    memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type);
+    ~memory();
+    memory(const memory &) = delete;
+    memory & operator=(const memory &) = delete;
+
+    const layer_memory & layer(uint32_t il) const { return layers_[il]; }
+    uint32_t n_ctx() const { return n_ctx_; }
+    uint32_t n_swa_cells() const { return n_swa_cells_; }
+    ggml_type kv_type() const { return kv_type_; }
+
+    void clear();  // zero every state and cache (a fresh sequence)
+
+    // bytes per part: mamba_conv, mamba_ssm, swa_kv, full_kv
+    std::map<std::string, size_t> breakdown() const;
+
+    // state (de)serialisation of the first n_past positions; layout independent of n_ctx and
+    // n_batch, so a state moves between contexts of the same model and KV type
+    std::vector<uint8_t> save(uint32_t n_past) const;
+    uint32_t load(const std::vector<uint8_t> & data);  // returns n_past; throws state_error
+
+private:
+    const model &                      model_;
+    uint32_t                           n_ctx_;
+    uint32_t                           n_swa_cells_;
+    ggml_type                          kv_type_;
+    std::vector<layer_memory>          layers_;
+    std::vector<ggml_context *>        ctxs_;
+    std::vector<ggml_backend_buffer_t> buffers_;
+};
+
+} // namespace sambay

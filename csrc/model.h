@@ -1,0 +1,85 @@
+// The model: hparams + weights in backend buffers, loaded from a phi4flash GGUF.
+// Weights are placed per layer on a device (a GPU first when ggml has one and the caller
+// allows it, else the CPU); CPU weights are used straight from the mmapped file when the
+// CPU device can wrap host memory, otherwise streamed into a backend buffer (one copy).
+#pragma once
+
+#include "hparams.h"
+#include "loader.h"
+
+#include "ggml-backend.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sambay {
+
+struct model_params {
+    std::string device       = "auto";  // "auto": first GPU if any, else CPU; "cpu"; or a ggml device name
+    int         n_gpu_layers = -1;      // with a GPU: how many of the last layers go there (-1 = all + output)
+    bool        use_mmap     = true;
+};
+
+struct layer_weights {
+    // every layer
+    ggml_tensor * attn_norm = nullptr, * attn_norm_b = nullptr;
+    ggml_tensor * ffn_norm  = nullptr, * ffn_norm_b  = nullptr;
+    ggml_tensor * ffn_up    = nullptr;  // [n_embd, 2*n_ff]: gate rows then up rows
+    ggml_tensor * ffn_down  = nullptr;  // [n_ff, n_embd]
+    // mamba
+    ggml_tensor * ssm_in = nullptr;                              // [n_embd, 2*d_inner] (x then z)
+    ggml_tensor * ssm_conv1d = nullptr, * ssm_conv1d_b = nullptr;  // [d_conv, d_inner], [d_inner]
+    ggml_tensor * ssm_x = nullptr;                               // [d_inner, dt_rank + 2*d_state]
+    ggml_tensor * ssm_dt = nullptr, * ssm_dt_b = nullptr;        // [dt_rank, d_inner], [d_inner]
+    ggml_tensor * ssm_a = nullptr;                               // [d_state, d_inner], = -exp(A_log)
+    ggml_tensor * ssm_d = nullptr;                               // [d_inner]
+    ggml_tensor * ssm_out = nullptr;                             // [d_inner, n_embd]
+    // gmu
+    ggml_tensor * gmu_in = nullptr, * gmu_out = nullptr;  // [n_embd, d_inner], [d_inner, n_embd]
+    // attention (swa/full: wqkv; cross: wq)
+    ggml_tensor * wqkv = nullptr, * bqkv = nullptr;  // [n_embd, (H + 2*Hkv)*hd] stripe-major Q, K
+    ggml_tensor * wq = nullptr, * bq = nullptr;      // [n_embd, H*hd]
+    ggml_tensor * wo = nullptr, * bo = nullptr;      // [H*hd, n_embd]
+    ggml_tensor * sub_norm = nullptr;                // [2*hd]
+};
+
+class model {
+public:
+    model(const std::string & path, const model_params & params);
+    ~model();
+    model(const model &) = delete;
+    model & operator=(const model &) = delete;
+
+    const hparams & hp() const { return hparams_; }
+    const gguf_file & file() const { return *file_; }
+    const layer_weights & layer(uint32_t il) const { return layers_[il]; }
+
+    ggml_tensor * tok_embd = nullptr;                      // [n_embd, n_vocab], also the output projection
+    ggml_tensor * output_norm = nullptr, * output_norm_b = nullptr;
+
+    // devices: the compute devices in scheduler priority order (GPU first, CPU last)
+    const std::vector<ggml_backend_dev_t> & devices() const { return devices_; }
+    ggml_backend_dev_t layer_device(uint32_t il) const { return layer_dev_[il]; }
+    ggml_backend_dev_t output_device() const { return output_dev_; }
+    std::string device_name() const;  // what the model mostly runs on, e.g. "CPU"
+    bool mmapped() const { return mmapped_; }
+    size_t weights_bytes() const;      // bytes of all weight tensors
+
+private:
+    void select_devices(const model_params & params);
+    void create_tensors();
+    void load_data(bool use_mmap);
+
+    hparams                            hparams_;
+    std::unique_ptr<gguf_file>         file_;
+    std::vector<layer_weights>         layers_;
+    std::vector<ggml_backend_dev_t>    devices_;
+    std::vector<ggml_backend_dev_t>    layer_dev_;
+    ggml_backend_dev_t                 output_dev_ = nullptr;
+    std::vector<std::pair<ggml_tensor *, ggml_backend_dev_t>> tensors_;  // every weight and its device
+    std::vector<ggml_backend_buffer_t> buffers_;
+    bool                               mmapped_ = false;
+};
+
+} // namespace sambay

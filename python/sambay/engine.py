@@ -1,0 +1,238 @@
+"""The C++ engine (``sambay._core``) with typed, documented wrappers.
+
+:class:`Model` loads a phi4flash GGUF (docs/gguf-format.md) into ggml backend buffers;
+:class:`Context` evaluates one token sequence on it, keeping the SambaY memory: constant-size
+Mamba states, small sliding-window K/V rings, and one full K/V cache written by the shared-KV
+layer and read by every cross-attention layer.
+
+Errors:
+    LoadError (a ValueError): the file is not a valid phi4flash GGUF.
+    ContextFullError (a RuntimeError): an eval would exceed ``n_ctx``; carries
+        ``n_requested`` and ``n_ctx``.
+    StateError (a ValueError): a saved state does not fit the context.
+    ValueError: bad arguments, e.g. a token id outside ``[0, n_vocab)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from ._native import _core
+
+LoadError = _core.LoadError
+ContextFullError = _core.ContextFullError
+StateError = _core.StateError
+
+__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError"]
+
+_KV_TYPES = ("f16", "f32", "bf16")
+
+
+class Model:
+    """A phi4flash GGUF loaded for inference.
+
+    Weights stay in the memory-mapped file when the CPU holds them (no second copy);
+    otherwise they are streamed into the device buffer. Every hparam, tensor name, shape and
+    type is checked at load time.
+
+    Args:
+        path: the GGUF file.
+        device: ``"auto"`` (a GPU when the installed ggml has one, else the CPU), ``"cpu"``,
+            or a ggml device name such as ``"CUDA0"``.
+        n_gpu_layers: with a GPU, how many of the last layers to place there; ``-1`` places
+            every layer and the output there too, ``0`` keeps everything on the CPU.
+        use_mmap: map the file instead of reading it into memory.
+
+    Raises:
+        LoadError: missing/truncated/corrupt file, wrong magic, another architecture, a missing
+            or misshapen tensor, an absurd hyper-parameter.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        device: str = "auto",
+        n_gpu_layers: int = -1,
+        use_mmap: bool = True,
+    ) -> None:
+        self._m = _core.Model(os.fspath(path), device=device, n_gpu_layers=int(n_gpu_layers), use_mmap=bool(use_mmap))
+
+    @property
+    def path(self) -> str:
+        """The GGUF file this model was loaded from."""
+        return self._m.path
+
+    @property
+    def n_vocab(self) -> int:
+        """Number of token ids (rows of the embedding)."""
+        return self._m.n_vocab
+
+    @property
+    def n_embd(self) -> int:
+        """Hidden size."""
+        return self._m.n_embd
+
+    @property
+    def n_layer(self) -> int:
+        """Number of decoder layers."""
+        return self._m.n_layer
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The trained context length stored in the file."""
+        return self._m.n_ctx_train
+
+    @property
+    def device(self) -> str:
+        """The device the model runs on, e.g. ``"CPU"``."""
+        return self._m.device
+
+    @property
+    def mmapped(self) -> bool:
+        """Whether the weights are used straight from the mapped file."""
+        return self._m.mmapped
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of all weight tensors."""
+        return self._m.weights_bytes
+
+    def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters the engine runs with (layer kinds by name, folded λ arrays)."""
+        return self._m.hparams()
+
+    def metadata(self) -> dict[str, Any]:
+        """Every GGUF metadata key: scalars, strings and arrays (as lists)."""
+        return self._m.metadata()
+
+    def metadata_value(self, key: str, default: Any = None) -> Any:
+        """One GGUF metadata value, or ``default`` when the key is absent."""
+        return self._m.metadata_value(key, default)
+
+    def __repr__(self) -> str:
+        return repr(self._m)
+
+
+class Context:
+    """One sequence evaluated on a :class:`Model`.
+
+    Args:
+        model: the model.
+        n_ctx: the most positions this context holds (``0``: the smaller of the trained
+            context and 4096).
+        n_batch: micro-batch size; longer evals are split, with results equal to one batch.
+        n_threads: CPU threads for single-token decoding (``0``: all cores).
+        n_threads_batch: CPU threads for multi-token batches (``0``: ``n_threads``).
+        logits_all: return logits for every evaluated token, not only the last one.
+        kv_type: ``"f16"`` (default), ``"f32"`` or ``"bf16"`` for the attention caches; the
+            Mamba states are always F32.
+        yoco: when only the last token's logits are needed, run the cross-decoder on that
+            token only (exact; disable only to compare).
+
+    Raises:
+        ValueError: an invalid argument.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 0,
+        n_batch: int = 512,
+        n_threads: int = 0,
+        n_threads_batch: int = 0,
+        logits_all: bool = False,
+        kv_type: str = "f16",
+        yoco: bool = True,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a sambay.engine.Model, got {type(model).__name__}")
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 0, got {n_ctx}")
+        if n_batch <= 0:
+            raise ValueError(f"n_batch must be positive, got {n_batch}")
+        if kv_type not in _KV_TYPES:
+            raise ValueError(f"kv_type must be one of {_KV_TYPES}, got {kv_type!r}")
+        self.model = model
+        self._c = _core.Context(
+            model._m,
+            n_ctx=int(n_ctx),
+            n_batch=int(n_batch),
+            n_threads=int(n_threads),
+            n_threads_batch=int(n_threads_batch),
+            logits_all=bool(logits_all),
+            kv_type=kv_type,
+            yoco=bool(yoco),
+        )
+
+    def eval(self, tokens: Union[Sequence[int], np.ndarray]) -> np.ndarray:
+        """Evaluates tokens after the ones already in the context.
+
+        Args:
+            tokens: token ids, each in ``[0, n_vocab)``.
+
+        Returns:
+            float32 logits of shape ``[n_out, n_vocab]``: ``n_out`` is ``len(tokens)`` with
+            ``logits_all``, otherwise 1 (0 for no tokens).
+
+        Raises:
+            ValueError: a token id out of range (nothing is evaluated).
+            ContextFullError: ``n_past + len(tokens) > n_ctx`` (nothing is evaluated).
+        """
+        return self._c.eval(tokens)
+
+    @property
+    def n_past(self) -> int:
+        """Positions evaluated so far (the position of the next token)."""
+        return self._c.n_past
+
+    @property
+    def n_ctx(self) -> int:
+        """The context size."""
+        return self._c.n_ctx
+
+    @property
+    def n_batch(self) -> int:
+        """The micro-batch size."""
+        return self._c.n_batch
+
+    @property
+    def logits_all(self) -> bool:
+        """Whether eval returns logits for every token."""
+        return self._c.logits_all
+
+    @property
+    def device(self) -> str:
+        """The device the context computes on."""
+        return self._c.device
+
+    def reset(self) -> None:
+        """Forgets the sequence: zero states and caches, ``n_past = 0``."""
+        self._c.reset()
+
+    def save_state(self) -> bytes:
+        """Every cache and state plus the position, as bytes (see :meth:`load_state`)."""
+        return self._c.save_state()
+
+    def load_state(self, state: bytes) -> None:
+        """Restores a state saved by a context of the same model and KV type.
+
+        Raises:
+            StateError: the state belongs to another model or KV type, or is corrupt.
+            ContextFullError: the state holds more positions than this context's ``n_ctx``.
+        """
+        self._c.load_state(bytes(state))
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes per part: mamba_conv, mamba_ssm, swa_kv, full_kv, compute, weights."""
+        return dict(self._c.memory_breakdown())
+
+    def __repr__(self) -> str:
+        return (
+            f"<sambay.engine.Context n_ctx={self.n_ctx} n_batch={self.n_batch} "
+            f"n_past={self.n_past} device={self.device}>"
+        )

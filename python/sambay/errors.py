@@ -1,0 +1,25 @@
+"""sambay's public exceptions, in one place.
+
+The engine's exceptions come from the C++ side by type (never by message text):
+``LoadError`` (a file that cannot be this model), ``ContextFullError`` (a call would need more
+context than there is; ``n_requested`` and ``n_ctx`` attributes), ``StateError`` (a saved
+state that does not fit), ``QuantizeError``.
+"""
+
+from __future__ import annotations
+
+from .chat import ChatTemplateError
+from .engine import ContextFullError, LoadError, StateError
+from .gguf_metadata import GGUFMetadataError
+from .quantization import QuantizeError
+from .tokenizer import TokenizerError
+
+__all__ = [
+    "ChatTemplateError",
+    "ContextFullError",
+    "GGUFMetadataError",
+    "LoadError",
+    "QuantizeError",
+    "StateError",
+    "TokenizerError",
+]

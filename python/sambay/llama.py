@@ -1,0 +1,608 @@
+"""``sambay.Llama``: the llama-cpp-python-shaped API over the C++ engine.
+
+``generate`` (a generator of token ids) is the one primitive: completions and chat build their
+chunks from it, and the non-streaming calls drain the same stream, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ._native import _core
+from ._stream import StopStringFilter
+from .chat import ChatFormatter
+from .engine import Context, LoadError, Model
+from .sampling import SamplingParams, log_softmax, make_rng, sample
+from .tokenizer import StreamDecoder, Tokenizer
+
+Prompt = Union[str, bytes, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class LlamaState:
+    """A snapshot of a :class:`Llama`: the evaluated tokens, the last logits and every cache."""
+
+    input_ids: tuple[int, ...]
+    last_logits: Optional[np.ndarray]
+    engine_state: bytes
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Timings:
+    """Counts and seconds of the last completion (for the CLI's speed report)."""
+
+    prompt_tokens: int = 0
+    prompt_evaluated: int = 0  # tokens actually run through the engine (after prefix reuse)
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Llama:
+    """A loaded model plus one evaluation context, with llama-cpp-python's API.
+
+    Args:
+        model_path: a GGUF file from ``sambay convert`` (optionally ``sambay quantize``).
+        n_ctx: context length in tokens; 0 means the model's trained context.
+        n_batch: prompt tokens per engine step (micro-batch).
+        n_threads: threads for single-token decoding (default: half the cores).
+        n_threads_batch: threads for prompt processing (default: all cores).
+        n_gpu_layers: layers to put on a GPU when the installed ggml has one (-1: all, 0: none).
+        seed: seed of the sampler's generator (None: fresh entropy); a call's ``seed`` wins.
+        logits_all: keep the logits of every prompt position (needed for prompt logprobs
+            with ``echo``); otherwise only the last position's logits are computed, and the
+            cross-decoder runs on one row during prefill.
+        chat_format: ignored unless ``"chatml"``-style names are registered later; the chat
+            template comes from the GGUF (``tokenizer.chat_template``).
+        kv_type: ``"f16"`` (default), ``"bf16"`` or ``"f32"`` for the attention caches.
+        device: ``"auto"`` (a GPU when present), ``"cpu"``, or a ggml device name.
+        max_snapshots: how many prompt-end state snapshots to keep for prefix reuse.
+        verbose: log load details to the ``sambay`` logger.
+
+    Raises:
+        sambay.LoadError: the file is missing, not a GGUF, or not a valid phi4flash model.
+        ValueError: invalid arguments.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike],
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        n_gpu_layers: int = -1,
+        seed: Optional[int] = None,
+        logits_all: bool = False,
+        chat_format: Optional[str] = None,
+        kv_type: str = "f16",
+        device: str = "auto",
+        use_mmap: bool = True,
+        max_snapshots: int = 4,
+        verbose: bool = True,
+    ) -> None:
+        cpus = os.cpu_count() or 1
+        _check_int("n_ctx", n_ctx, 0)
+        _check_int("n_batch", n_batch, 1)
+        n_threads = _check_int("n_threads", n_threads, 1) if n_threads is not None else max(1, cpus // 2)
+        n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 1)
+                           if n_threads_batch is not None else cpus)
+        _check_int("max_snapshots", max_snapshots, 0)
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
+            raise ValueError(f"n_gpu_layers must be an integer, got {n_gpu_layers!r}")
+        path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise LoadError(f"model file not found: {path}")
+
+        self.model_path = path
+        self.verbose = verbose
+        self.chat_format = chat_format
+        self._model = Model(path, device=device, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+        self._ctx = Context(
+            self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type,
+        )
+        self.metadata: dict[str, Any] = dict(self._model.metadata())
+        self._tokenizer: Optional[Tokenizer] = None
+        self._chat: Optional[ChatFormatter] = None
+        self._rng = make_rng(seed)
+        self.logits_all = logits_all
+        self.max_snapshots = max_snapshots
+        self._input_ids: list[int] = []
+        self._last_logits: Optional[np.ndarray] = None  # logits after the last evaluated token
+        self._all_logits: list[np.ndarray] = []  # with logits_all: one row per token of the last eval
+        self._snapshots: list[LlamaState] = []
+        self.last_timings = Timings()
+        self.n_tokens_evaluated = 0  # total tokens run through the engine (prefix-reuse tests)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, rebuilt from the GGUF on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_metadata(self.metadata)
+        return self._tokenizer
+
+    def n_ctx(self) -> int:
+        """Context length in tokens."""
+        return int(self._ctx.n_ctx)
+
+    def n_vocab(self) -> int:
+        """Rows of the output layer (the vocabulary size)."""
+        return int(self._model.n_vocab)
+
+    def token_eos(self) -> Optional[int]:
+        return self.tokenizer.eos_id
+
+    def token_bos(self) -> Optional[int]:
+        return self.tokenizer.bos_id
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The tokens the context has evaluated, in order."""
+        return list(self._input_ids)
+
+    @property
+    def device(self) -> str:
+        """The device the model computes on (e.g. ``"CPU"``)."""
+        return str(self._ctx.device)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes per part of the context's memory (Mamba states, SWA rings, shared KV, ...)."""
+        return dict(self._ctx.memory_breakdown())
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: Union[str, bytes], add_bos: Optional[bool] = None,
+                 special: bool = False) -> list[int]:
+        """Token ids of ``text`` (``special``: parse special tokens like ``<|end|>``)."""
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
+                   special: bool = False) -> bytes:
+        """The bytes of ``tokens`` (``prev_tokens`` is accepted for llama-cpp-python
+        compatibility: byte-level BPE pieces do not depend on context)."""
+        return self.tokenizer.decode(tokens, special=special)
+
+    def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
+        n_vocab = self.n_vocab()
+        out = []
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"token at index {i} is not an integer: {t!r}")
+            if not 0 <= int(t) < n_vocab:
+                raise ValueError(f"invalid token id {int(t)} at index {i} (n_vocab is {n_vocab})")
+            out.append(int(t))
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    def reset(self) -> None:
+        """Forget the evaluated tokens (the caches start fresh; snapshots are kept)."""
+        self._ctx.reset()
+        self._input_ids = []
+        self._last_logits = None
+        self._all_logits = []
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Evaluate ``tokens`` after those already evaluated.
+
+        Raises:
+            ValueError: an invalid token id, or more tokens than the context has room for.
+        """
+        tokens = self._check_tokens(tokens)
+        if not tokens:
+            return
+        if len(self._input_ids) + len(tokens) > self.n_ctx():
+            raise ValueError(
+                f"Requested tokens ({len(self._input_ids) + len(tokens)}) exceed context window "
+                f"of {self.n_ctx()}"
+            )
+        logits = self._ctx.eval(np.asarray(tokens, dtype=np.int64))
+        self.n_tokens_evaluated += len(tokens)
+        self._input_ids.extend(tokens)
+        self._last_logits = logits[-1]
+        if self.logits_all:  # the rows of this call only: all rows of a long run would be GBs
+            self._all_logits = list(logits)
+
+    def _prepare(self, tokens: list[int]) -> int:
+        """Bring the context to the state after ``tokens[:-1]`` ... or all of ``tokens``.
+
+        Reuses what is evaluated when it is a prefix, else the longest snapshot that is one
+        (Mamba state cannot rewind, so a shorter match means restoring a snapshot). Returns
+        how many tokens were evaluated.
+        """
+        n_before = self.n_tokens_evaluated
+        cur = self._input_ids
+        if not (len(cur) <= len(tokens) and tokens[: len(cur)] == cur and
+                (self._last_logits is not None or not cur)):
+            best: Optional[LlamaState] = None
+            for snap in self._snapshots:
+                n = snap.n_tokens
+                if n <= len(tokens) and list(snap.input_ids) == tokens[:n] and (
+                        best is None or n > best.n_tokens):
+                    best = snap
+            if best is not None:
+                self.load_state(best)
+            else:
+                self.reset()
+        self.eval(tokens[len(self._input_ids):])
+        return self.n_tokens_evaluated - n_before
+
+    def _snapshot(self) -> None:
+        if self.max_snapshots == 0 or not self._input_ids:
+            return
+        ids = tuple(self._input_ids)
+        self._snapshots = [s for s in self._snapshots if s.input_ids != ids]
+        self._snapshots.append(self.save_state())
+        del self._snapshots[: -self.max_snapshots]
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        *,
+        params: Optional[SamplingParams] = None,
+        seed: Optional[int] = None,
+        reset: bool = True,
+        **overrides: Any,
+    ) -> Iterator[int]:
+        """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
+
+        The prompt reuses what the context already holds when possible (see ``_prepare``),
+        and a snapshot of the state after the prompt is kept for later prompts that extend it.
+
+        Args:
+            tokens: the prompt ids.
+            params: sampling parameters (keyword ``overrides`` replace single fields).
+            seed: a seed for this call (default: the Llama's generator).
+            reset: accepted for llama-cpp-python compatibility; prefix reuse decides.
+        """
+        tokens = self._check_tokens(tokens)
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if params is None:
+            params = SamplingParams(**overrides)
+        elif overrides:
+            params = SamplingParams(**{**params.__dict__, **overrides})
+        rng = make_rng(seed) if seed is not None else self._rng
+        t0 = time.perf_counter()
+        evaluated = self._prepare(tokens)
+        self._snapshot()
+        self.last_timings = Timings(prompt_tokens=len(tokens), prompt_evaluated=evaluated,
+                                    prompt_seconds=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        while True:
+            assert self._last_logits is not None
+            token = sample(self._last_logits, params, rng, self._input_ids)
+            self.last_timings.generated_tokens += 1
+            self.last_timings.generate_seconds = time.perf_counter() - t1
+            yield token
+            if len(self._input_ids) >= self.n_ctx():
+                return
+            self.eval([token])
+
+    # ------------------------------------------------------------------ state
+
+    def save_state(self) -> LlamaState:
+        """Snapshot of the evaluated tokens, last logits and every cache."""
+        last = None if self._last_logits is None else self._last_logits.copy()
+        return LlamaState(tuple(self._input_ids), last, bytes(self._ctx.save_state()))
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a snapshot from :meth:`save_state` (of this or another Llama on the same
+        model file)."""
+        self._ctx.load_state(state.engine_state)
+        self._input_ids = list(state.input_ids)
+        self._last_logits = None if state.last_logits is None else state.last_logits.copy()
+        self._all_logits = []
+
+    # ------------------------------------------------------------------ completion
+
+    def _prompt_tokens(self, prompt: Prompt, *, special: bool) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            return self.tokenize(prompt, special=special)
+        if isinstance(prompt, Sequence):
+            return self._check_tokens(prompt)
+        raise ValueError(f"prompt must be a str, bytes or a list of token ids, got {type(prompt).__name__}")
+
+    def _completion_stream(
+        self,
+        prompt_tokens: list[int],
+        *,
+        max_tokens: Optional[int],
+        params: SamplingParams,
+        stop: Sequence[str],
+        seed: Optional[int],
+        logprobs: Optional[int],
+        echo: bool,
+        prompt_text: str,
+    ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
+        """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
+        n_ctx = self.n_ctx()
+        if len(prompt_tokens) > n_ctx:
+            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {n_ctx}")
+        if echo and logprobs is not None and not self.logits_all:
+            raise ValueError("echo with logprobs needs the prompt's logits: create the Llama with logits_all=True")
+        # no max_tokens: until the context is full (generate() ends there)
+        budget = max_tokens if max_tokens is not None and max_tokens > 0 else None
+        tok = self.tokenizer
+        decoder = StreamDecoder(tok)
+        stops = StopStringFilter(stop)
+        text_offset = len(prompt_text) if echo else 0
+
+        if echo:
+            lp = None
+            if logprobs is not None:
+                # prompt logprobs need every prompt row: evaluate the prompt afresh
+                self.reset()
+                self.eval(prompt_tokens)
+                lp = self._prompt_logprobs(prompt_tokens, logprobs)
+            yield prompt_text, lp, None
+        count = 0
+        for token in self.generate(prompt_tokens, params=params, seed=seed):
+            if token in tok.eog_ids:
+                yield stops.feed(decoder.flush()) + stops.flush(), None, "stop"
+                return
+            count += 1
+            piece = stops.feed(decoder.feed(token))
+            lp = None
+            if logprobs is not None:
+                assert self._last_logits is not None
+                lp = self._token_logprobs(self._last_logits, token, logprobs, text_offset)
+                text_offset += len(piece)
+            if stops.stopped:
+                yield piece, lp, "stop"
+                return
+            if budget is not None and count >= budget:
+                yield piece + stops.feed(decoder.flush()) + stops.flush(), lp, "length"
+                return
+            yield piece, lp, None
+        yield stops.feed(decoder.flush()) + stops.flush(), None, "length"  # context full
+
+    def _token_logprobs(self, logits: np.ndarray, token: int, top: int, offset: int) -> dict[str, Any]:
+        lps = log_softmax(logits)
+        tok = self.tokenizer
+        name = tok.token_bytes(token, special=True).decode("utf-8", errors="replace")
+        best = _core.top_k_indices(lps, max(top, 0)) if top > 0 else []
+        return {
+            "tokens": [name],
+            "text_offset": [offset],
+            "token_logprobs": [float(lps[token])],
+            "top_logprobs": [{tok.token_bytes(int(i), special=True).decode("utf-8", errors="replace"):
+                              float(lps[int(i)]) for i in best}],
+        }
+
+    def _prompt_logprobs(self, tokens: list[int], top: int) -> dict[str, Any]:
+        """Logprobs of each prompt token given the ones before (the first has none), from the
+        rows of the eval that just ran the whole prompt."""
+        out: dict[str, list[Any]] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        offset = 0
+        tok = self.tokenizer
+        rows = self._all_logits
+        assert len(rows) == len(tokens)
+        for i, t in enumerate(tokens):
+            piece = tok.token_bytes(t, special=True).decode("utf-8", errors="replace")
+            if i == 0:
+                out["tokens"].append(piece)
+                out["text_offset"].append(offset)
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                one = self._token_logprobs(rows[i - 1], t, top, offset)
+                for k in out:
+                    out[k].extend(one[k])
+            offset += len(piece)
+        return out
+
+    def create_completion(
+        self,
+        prompt: Prompt,
+        suffix: Optional[str] = None,
+        max_tokens: Optional[int] = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        logprobs: Optional[int] = None,
+        echo: bool = False,
+        stop: Optional[Union[str, Sequence[str]]] = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: Optional[int] = None,
+        model: Optional[str] = None,
+    ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
+        """Complete ``prompt`` (OpenAI ``text_completion`` shape; llama-cpp-python's args).
+
+        Returns a dict ``{id, object, created, model, choices: [{text, index, logprobs,
+        finish_reason}], usage}``, or with ``stream=True`` a generator of chunks whose
+        ``choices[0].text`` are the new pieces (the last chunk carries ``finish_reason``).
+        Generation stops at an end-of-generation token (``finish_reason`` "stop"), at a stop
+        string (never shown, not even partly while streaming), or after ``max_tokens``
+        (``None`` or <= 0: until the context is full; "length").
+
+        Raises:
+            ValueError: invalid arguments, invalid token ids, or a prompt longer than n_ctx.
+        """
+        if suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
+        if logprobs is not None:
+            _check_int("logprobs", logprobs, 0)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty)
+        prompt_tokens = self._prompt_tokens(prompt, special=False)
+        if not prompt_tokens:
+            raise ValueError("the prompt is empty (it has no tokens)")
+        prompt_text = (prompt.decode("utf-8", errors="replace") if isinstance(prompt, bytes)
+                       else prompt if isinstance(prompt, str)
+                       else self.detokenize(prompt_tokens).decode("utf-8", errors="replace"))
+        cid = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        model_name = model or self.model_path
+        pieces = self._completion_stream(
+            prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
+            logprobs=logprobs, echo=echo, prompt_text=prompt_text,
+        )
+
+        def chunk(text: str, lp: Optional[dict[str, Any]], reason: Optional[str]) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": reason}]}
+
+        if stream:
+            return (chunk(text, lp, reason) for text, lp, reason in pieces)
+
+        texts: list[str] = []
+        merged: Optional[dict[str, list[Any]]] = None
+        reason: Optional[str] = None
+        for text, lp, reason in pieces:
+            texts.append(text)
+            if lp is not None:
+                merged = merged or {k: [] for k in lp}
+                for k in lp:
+                    merged[k].extend(lp[k])
+        out = chunk("".join(texts), merged, reason)
+        n_gen = self.last_timings.generated_tokens
+        out["usage"] = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_gen,
+                        "total_tokens": len(prompt_tokens) + n_gen}
+        return out
+
+    __call__ = create_completion
+
+    # ------------------------------------------------------------------ chat
+
+    @property
+    def chat_formatter(self) -> ChatFormatter:
+        """The formatter for the GGUF's ``tokenizer.chat_template``."""
+        if self._chat is None:
+            template = self.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise ValueError("the GGUF has no tokenizer.chat_template; use create_completion")
+            tok = self.tokenizer
+
+            def text(tid: Optional[int]) -> str:
+                return "" if tid is None else tok.token_bytes(tid, special=True).decode("utf-8", "replace")
+
+            self._chat = ChatFormatter(template, eos_token=text(tok.eos_id), bos_token=text(tok.bos_id))
+        return self._chat
+
+    def create_chat_completion(
+        self,
+        messages: Sequence[dict[str, Any]],
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stream: bool = False,
+        stop: Optional[Union[str, Sequence[str]]] = None,
+        seed: Optional[int] = None,
+        max_tokens: Optional[int] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        logprobs: bool = False,
+        top_logprobs: Optional[int] = None,
+        tools: Optional[Sequence[Any]] = None,
+        model: Optional[str] = None,
+    ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
+        """Answer a conversation (OpenAI ``chat.completion`` shape).
+
+        The GGUF's chat template renders ``messages`` (sandboxed Jinja, as transformers
+        renders it) with the generation prompt; generation stops at the model's
+        end-of-generation tokens. With ``stream=True``, chunks carry ``delta`` =
+        ``{"role": "assistant"}`` first, then ``{"content": ...}`` pieces, then an empty delta
+        with the ``finish_reason``.
+
+        Raises:
+            sambay.ChatTemplateError: bad messages or a failing template.
+            ValueError: invalid arguments or a conversation longer than n_ctx.
+        """
+        prompt = self.chat_formatter.render(messages, add_generation_prompt=True, tools=tools)
+        prompt_tokens = self.tokenize(prompt, special=True)
+        n_top = (top_logprobs or 0) if logprobs else None
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty)
+        pieces = self._completion_stream(
+            prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
+            logprobs=n_top, echo=False, prompt_text=prompt,
+        )
+        cid = f"chatcmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        model_name = model or self.model_path
+
+        def lp_content(lp: Optional[dict[str, Any]]) -> Optional[list[dict[str, Any]]]:
+            if lp is None:
+                return None
+            return [{"token": t, "logprob": l, "bytes": list(t.encode("utf-8")),
+                     "top_logprobs": [{"token": k, "logprob": v, "bytes": list(k.encode("utf-8"))}
+                                      for k, v in (top or {}).items()]}
+                    for t, l, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]
+
+        if stream:
+            def chunks() -> Iterator[dict[str, Any]]:
+                base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
+                                            "logprobs": None, "finish_reason": None}]}
+                for text, lp, reason in pieces:
+                    if text:
+                        yield {**base, "choices": [{"index": 0, "delta": {"content": text},
+                                                    "logprobs": ({"content": lp_content(lp)} if lp else None),
+                                                    "finish_reason": None}]}
+                    if reason is not None:
+                        yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                    "finish_reason": reason}]}
+            return chunks()
+
+        texts: list[str] = []
+        content_lp: list[dict[str, Any]] = []
+        reason: Optional[str] = None
+        for text, lp, reason in pieces:
+            texts.append(text)
+            content_lp.extend(lp_content(lp) or [])
+        n_gen = self.last_timings.generated_tokens
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+                         "logprobs": {"content": content_lp} if logprobs else None,
+                         "finish_reason": reason}],
+            "usage": {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_gen,
+                      "total_tokens": len(prompt_tokens) + n_gen},
+        }
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Free the context and the model (the object is unusable afterwards)."""
+        self._snapshots = []
+        self._ctx = None  # type: ignore[assignment]
+        self._model = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

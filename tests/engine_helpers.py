@@ -1,0 +1,81 @@
+"""Shared pieces of the engine tests: tiny checkpoints converted to GGUF, the PyTorch
+reference, and a GGUF rewriter that makes deliberately broken or perturbed copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+import gguf
+
+# tiny-12 (spec §12): W = 16, layers M S M S M S M* G U X U X
+N_CTX = 256
+
+
+def make_gguf(root: Path, config: str, outtype: str, *, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
+    """Writes a random HF checkpoint and converts it; returns (hf_dir, gguf_path)."""
+    from sambay.convert import convert, tiny
+
+    hf_dir = root / f"{config}-{dtype}-s{seed}"
+    if not (hf_dir / "config.json").exists():
+        tiny.write_checkpoint(hf_dir, config, seed=seed, dtype=dtype)
+    out = root / f"{config}-{dtype}-s{seed}-{outtype}.gguf"
+    if not out.exists():
+        convert(hf_dir, out, outtype=outtype, progress=False)
+    return hf_dir, out
+
+
+def reference_logits(ref: Any, ids: Iterable[int]) -> np.ndarray:
+    """All-position logits of the PyTorch reference, float64 NumPy [T, vocab]."""
+    return ref.forward(list(int(i) for i in ids)).double().numpy()
+
+
+def _field_value(field: Any) -> tuple[Any, gguf.GGUFValueType, Optional[gguf.GGUFValueType]]:
+    vtype = field.types[0]
+    sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+    return field.contents(), vtype, sub
+
+
+def rewrite_gguf(
+    src: Path,
+    dst: Path,
+    *,
+    arch: Optional[str] = None,
+    set_kv: Optional[dict[str, Callable[[Any], Any]]] = None,
+    drop_kv: Iterable[str] = (),
+    drop_tensors: Iterable[str] = (),
+    tensor_fn: Optional[dict[str, Callable[[np.ndarray], np.ndarray]]] = None,
+) -> Path:
+    """Copies an F32 GGUF, changing metadata values (functions of the old value), dropping keys
+    or tensors, or transforming tensor data (numpy order; the shape may change)."""
+    reader = gguf.GGUFReader(src)
+    old_arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch or old_arch)
+    set_kv = set_kv or {}
+    drop_kv = set(drop_kv)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop_kv:
+            continue
+        value, vtype, sub = _field_value(field)
+        if name in set_kv:
+            value = set_kv[name](value)
+        if arch and name.startswith(old_arch + "."):
+            name = arch + name[len(old_arch):]
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+    drop_tensors = set(drop_tensors)
+    tensor_fn = tensor_fn or {}
+    for t in reader.tensors:
+        if t.name in drop_tensors:
+            continue
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, "rewrite_gguf handles F32 files only"
+        data = np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        if t.name in tensor_fn:
+            data = np.ascontiguousarray(tensor_fn[t.name](data), dtype=np.float32)
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

@@ -1,0 +1,91 @@
+"""The `sambay` CLI end to end, through subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sambay import Llama
+from sambay.convert import convert, tiny
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ck = tiny.write_checkpoint(root / "ck", "tiny-8", seed=1)
+    return convert(ck, root / "m.gguf", outtype="f32", progress=False)
+
+
+def sambay(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sambay", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_streams_the_same_text_as_the_api(model):
+    out = sambay("run", "-m", str(model), "-p", "Compute 12 + 34", "-n", "12", "--temp", "0",
+                 "-c", "128", "-t", "1")
+    assert out.returncode == 0, out.stderr
+    with Llama(model, n_ctx=128, verbose=False) as llm:
+        want = llm.create_chat_completion([{"role": "user", "content": "Compute 12 + 34"}],
+                                          max_tokens=12, temperature=0)
+    assert out.stdout == want["choices"][0]["message"]["content"] + "\n"
+    assert "tok/s" in out.stderr and "device: CPU" in out.stderr
+
+
+def test_run_raw_and_from_file(model, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Then 46 * 3 =")
+    out = sambay("run", "-m", str(model), "-f", str(prompt), "--raw", "-n", "8", "--temp", "0",
+                 "-c", "64", "-q")
+    assert out.returncode == 0, out.stderr
+    with Llama(model, n_ctx=64, verbose=False) as llm:
+        want = llm("Then 46 * 3 =", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert out.stdout == want + "\n"
+    assert out.stderr == ""
+
+
+def test_chat_over_piped_stdin_keeps_history(model):
+    out = sambay("chat", "-m", str(model), "-n", "6", "--temp", "0", "-c", "256",
+                 stdin="hello\nwhat is 2+2?\n/exit\nnot read\n")
+    assert out.returncode == 0, out.stderr
+    replies = out.stdout.split("\n")[:2]
+    with Llama(model, n_ctx=256, verbose=False) as llm:
+        h = [{"role": "user", "content": "hello"}]
+        r1 = llm.create_chat_completion(h, max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
+        h += [{"role": "assistant", "content": r1}, {"role": "user", "content": "what is 2+2?"}]
+        r2 = llm.create_chat_completion(h, max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
+    assert replies == [r1, r2]
+    # end of input (Ctrl-D) ends the session too
+    assert sambay("chat", "-m", str(model), "-n", "2", "-c", "64", stdin="hi\n").returncode == 0
+
+
+def test_info(model):
+    out = sambay("info", "-m", str(model), "-c", "1024")
+    assert out.returncode == 0, out.stderr
+    assert "architecture: phi4flash" in out.stdout
+    assert "layers: 0:mamba 1:attn_swa 2:mamba 3:attn_swa 4:mamba 5:attn_full 6:gmu 7:attn_cross" in out.stdout
+    assert "tensor types: F32" in out.stdout
+    # 2 (K,V) x 2 kv heads x 16 dims x 1024 positions x 2 bytes = 128 KiB
+    assert "shared_kv 0.1 MiB" in out.stdout
+
+
+def test_errors_are_one_line(model, tmp_path):
+    out = sambay("run", "-m", str(tmp_path / "none.gguf"), "-p", "x")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [f"sambay run: error: model file not found: {tmp_path / 'none.gguf'}"]
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\0" * 100)
+    out = sambay("run", "-m", str(junk), "-p", "x")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+    out = sambay("--debug", "run", "-m", str(junk), "-p", "x")
+    assert out.returncode == 1 and "Traceback" in out.stderr
+    out = sambay("run", "-m", str(model))
+    assert out.returncode == 1 and "give a prompt" in out.stderr
+    out = sambay("run", "-m", str(model), "-p", "x", "--temp", "nan")
+    assert out.returncode == 1 and "temperature" in out.stderr
+    for cmd in ("convert", "quantize", "run", "chat", "info", "system-info"):
+        h = sambay(cmd, "--help")
+        assert h.returncode == 0 and "usage: sambay " + cmd in h.stdout

@@ -1,0 +1,222 @@
+"""sambay.Llama: llama-cpp-python's API shapes, streaming, stops, chat, prefix reuse, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sambay
+from sambay import Llama
+from sambay.convert import convert, tiny
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    ck = tiny.write_checkpoint(root / "ck", "tiny-12", seed=0)
+    return convert(ck, root / "m.gguf", outtype="f32", progress=False)
+
+
+@pytest.fixture()
+def llm(gguf_path):
+    with Llama(gguf_path, n_ctx=256, n_batch=32, n_threads=2, seed=0, verbose=False) as m:
+        yield m
+
+
+PROMPT = "Compute 12 + 34 = 46. Then"
+
+
+def test_completion_shape(llm):
+    out = llm(PROMPT, max_tokens=8, temperature=0)
+    assert out["object"] == "text_completion"
+    assert out["id"].startswith("cmpl-") and isinstance(out["created"], int)
+    (choice,) = out["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["finish_reason"] in ("length", "stop")
+    n_prompt = len(llm.tokenize(PROMPT))
+    assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": out["usage"]["completion_tokens"],
+                            "total_tokens": n_prompt + out["usage"]["completion_tokens"]}
+    assert 1 <= out["usage"]["completion_tokens"] <= 8
+
+
+def test_greedy_matches_argmax_of_fresh_evaluation(llm, gguf_path):
+    tokens = llm.tokenize(PROMPT)
+    got = []
+    for t in llm.generate(tokens, temperature=0):
+        got.append(t)
+        if len(got) == 12:
+            break
+    # the same by hand on a second context: evaluate, take the argmax, append
+    with Llama(gguf_path, n_ctx=256, verbose=False) as other:
+        seq = list(tokens)
+        other.eval(seq)
+        want = []
+        for _ in range(12):
+            nxt = int(np.argmax(other._last_logits))
+            want.append(nxt)
+            other.eval([nxt])
+    assert got == want
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    a = llm(PROMPT, max_tokens=12, temperature=1.0, seed=42)["choices"][0]["text"]
+    b = llm(PROMPT, max_tokens=12, temperature=1.0, seed=42)["choices"][0]["text"]
+    c = llm(PROMPT, max_tokens=12, temperature=1.0, seed=43)["choices"][0]["text"]
+    assert a == b
+    assert a != c
+
+
+def test_stream_equals_non_stream(llm):
+    full = llm(PROMPT, max_tokens=16, temperature=0.9, seed=7)
+    chunks = list(llm(PROMPT, max_tokens=16, temperature=0.9, seed=7, stream=True))
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stop_strings_cut_and_never_leak(llm):
+    text = llm(PROMPT, max_tokens=24, temperature=0)["choices"][0]["text"]
+    assert len(text) >= 6, text
+    stop = text[3:6]  # a stop string that spans token boundaries somewhere
+    expected = text[: text.find(stop)]
+    out = llm(PROMPT, max_tokens=24, temperature=0, stop=[stop, "never-appears"])
+    assert out["choices"][0]["text"] == expected
+    assert out["choices"][0]["finish_reason"] == "stop"
+    streamed = ""
+    for c in llm(PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True):
+        streamed += c["choices"][0]["text"]
+        assert stop not in streamed
+    assert streamed == expected
+
+
+def test_chat_completion_and_stream(llm):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}]
+    out = llm.create_chat_completion(messages, max_tokens=10, temperature=0)
+    assert out["object"] == "chat.completion"
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    prompt = "<|system|>You are terse.<|end|><|user|>2+2?<|end|><|assistant|>"
+    assert out["usage"]["prompt_tokens"] == len(llm.tokenize(prompt, special=True))
+    chunks = list(llm.create_chat_completion(messages, max_tokens=10, temperature=0, stream=True))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == msg["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+
+
+def test_chat_stops_at_end_of_generation_token(gguf_path):
+    # make <|end|> the certain next token by biasing through a tiny monkeypatch of the sampler
+    with Llama(gguf_path, n_ctx=128, verbose=False) as m:
+        end = m.tokenizer.token_to_id("<|end|>")
+        import sambay.llama as L
+
+        real = L.sample
+
+        def biased(logits, params, rng, recent=()):
+            logits = np.array(logits)
+            logits[end] = 1e9 if len(recent) > 12 else logits[end]
+            return real(logits, params, rng, recent)
+
+        L.sample = biased
+        try:
+            out = m.create_chat_completion([{"role": "user", "content": "hello there"}], max_tokens=50)
+        finally:
+            L.sample = real
+        assert out["choices"][0]["finish_reason"] == "stop"
+        assert "<|end|>" not in out["choices"][0]["message"]["content"]
+
+
+def test_multi_turn_reuses_the_evaluated_prefix(llm, gguf_path):
+    a = llm.tokenize(PROMPT)
+    b = llm.tokenize(" and then some more words to read")
+    first = llm(a, max_tokens=5, temperature=0)
+    assert llm.last_timings.prompt_evaluated == len(a)
+    # a new prompt that extends the first one (not its generated text): only b is evaluated,
+    # from the snapshot taken at the end of prompt a
+    second = llm(a + b, max_tokens=6, temperature=0)
+    assert llm.last_timings.prompt_evaluated == len(b)
+    with Llama(gguf_path, n_ctx=256, verbose=False) as fresh:
+        ref = fresh(a + b, max_tokens=6, temperature=0)
+        assert fresh.last_timings.prompt_evaluated == len(a) + len(b)
+    assert second["choices"][0]["text"] == ref["choices"][0]["text"]
+    # continuing exactly where generation stopped evaluates nothing but the new tokens
+    ids = llm.input_ids
+    before = llm.n_tokens_evaluated
+    llm.eval(b)
+    assert llm.n_tokens_evaluated - before == len(b)
+    assert llm.input_ids == ids + b
+    assert first["choices"][0]["text"]
+
+
+def test_save_and_load_state(llm, gguf_path):
+    llm.eval(llm.tokenize(PROMPT))
+    state = llm.save_state()
+    cont = llm.tokenize(" more text")
+    llm.eval(cont)
+    after = llm._last_logits.copy()
+    llm.load_state(state)
+    assert llm.input_ids == list(state.input_ids)
+    llm.eval(cont)
+    np.testing.assert_array_equal(llm._last_logits, after)
+    # across Llama objects on the same model
+    with Llama(gguf_path, n_ctx=256, verbose=False) as other:
+        other.load_state(state)
+        other.eval(cont)
+        np.testing.assert_array_equal(other._last_logits, after)
+
+
+def test_logprobs(gguf_path):
+    with Llama(gguf_path, n_ctx=128, logits_all=True, verbose=False) as m:
+        out = m(PROMPT, max_tokens=4, temperature=0, logprobs=3)
+        lp = out["choices"][0]["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+        for tok_lp, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+            assert tok_lp <= 0.0 and len(top) == 3
+            assert abs(max(top.values()) - tok_lp) < 1e-5  # greedy picks the top token
+        echo = m(PROMPT, max_tokens=2, temperature=0, logprobs=1, echo=True)
+        text = echo["choices"][0]["text"]
+        assert text.startswith(PROMPT)
+        elp = echo["choices"][0]["logprobs"]
+        n_prompt = len(m.tokenize(PROMPT))
+        assert elp["token_logprobs"][0] is None
+        assert all(v <= 0 for v in elp["token_logprobs"][1:])
+        assert len(elp["tokens"]) == n_prompt + 2
+        assert "".join(elp["tokens"]) == text
+    with Llama(gguf_path, n_ctx=128, verbose=False) as m:
+        with pytest.raises(ValueError, match="logits_all"):
+            m(PROMPT, max_tokens=2, logprobs=1, echo=True)
+
+
+def test_errors(gguf_path, tmp_path, llm):
+    with pytest.raises(sambay.LoadError, match="not found"):
+        Llama(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"hello world" * 100)
+    with pytest.raises(sambay.LoadError):
+        Llama(junk)
+    with pytest.raises(ValueError, match=r"Requested tokens \(300\) exceed context window of 256"):
+        llm([5] * 300, max_tokens=1)
+    with pytest.raises(ValueError, match="invalid token id 5000"):
+        llm([1, 5000], max_tokens=1)
+    with pytest.raises(ValueError, match="invalid token id -1"):
+        llm.eval([-1])
+    with pytest.raises(ValueError, match="temperature"):
+        llm(PROMPT, temperature=float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        llm("", max_tokens=1)
+    with pytest.raises(ValueError, match="n_ctx"):
+        Llama(gguf_path, n_ctx=-1)
+    with pytest.raises(sambay.ChatTemplateError):
+        llm.create_chat_completion([{"content": "no role"}])
+
+
+def test_generation_stops_when_the_context_is_full(gguf_path):
+    with Llama(gguf_path, n_ctx=32, verbose=False) as m:
+        tokens = m.tokenize(PROMPT)
+        out = m(tokens, max_tokens=0, temperature=0)  # 0: until the context is full
+        assert out["choices"][0]["finish_reason"] in ("length", "stop")
+        if out["choices"][0]["finish_reason"] == "length":
+            assert len(tokens) + out["usage"]["completion_tokens"] == 32 + 1
