@@ -1,6 +1,6 @@
 """Exact-match accuracy of the demo model with greedy decoding.
 
-    python -m train.evaluate HF_DIR [--short 150 --long 150]
+    python -m train.evaluate HF_DIR [--short 150 --long 150] [--gguf A.gguf B.gguf ...]
 
 Decodes the fixed held-out set of train/data.py (``held_out_set(n_short, n_long)``, problems
 never seen in training) greedily through the PyTorch reference (tests/reference_model.py,
@@ -10,6 +10,10 @@ problems separately:
 * answer exact-match: the integer after "The answer is" equals the true result;
 * trace exact-match: the whole completion equals the reference worked trace token for token;
 * perplexity of the reference completions (teacher forcing, completion tokens only).
+
+With ``--gguf``, the same problems are also decoded greedily through the C++ engine
+(``sambay.Llama``) for each file, with the engine's accuracy, how many completions are
+identical to the reference's, and the engine's perplexity.
 
 ``greedy_completion_ids`` / ``score`` are also used by tests/test_demo_model.py.
 """
@@ -85,18 +89,75 @@ def reference_perplexity(model, tok, problems: Sequence[data.Problem]) -> float:
 
 def evaluate_reference(hf_dir: Path, problems: Sequence[data.Problem],
                        log: Optional[Callable[[str], None]] = None) -> list[str]:
+    import torch
     from reference_model import load_reference
 
     model = load_reference(hf_dir)
     tok = load_tokenizer(hf_dir)
     stop = {tok.token_to_id("<|end|>"), tok.token_to_id("<|endoftext|>")}
     outs = []
-    for k, p in enumerate(problems):
-        ids = reference_greedy(model, tok.encode(p.prompt, add_special_tokens=False).ids, stop)
-        outs.append(tok.decode(ids, skip_special_tokens=False))
-        if log and (k + 1) % 50 == 0:
-            log(f"{k + 1}/{len(problems)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token steps: more threads only spin (20x slower on 2 busy cores)
+    try:
+        for k, p in enumerate(problems):
+            ids = reference_greedy(model, tok.encode(p.prompt, add_special_tokens=False).ids, stop)
+            outs.append(tok.decode(ids, skip_special_tokens=False))
+            if log and (k + 1) % 50 == 0:
+                log(f"{k + 1}/{len(problems)}")
+    finally:
+        torch.set_num_threads(threads)
     return outs
+
+
+def engine_greedy(llm, prompt_ids: Sequence[int], stop_ids: set, max_new: int = MAX_NEW):
+    """Greedy token ids from ``sambay.Llama`` (the stop token included if reached)."""
+    out = []
+    for t in llm.generate(list(prompt_ids), temperature=0.0):
+        out.append(int(t))
+        if t in stop_ids or len(out) >= max_new:
+            break
+    return out
+
+
+def evaluate_engine(gguf_path, problems: Sequence[data.Problem], n_threads: int = 1) -> list[str]:
+    """Greedy completions of ``problems`` through the C++ engine (``sambay.Llama``), decoded
+    with special tokens shown, like :func:`evaluate_reference`'s."""
+    from sambay import Llama
+
+    with Llama(str(gguf_path), n_ctx=512, n_threads=n_threads, n_threads_batch=n_threads,
+               device="cpu", max_snapshots=0, verbose=False) as llm:
+        tok = llm.tokenizer
+        stop = {tok.token_to_id("<|end|>"), tok.token_to_id("<|endoftext|>")}
+        outs = []
+        for p in problems:
+            ids = engine_greedy(llm, llm.tokenize(p.prompt, special=True), stop)
+            outs.append(llm.detokenize(ids, special=True).decode("utf-8", errors="replace"))
+    return outs
+
+
+def engine_perplexity(gguf_path, problems: Sequence[data.Problem], n_threads: int = 1) -> float:
+    """exp(mean NLL) of the reference completions' tokens through the engine, teacher-forced."""
+    import numpy as np
+
+    from sambay import Llama
+    from sambay.engine import Context, Model
+
+    with Llama(str(gguf_path), n_ctx=64, device="cpu", verbose=False) as llm:
+        tokenize = lambda s: llm.tokenize(s, special=True)  # noqa: E731
+        items = [(tokenize(p.text), len(tokenize(p.prompt))) for p in problems]
+    model = Model(str(gguf_path), device="cpu")
+    ctx = Context(model, n_ctx=512, n_threads=n_threads, n_threads_batch=n_threads,
+                  logits_all=True)
+    nll, n = 0.0, 0
+    for ids, k in items:
+        ctx.reset()
+        logits = ctx.eval(np.asarray(ids, dtype=np.int64)).astype(np.float64)
+        rows = logits[k - 1 : len(ids) - 1]
+        m = rows.max(-1, keepdims=True)
+        logz = (m + np.log(np.exp(rows - m).sum(-1, keepdims=True)))[:, 0]
+        nll -= float((rows[np.arange(len(rows)), ids[k:]] - logz).sum())
+        n += len(ids) - k
+    return math.exp(nll / n)
 
 
 def main(argv=None) -> int:
@@ -107,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--show-errors", action="store_true")
+    ap.add_argument("--gguf", type=Path, nargs="*", default=[],
+                    help="also decode through the C++ engine with these GGUF files")
     args = ap.parse_args(argv)
     import torch
 
@@ -126,6 +189,15 @@ def main(argv=None) -> int:
     ppl = reference_perplexity(load_reference(args.hf_dir), load_tokenizer(args.hf_dir),
                                problems)
     print(f"reference perplexity of held-out completions: {ppl:.4f}")
+    for path in args.gguf:
+        eng = evaluate_engine(path, problems, n_threads=args.threads)
+        res = score(problems, eng)
+        same = sum(a == b for a, b in zip(eng, outs))
+        print(f"engine {path.name}: " + ", ".join(
+            f"{name} answer {ans:.3f} trace {trace:.3f}" for name, (ans, trace, n) in res.items())
+            + f"; identical to the reference's completion: {same}/{len(problems)}; "
+            f"perplexity {engine_perplexity(path, problems, n_threads=args.threads):.4f}",
+            flush=True)
     print(f"took {time.time() - t0:.0f} s")
     return 0
 
