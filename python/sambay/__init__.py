@@ -9,6 +9,7 @@ _logging.getLogger("sambay").addHandler(_logging.NullHandler())
 
 from ._system import system_info
 from ._version import __version__
+from .demo import demo_model_path
 from .errors import (AbortedError, ChatTemplateError, ContextFullError, GGUFMetadataError, LoadError,
                      QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
@@ -29,6 +30,7 @@ __all__ = [
     "StateError",
     "TokenizerError",
     "__version__",
+    "demo_model_path",
     "quantize",
     "system_info",
 ]

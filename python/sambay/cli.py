@@ -59,10 +59,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(args: argparse.Namespace) -> str:
+    """The -m file, or the built-in demo model (announced in one line on stderr)."""
+    if args.model is not None:
+        return args.model
+    from .demo import demo_model_path
+
+    path = demo_model_path()
+    print("sambay: no -m given, using the built-in demo model (a tiny SambaY that does "
+          "multi-digit + - * with a worked trace)", file=sys.stderr)
+    return path
+
+
 def _load(args: argparse.Namespace) -> Any:
     from .llama import Llama
 
-    return Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size,
+    return Llama(_model_path(args), n_ctx=args.ctx_size, n_batch=args.batch_size,
                  n_threads=args.threads, n_threads_batch=args.threads_batch,
                  n_gpu_layers=args.n_gpu_layers, seed=args.seed,
                  device="cpu" if args.cpu else "auto", verbose=False)
@@ -221,7 +233,8 @@ def estimate_memory(meta: dict[str, Any], n_ctx: int, *, kv_bytes: int = 2) -> d
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="a phi4flash GGUF file")
+    p.add_argument("-m", "--model", default=None,
+                   help="a phi4flash GGUF file (default: the built-in demo model)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (0: the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
     p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores)")
@@ -276,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("run", help="generate from a prompt, streaming to stdout", formatter_class=ex,
-                       epilog="examples:\n  sambay run -m model.gguf -p \"What is 17 * 23?\"\n"
+                       epilog="examples:\n  sambay run -p \"What is 347 + 582?\"   (the built-in demo model)\n"
+                              "  sambay run -m model.gguf -p \"What is 17 * 23?\"\n"
                               "  sambay run -m model.gguf -f prompt.txt --raw -n 64 --temp 0")
     _add_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="the prompt text")

@@ -1,0 +1,1 @@
+"""Training code for sambay's built-in demo model (see train/README.md)."""
