@@ -22,7 +22,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -304,13 +304,16 @@ print(add(2, 3))  # 5
 """
 
 
-def build_tokenizer(vocab_size: int) -> Any:
-    """A byte-level BPE trained on a small built-in corpus, with the real special tokens
-    appended after the trained vocabulary. Deterministic."""
+def train_byte_level_bpe(texts: Iterable[str], n_trained: int, vocab_size: int) -> Any:
+    """A byte-level BPE with ``n_trained`` ids trained on ``texts``, then the real special
+    tokens appended after them (ids in :data:`SPECIAL_TOKENS` order). Deterministic.
+
+    Raises:
+        ValueError: ``n_trained`` leaves no room for merges, or the result exceeds
+            ``vocab_size`` ids.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    n_special = len(SPECIAL_TOKENS)
-    n_trained = min(vocab_size - n_special, 256 + 700)
     if n_trained < 256 + 16:
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE")
     tok = Tokenizer(models.BPE())
@@ -322,16 +325,19 @@ def build_tokenizer(vocab_size: int) -> Any:
         special_tokens=[],
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     for content, special, rstrip in SPECIAL_TOKENS:
         added = AddedToken(content, special=special, rstrip=rstrip, lstrip=False, normalized=False)
-        if special:
-            tok.add_special_tokens([added])
-        else:
-            tok.add_tokens([added])
+        (tok.add_special_tokens if special else tok.add_tokens)([added])
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens > vocab_size {vocab_size}")
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} ids > vocab_size {vocab_size}")
     return tok
+
+
+def build_tokenizer(vocab_size: int) -> Any:
+    """The test checkpoints' tokenizer: trained on a small built-in corpus."""
+    n_trained = min(vocab_size - len(SPECIAL_TOKENS), 256 + 700)
+    return train_byte_level_bpe([_CORPUS] * 4, n_trained, vocab_size)
 
 
 def _write_tokenizer_files(out: Path, cfg: dict[str, Any]) -> dict[str, int]:
@@ -494,6 +500,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "bf16_bits_to_f32",
     "build_tokenizer",
+    "train_byte_level_bpe",
     "expected_tensor_count",
     "make_config",
     "tensor_specs",
