@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ex = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("system-info", help="versions, CPU features, backends and devices")
+    p = sub.add_parser("system-info", help="versions, CPU features, backends and devices",
+                       formatter_class=ex, epilog="example:\n  sambay system-info")
     p.set_defaults(func=_cmd_system_info)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF", formatter_class=ex,
