@@ -5,7 +5,7 @@ This writes one with random weights at any shape, so the peers benchmark (``benc
 can run llama.cpp on a plain transformer of the same width, depth, heads and vocab as a
 scaled-down SambaY. Tensor names and metadata keys follow llama.cpp's ``LLM_ARCH_PHI3``:
 fused ``attn_qkv`` and fused gate+up ``ffn_up`` (2 * n_ff rows), RMSNorm, NeoX RoPE over the
-full head dimension, an untied ``output``. The tokenizer is a minimal byte-level ``gpt2`` vocab
+full head dimension, the output tied to ``token_embd`` (as in SambaY). The tokenizer is a minimal byte-level ``gpt2`` vocab
 (256 byte symbols, one merge, filler tokens) that exists only so the loader accepts the file;
 the benchmark feeds token ids.
 
@@ -63,7 +63,7 @@ def n_params(cfg: dict[str, Any]) -> int:
     hd = d // cfg["num_attention_heads"]
     qkv = d * (d + 2 * cfg["num_key_value_heads"] * hd)
     per_layer = qkv + d * d + d * 2 * f + f * d + 2 * d
-    return cfg["num_hidden_layers"] * per_layer + 2 * v * d + d
+    return cfg["num_hidden_layers"] * per_layer + v * d + d
 
 
 def write_twin(out: str | Path, cfg: dict[str, Any] | None = None, *, qtype: str = "F16",
@@ -125,7 +125,7 @@ def write_twin(out: str | Path, cfg: dict[str, Any] | None = None, *, qtype: str
         mat(f"blk.{i}.ffn_up.weight", 2 * f, d)
         mat(f"blk.{i}.ffn_down.weight", d, f)
     norm("output_norm.weight")
-    mat("output.weight", v, d)
+    # no output.weight: llama.cpp's phi3 then ties the output to token_embd, as SambaY does
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
