@@ -163,28 +163,32 @@ def _fmt_bytes(b: float) -> str:
 
 def _table(res: dict) -> str:
     depths = [str(d) for d in res["depths"]]
-    head = ["engine", "weights", "params (M)"]
+    head = ["engine", "weights", "params (M)", "file"]
     head += [f"prefill tok/s @{d}" for d in depths] + [f"decode tok/s @{d}" for d in depths]
     head += [f"KV+state @{d}" for d in depths] + ["peak RSS"]
+    n_num = 3 * len(depths) + 1
     rows = []
-    for name, label in (("sambay", "sambay (SambaY)"), ("llamacpp", "llama.cpp (phi3 twin)")):
-        r = res["engines"].get(name)
-        if not r or "error" in r:
-            rows.append([label, "F16", "-"] + ["n/a"] * (3 * len(depths) + 1))
-            continue
-        row = [label, "F16", f"{r['params_m']:.1f}"]
-        row += [f"{r['depths'][d]['prefill_tok_s']:.1f}" for d in depths]
-        row += [f"{r['depths'][d]['decode_tok_s']:.1f}" for d in depths]
-        row += [_fmt_bytes(r["depths"][d]["kv_state_bytes"]) for d in depths]
-        row += [f"{r['peak_rss_mib']:.0f} MiB"]
-        rows.append(row)
-    if "ratios" in res:
-        q = res["ratios"]
-        row = ["ratio sambay / llama.cpp", "", ""]
-        row += [f"{q[d]['prefill']:.2f}×" for d in depths] + [f"{q[d]['decode']:.2f}×" for d in depths]
-        row += [f"{q[d]['kv_state']:.2f}×" for d in depths] + [f"{q['peak_rss']:.2f}×"]
-        rows.append(row)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for qt in res["types"]:
+        for key, label in (("sambay", "sambay (SambaY)"), ("llamacpp", "llama.cpp (phi3 twin)")):
+            r = res["engines"].get(f"{key}/{qt}")
+            if not r or "error" in r:
+                why = (r or {}).get("error", res.get("llamacpp_error", "not run")).strip().splitlines()
+                rows.append([label, qt, "-", "-"] + ["n/a"] * n_num)
+                rows[-1][-1] = "n/a: " + (why[-1] if why else "not run")[:80].replace("|", "/")
+                continue
+            row = [label, qt, f"{r['params_m']:.1f}", f"{r['file_mib']:.0f} MiB"]
+            row += [f"{r['depths'][d]['prefill_tok_s']:.1f}" for d in depths]
+            row += [f"{r['depths'][d]['decode_tok_s']:.1f}" for d in depths]
+            row += [_fmt_bytes(r["depths"][d]["kv_state_bytes"]) for d in depths]
+            row += [f"{r['peak_rss_mib']:.0f} MiB"]
+            rows.append(row)
+        q = res.get("ratios", {}).get(qt)
+        if q:
+            row = [f"**ratio sambay / llama.cpp**", qt, "", ""]
+            row += [f"{q[d]['prefill']:.2f}×" for d in depths] + [f"{q[d]['decode']:.2f}×" for d in depths]
+            row += [f"{q[d]['kv_state']:.2f}×" for d in depths] + [f"{q['peak_rss']:.2f}×"]
+            rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -197,12 +201,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--depths", default="512,2048")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--types", default="F16", help="comma list of F16, Q8_0, Q4_0")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.depths = [int(x) for x in str(a.depths).split(",")]
+    a.types = [t.strip() for t in a.types.split(",")]
     if a.worker:
         a.shape = json.loads(a.shape)
         a.n_vocab = a.shape["vocab_size"]
@@ -216,33 +222,45 @@ def main() -> None:
 
     res = {"commit": _commit(), "mode": "quick", "shape": SHAPE, "sambay_extra": SAMBAY_EXTRA,
            "threads": a.threads, "n_batch": a.batch, "n_gen": a.gen,
-           "depths": a.depths, "cpu_count": os.cpu_count(), "engines": {}}
+           "depths": a.depths, "types": a.types, "cpu_count": os.cpu_count(), "engines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cfg = tiny.make_config("tiny-12", overrides={**SHAPE, **SAMBAY_EXTRA})
         hf = tiny.write_checkpoint(tmp / "hf", cfg, seed=0)
-        sam = convert(hf, tmp / "sambay-f16.gguf", outtype="f16", progress=False)
-        r = _run_worker("sambay", sam, a)
-        res["engines"]["sambay"] = {**_gguf_info(sam), **r}
-        print("sambay:", json.dumps(r)[:400], flush=True)
+        sam_f16 = convert(hf, tmp / "sambay-F16.gguf", outtype="f16", progress=False)
+        have_llama = False
         if not a.no_llamacpp:
             try:
                 import llama_cpp  # noqa: F401
+                have_llama = True
             except ImportError:
-                res["engines"]["llamacpp"] = {"error": "llama-cpp-python is not installed"}
-            else:
-                twin = write_twin(tmp / "twin-f16.gguf", SHAPE, qtype="F16")
+                res["llamacpp_error"] = "llama-cpp-python is not installed"
+        for qt in a.types:
+            sam = sam_f16
+            if qt != "F16":
+                from sambay.quantization import quantize
+                sam = tmp / f"sambay-{qt}.gguf"
+                quantize(sam_f16, sam, qt, progress=False)
+            r = _run_worker("sambay", sam, a)
+            res["engines"][f"sambay/{qt}"] = {"engine": "sambay", "type": qt, **_gguf_info(sam), **r}
+            print(f"sambay {qt}:", json.dumps(r)[:300], flush=True)
+            if have_llama:
+                twin = write_twin(tmp / f"twin-{qt}.gguf", SHAPE, qtype=qt)
                 r = _run_worker("llamacpp", twin, a)
-                res["engines"]["llamacpp"] = {**_gguf_info(twin), **r}
-                print("llama.cpp:", json.dumps(r)[:400], flush=True)
+                res["engines"][f"llamacpp/{qt}"] = {"engine": "llama.cpp", "type": qt, **_gguf_info(twin), **r}
+                print(f"llama.cpp {qt}:", json.dumps(r)[:300], flush=True)
+                twin.unlink()
 
-    s, l = res["engines"].get("sambay", {}), res["engines"].get("llamacpp", {})
-    if "depths" in s and "depths" in l:
-        res["ratios"] = {d: {k: s["depths"][d][m] / l["depths"][d][m]
-                             for k, m in (("prefill", "prefill_tok_s"), ("decode", "decode_tok_s"),
-                                          ("kv_state", "kv_state_bytes"))}
-                         for d in map(str, a.depths)}
-        res["ratios"]["peak_rss"] = s["peak_rss_mib"] / l["peak_rss_mib"]
+    res["ratios"] = {}
+    for qt in a.types:
+        s, l = res["engines"].get(f"sambay/{qt}", {}), res["engines"].get(f"llamacpp/{qt}", {})
+        if "depths" in s and "depths" in l:
+            q = {d: {k: s["depths"][d][m] / l["depths"][d][m]
+                     for k, m in (("prefill", "prefill_tok_s"), ("decode", "decode_tok_s"),
+                                  ("kv_state", "kv_state_bytes"))}
+                 for d in map(str, a.depths)}
+            q["peak_rss"] = s["peak_rss_mib"] / l["peak_rss_mib"]
+            res["ratios"][qt] = q
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
