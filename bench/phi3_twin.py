@@ -111,7 +111,7 @@ def write_twin(out: str | Path, cfg: dict[str, Any] | None = None, *, qtype: str
         if qt == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, a.astype(np.float16))
         else:
-            w.add_tensor(name, quantize(a, qt), raw_shape=a.shape, raw_dtype=qt)
+            w.add_tensor(name, quantize(a, qt), raw_dtype=qt)
 
     def norm(name: str) -> None:
         w.add_tensor(name, np.ones(d, dtype=np.float32))
