@@ -68,7 +68,8 @@ def _worker_sambay(a: argparse.Namespace) -> dict:
     out = {"device": model.device, "depths": {}}
     for depth in a.depths:
         n_ctx = depth + a.gen + 8
-        ctx = Context(model, n_ctx=n_ctx, n_batch=a.batch, n_threads=a.threads, n_threads_batch=a.threads)
+        ctx = Context(model, n_ctx=n_ctx, n_batch=a.batch, n_threads=a.threads, n_threads_batch=a.threads,
+                      flash_attn=a.flash_attn)
         prompt = _tokens(depth, a.n_vocab, 0)
         gen = _tokens(a.gen, a.n_vocab, 1)
         ctx.eval(prompt[:8])  # warm-up (thread pool, graph allocation)
@@ -102,7 +103,7 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
     for depth in a.depths:
         n_ctx = depth + a.gen + 8
         llm = Llama(a.model, n_ctx=n_ctx, n_batch=a.batch, n_ubatch=a.batch, n_threads=a.threads,
-                    n_threads_batch=a.threads, n_gpu_layers=0, flash_attn=False, verbose=False)
+                    n_threads_batch=a.threads, n_gpu_layers=0, flash_attn=a.flash_attn, verbose=False)
         prompt = _tokens(depth, a.n_vocab, 0)
         gen = _tokens(a.gen, a.n_vocab, 1)
         llm.eval(prompt[:8])  # warm-up
@@ -150,6 +151,8 @@ def _run_worker(name: str, model: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "bench.peers", "--worker", name, "--model", str(model),
            "--threads", str(a.threads), "--gen", str(a.gen), "--batch", str(a.batch),
            "--depths", ",".join(map(str, a.depths)), "--shape", json.dumps(SHAPE)]
+    if a.flash_attn:
+        cmd.append("--flash-attn")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -202,6 +205,7 @@ def main() -> None:
     ap.add_argument("--depths", default="512,2048")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--types", default="F16", help="comma list of F16, Q8_0, Q4_0")
+    ap.add_argument("--flash-attn", action="store_true", help="flash attention on both sides (default off on both)")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -221,7 +225,7 @@ def main() -> None:
     from sambay.convert import convert, tiny
 
     res = {"commit": _commit(), "mode": "quick", "shape": SHAPE, "sambay_extra": SAMBAY_EXTRA,
-           "threads": a.threads, "n_batch": a.batch, "n_gen": a.gen,
+           "threads": a.threads, "n_batch": a.batch, "n_gen": a.gen, "flash_attn": a.flash_attn,
            "depths": a.depths, "types": a.types, "cpu_count": os.cpu_count(), "engines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
