@@ -234,10 +234,12 @@ def main() -> None:
         sam_f16 = convert(hf, tmp / "sambay-F16.gguf", outtype="f16", progress=False)
         have_llama = False
         if not a.no_llamacpp:
-            try:
-                import llama_cpp  # noqa: F401
-                have_llama = True
-            except ImportError:
+            # only look: importing llama_cpp in a process that has loaded sambay's libggml binds
+            # libllama to the wrong ggml (undefined symbols); the worker imports it alone
+            import importlib.util
+
+            have_llama = importlib.util.find_spec("llama_cpp") is not None
+            if not have_llama:
                 res["llamacpp_error"] = "llama-cpp-python is not installed"
         for qt in a.types:
             sam = sam_f16

@@ -83,7 +83,8 @@ def write_twin(out: str | Path, cfg: dict[str, Any] | None = None, *, qtype: str
                  "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
 
     w = gguf.GGUFWriter(str(out), "phi3")
-    w.add_name("phi3-twin-random")
+    # (a general.name containing "phi3" makes llama.cpp look up <s>, </s>, <unk> in the vocab)
+    w.add_name("sambay-bench-twin")
     w.add_file_type(int(file_type))
     w.add_context_length(int(cfg["max_position_embeddings"]))
     w.add_embedding_length(d)
