@@ -1,7 +1,7 @@
 """sambay against its peers: llama.cpp running the transformer twin (a ``phi3`` model of the same
 width, depth, heads and vocab; ``bench/phi3_twin.py``), same thread count, same batch size.
 
-    python -m bench.peers --quick [--threads 2] [--out bench/results]
+    python -m bench.peers --quick [--types F16,Q8_0,Q4_0] [--flash-attn] [--threads 2] [--out bench/results]
 
 Quick mode: a scaled-down shape (hidden 1024, 16 layers, 16 heads / 8 KV heads, FFN 2048,
 vocab 32064; SambaY's sliding window is the real 512), F16 weights on both sides, prompts of
