@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a runtime dependency of sambay
 
 _SPEC = importlib.util.spec_from_file_location(
     "phi3_twin", Path(__file__).resolve().parents[1] / "bench" / "phi3_twin.py")
