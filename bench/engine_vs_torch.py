@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,25 +19,12 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the PyTorch reference
+sys.path.insert(0, str(REPO))  # run as a script: make `bench` importable
 
-MEDIUM = {
-    "hidden_size": 1024,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "vocab_size": 32064,
-    "sliding_window": 128,
-    "max_position_embeddings": 4096,
-}
+from bench.common import MEDIUM_SHAPE, git_commit  # noqa: E402
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
+MEDIUM = {**MEDIUM_SHAPE, "sliding_window": 128}
 
 
 def main() -> None:
@@ -62,7 +48,7 @@ def main() -> None:
         convert(hf_dir, gguf_path, outtype=args.outtype, progress=False)
         prompt = rng.integers(0, MEDIUM["vocab_size"], args.prompt).tolist()
         result = {
-            "commit": _commit(),
+            "commit": git_commit(),
             "model": MEDIUM,
             "outtype": args.outtype,
             "threads": args.threads,

@@ -28,26 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import MEDIUM_SHAPE, REPO, git_commit
+
 
 # The twin's shape; SambaY gets the same plus its own keys (the real sliding window).
-SHAPE = {
-    "hidden_size": 1024,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "vocab_size": 32064,
-    "max_position_embeddings": 4096,
-}
+SHAPE = MEDIUM_SHAPE
 SAMBAY_EXTRA = {"sliding_window": 512}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def _peak_rss_mib() -> float:
@@ -224,7 +210,7 @@ def main() -> None:
     from bench.phi3_twin import write_twin
     from sambay.convert import convert, tiny
 
-    res = {"commit": _commit(), "mode": "quick", "shape": SHAPE, "sambay_extra": SAMBAY_EXTRA,
+    res = {"commit": git_commit(), "mode": "quick", "shape": SHAPE, "sambay_extra": SAMBAY_EXTRA,
            "threads": a.threads, "n_batch": a.batch, "n_gen": a.gen, "flash_attn": a.flash_attn,
            "depths": a.depths, "types": a.types, "cpu_count": os.cpu_count(), "engines": {}}
     with tempfile.TemporaryDirectory() as tmp:

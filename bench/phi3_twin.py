@@ -22,15 +22,9 @@ from typing import Any
 
 import numpy as np
 
-TWIN_MEDIUM = {
-    "hidden_size": 1024,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "vocab_size": 32064,
-    "max_position_embeddings": 4096,
-}
+from bench.common import MEDIUM_SHAPE
+
+TWIN_MEDIUM = MEDIUM_SHAPE
 
 
 def _byte_symbols() -> list[str]:

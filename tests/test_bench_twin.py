@@ -1,7 +1,7 @@
 """bench/phi3_twin.py writes a phi3 GGUF with llama.cpp's tensor names, shapes and keys
 (llama.cpp itself is not needed; the peers benchmark is what loads it)."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +9,8 @@ import pytest
 
 import gguf  # a runtime dependency of sambay
 
-_SPEC = importlib.util.spec_from_file_location(
-    "phi3_twin", Path(__file__).resolve().parents[1] / "bench" / "phi3_twin.py")
-phi3_twin = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(phi3_twin)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `bench`
+from bench import phi3_twin  # noqa: E402
 
 CFG = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
        "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 256}
