@@ -26,6 +26,19 @@ from bench.common import MEDIUM_SHAPE
 
 TWIN_MEDIUM = MEDIUM_SHAPE
 
+# Phi-4-mini (microsoft/Phi-4-mini-instruct config.json): the transformer Phi-4-mini-flash is
+# measured against. RoPE covers 3/4 of each 128-wide head (partial_rotary_factor 0.75).
+PHI4_MINI_SHAPE = {
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "vocab_size": 200064,
+    "max_position_embeddings": 131072,
+    "partial_rotary_factor": 0.75,
+}
+
 
 def _byte_symbols() -> list[str]:
     """GPT-2's byte -> printable unicode table (the byte-level BPE alphabet)."""
@@ -87,7 +100,7 @@ def write_twin(out: str | Path, cfg: dict[str, Any] | None = None, *, qtype: str
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hd)
+    w.add_rope_dimension_count(int(hd * cfg.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(10000.0)
     toks, types, merges, bos, eos = _vocab(v)
     w.add_tokenizer_model("gpt2")
@@ -100,31 +113,40 @@ def write_twin(out: str | Path, cfg: dict[str, Any] | None = None, *, qtype: str
     w.add_add_bos_token(False)
 
     rng = np.random.default_rng(seed)
-
-    def mat(name: str, rows: int, cols: int, std: float = 0.02) -> None:
-        a = (rng.standard_normal((rows, cols), dtype=np.float32) * std)
-        if qt == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, quantize(a, qt), raw_dtype=qt)
-
-    def norm(name: str) -> None:
-        w.add_tensor(name, np.ones(d, dtype=np.float32))
-
-    mat("token_embd.weight", v, d)
+    # (name, rows, cols): every tensor is declared first, then written one at a time, so a
+    # multi-GB twin never sits in memory whole
+    plan: list[tuple[str, int, int]] = [("token_embd.weight", v, d)]
     for i in range(n_layer):
-        norm(f"blk.{i}.attn_norm.weight")
-        mat(f"blk.{i}.attn_qkv.weight", d + 2 * n_kv * hd, d)
-        mat(f"blk.{i}.attn_output.weight", d, d)
-        norm(f"blk.{i}.ffn_norm.weight")
-        mat(f"blk.{i}.ffn_up.weight", 2 * f, d)
-        mat(f"blk.{i}.ffn_down.weight", d, f)
-    norm("output_norm.weight")
+        plan += [(f"blk.{i}.attn_norm.weight", 1, d), (f"blk.{i}.attn_qkv.weight", d + 2 * n_kv * hd, d),
+                 (f"blk.{i}.attn_output.weight", d, d), (f"blk.{i}.ffn_norm.weight", 1, d),
+                 (f"blk.{i}.ffn_up.weight", 2 * f, d), (f"blk.{i}.ffn_down.weight", d, f)]
+    plan.append(("output_norm.weight", 1, d))
     # no output.weight: llama.cpp's phi3 then ties the output to token_embd, as SambaY does
+
+    def is_norm(name: str) -> bool:
+        return name.endswith("norm.weight")
+
+    def tensor(name: str, rows: int, cols: int) -> np.ndarray:
+        if is_norm(name):
+            return np.ones(cols, dtype=np.float32)
+        a = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02)
+        return a.astype(np.float16) if qt == gguf.GGMLQuantizationType.F16 else quantize(a, qt)
+
+    for name, rows, cols in plan:
+        if is_norm(name):
+            w.add_tensor_info(name, [cols], np.dtype(np.float32), cols * 4)
+        elif qt == gguf.GGMLQuantizationType.F16:
+            w.add_tensor_info(name, [rows, cols], np.dtype(np.float16), rows * cols * 2)
+        else:
+            blk, size = gguf.GGML_QUANT_SIZES[qt]
+            w.add_tensor_info(name, [rows, cols // blk * size], np.dtype(np.uint8), rows * cols // blk * size,
+                              raw_dtype=qt)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for name, rows, cols in plan:
+        w.write_tensor_data(tensor(name, rows, cols))
     w.close()
     return out
 

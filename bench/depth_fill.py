@@ -1,0 +1,175 @@
+"""Put an engine at context depth D without prefilling D tokens, so decode can be timed there.
+
+Decoding one token at depth D costs the same whatever the cached values are: the engine reads
+D cached K/V rows per attention layer (and a constant-size state per Mamba layer) however they
+were computed. A 32K-token prefill of a 3.8 B model on two CPU threads takes most of an hour
+per engine and type, so the benchmark instead writes a saved state of the right size directly
+(zero-filled cache rows, positions 0..D-1) and loads it through each engine's own state API:
+``Context.load_state`` for sambay, ``llama_state_seq_set_data`` for llama.cpp.
+
+The layout is not guessed: each filler first parses a state the engine saved after a short
+real prefill, checks that it accounts for every byte, and keeps that state's headers (types,
+row sizes, layer count); only the number of cached positions changes. ``check_*`` rebuilds the
+short state at its own depth and compares it with the real one byte for byte in everything but
+the cached values.
+
+Zero-filled data pages come from ``np.zeros`` (calloc), so the large buffers cost no resident
+memory until the engine copies them into its cache.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+# ggml type id -> (block size, bytes per block), for the cache types an engine may use
+_GGML_TYPE_SIZE = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 34)}  # F32, F16, BF16, Q8_0
+
+
+def _row_bytes(ggml_type: int, n: int) -> int:
+    blk, size = _GGML_TYPE_SIZE[ggml_type]
+    return n // blk * size
+
+
+# ------------------------------------------------------------------------------------- sambay
+
+_SB_HEADER = struct.Struct("<10I")  # magic, version, n_past, n_layer, n_embd_kv, d_inner, d_state, d_conv, n_swa, kv_type
+
+
+def _sambay_layout(hp: dict[str, Any], header: tuple, n_past: int) -> list[tuple[str, int]]:
+    """(what, bytes) of every per-layer chunk of a sambay state at depth n_past."""
+    _, _, _, n_layer, n_embd_kv, d_inner, d_state, d_conv, n_swa, kv_type = header
+    row = _row_bytes(kv_type, n_embd_kv)
+    chunks: list[tuple[str, int]] = []
+    for il, kind in enumerate(hp["layer_types"]):
+        if kind == "mamba":
+            chunks += [(f"{il}.conv", (d_conv - 1) * d_inner * 4), (f"{il}.ssm", d_state * d_inner * 4)]
+        elif kind in ("attn_swa", "attn_full"):
+            kept = min(n_swa, n_past) if kind == "attn_swa" else n_past
+            chunks += [(f"{il}.k", kept * row), (f"{il}.v", kept * row)]
+    return chunks
+
+
+def sambay_state(real: bytes, hp: dict[str, Any], depth: int) -> np.ndarray:
+    """A sambay state at ``depth`` with the headers of ``real`` (a state the same context saved)."""
+    header = _SB_HEADER.unpack_from(real, 0)
+    n_real = header[2]
+    size = _SB_HEADER.size + sum(n for _, n in _sambay_layout(hp, header, n_real))
+    if size != len(real):
+        raise ValueError(f"sambay state layout not understood: {len(real)} bytes, expected {size}")
+    total = _SB_HEADER.size + sum(n for _, n in _sambay_layout(hp, header, depth))
+    out = np.zeros(total, dtype=np.uint8)
+    _SB_HEADER.pack_into(out, 0, *header[:2], depth, *header[3:])
+    return out
+
+
+def check_sambay(real: bytes, hp: dict[str, Any]) -> None:
+    """Rebuilding ``real`` at its own depth gives the same bytes except the cached values."""
+    n_real = _SB_HEADER.unpack_from(real, 0)[2]
+    fake = sambay_state(real, hp, n_real)
+    if len(fake) != len(real) or bytes(fake[: _SB_HEADER.size]) != real[: _SB_HEADER.size]:
+        raise ValueError("sambay state rebuild differs from the saved state")
+
+
+# ---------------------------------------------------------------------------------- llama.cpp
+# llama_state_seq_get_data (llama.cpp as vendored by llama-cpp-python 0.3.36): a u32 magic and
+# the i32 sequence id, then llama_kv_cache::state_write for that sequence: n_stream; per stream: cell_count, per cell (pos i32, n_seq_id u32, seq ids i32...),
+# v_trans u32, n_layer u32, per layer (k type i32, k row bytes u64, rows), then V: per layer
+# (type i32, row bytes u64, rows) or, transposed, (type i32, element bytes u32, n_embd u32,
+# n_embd runs of cell_count elements).
+
+
+def _parse_llamacpp(buf: bytes) -> dict[str, Any]:
+    off = 8  # magic, seq id
+
+    def take(fmt: str) -> tuple:
+        nonlocal off
+        v = struct.unpack_from(fmt, buf, off)
+        off += struct.calcsize(fmt)
+        return v
+
+    (n_stream,) = take("<I")
+    if n_stream != 1:
+        raise ValueError(f"llama.cpp state with {n_stream} streams not supported")
+    (cells,) = take("<I")
+    for _ in range(cells):
+        _pos, n_seq = take("<iI")
+        if n_seq != 1:
+            raise ValueError("llama.cpp state layout not understood (a cell with several sequences)")
+        take("<i")
+    v_trans, n_layer = take("<II")
+    k = []
+    for _ in range(n_layer):
+        t, row = take("<iQ")
+        k.append((t, row))
+        off += cells * row
+    v = []
+    for _ in range(n_layer):
+        if v_trans:
+            t, el, n_embd = take("<iII")
+            v.append((t, el, n_embd))
+            off += n_embd * cells * el
+        else:
+            t, row = take("<iQ")
+            v.append((t, row))
+            off += cells * row
+    if off != len(buf):
+        raise ValueError(f"llama.cpp state layout not understood: parsed {off} of {len(buf)} bytes")
+    return {"prefix": buf[:8], "cells": cells, "v_trans": v_trans, "n_layer": n_layer, "k": k, "v": v}
+
+
+def llamacpp_state(real: bytes, depth: int) -> np.ndarray:
+    """A llama.cpp sequence state at ``depth`` (one sequence, id 0) shaped like ``real``."""
+    p = _parse_llamacpp(real)
+    n = depth
+    size = 8 + 8 + n * 12 + 8
+    size += sum(4 + 8 + n * row for _, row in p["k"])
+    if p["v_trans"]:
+        size += sum(4 + 4 + 4 + n_embd * n * el for _, el, n_embd in p["v"])
+    else:
+        size += sum(4 + 8 + n * row for _, row in p["v"])
+    out = np.zeros(size, dtype=np.uint8)
+    out[:8] = np.frombuffer(p["prefix"], dtype=np.uint8)
+    off = 8
+
+    def put(fmt: str, *vals: Any) -> None:
+        nonlocal off
+        struct.pack_into(fmt, out, off, *vals)
+        off += struct.calcsize(fmt)
+
+    put("<II", 1, n)
+    cells = np.zeros((n, 3), dtype="<i4")
+    cells[:, 0] = np.arange(n)  # pos
+    cells[:, 1] = 1  # n_seq_id
+    out[off: off + cells.nbytes] = cells.view(np.uint8).reshape(-1)
+    off += cells.nbytes
+    put("<II", p["v_trans"], p["n_layer"])
+    for t, row in p["k"]:
+        put("<iQ", t, row)
+        off += n * row
+    for v in p["v"]:
+        if p["v_trans"]:
+            t, el, n_embd = v
+            put("<iII", t, el, n_embd)
+            off += n_embd * n * el
+        else:
+            t, row = v
+            put("<iQ", t, row)
+            off += n * row
+    assert off == size
+    return out
+
+
+def check_llamacpp(real: bytes) -> None:
+    """Rebuilding ``real`` at its own depth gives the same bytes except the cached values."""
+    p = _parse_llamacpp(real)
+    fake = llamacpp_state(real, p["cells"])
+    if len(fake) != len(real):
+        raise ValueError("llama.cpp state rebuild has the wrong size")
+    # every byte the rebuild wrote as non-zero (headers, positions) must match
+    mask = np.frombuffer(real, dtype=np.uint8)
+    nz = np.nonzero(fake)[0]
+    if not np.array_equal(fake[nz], mask[nz]):
+        raise ValueError("llama.cpp state rebuild differs from the saved state in its headers")
