@@ -3,10 +3,11 @@
 // [s*Hkv/2, (s+1)*Hkv/2); both stripes attend over V viewed as Hkv/2 pairs of 2*hd values.
 //   O_s = softmax(q_s k_s^T / sqrt(hd) + mask) [v1|v2]        (Dk = hd, Dv = 2*hd)
 //   out = out_proj(flatten((1 - lambda_init) * RMSNorm_2hd(O_1 - lambda * O_2) * w)) + b
-// Two paths. Default: one K product for all heads of both stripes, one soft_max_ext, then,
-// since O_1 - lambda O_2 = (P_1 - lambda P_2) V, the combined weights times V (stored
-// transposed) in one product: V is read once and the V work halves. Or ggml_flash_attn_ext
-// per stripe over V stored like K (no [n_kv, n_rows, heads] score tensor).
+// Paths. Default, V stored transposed: for decode-sized batches one K product for all heads
+// of both stripes, one soft_max_ext, then, since O_1 - lambda O_2 = (P_1 - lambda P_2) V, the
+// combined weights times V in one product (V read once, half the V work); for larger batches
+// mul_mat + soft_max_ext + mul_mat per stripe, so only one stripe's scores are alive at a time.
+// With flash_attn: ggml_flash_attn_ext per stripe over V stored like K (no score tensor).
 // Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
 // shared cache of kv_shared_layer (already holding this batch's K/V).
 #include "graph.h"
@@ -17,6 +18,9 @@
 
 namespace sambay {
 
+// batches of at most this many rows take the combined-weights attention path (see above)
+constexpr int64_t COMBINE_MAX_ROWS = 16;
+
 ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                              uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il) {
     // q: [hd, H, n_rows] (a view); k_all: K cache [n_embd_kv, n_cells]; v_all: V cache
@@ -26,38 +30,56 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     const size_t  ves = ggml_type_size(v_all->type);
     const float   scale = 1.0f / std::sqrt((float) hd);  // 1/sqrt(hd), never 1/sqrt(2*hd)
 
+    // stripe s: its query heads [hd, n_rows, H/2] and its K heads [hd, n_kv, Hkv/2]
+    auto q_stripe = [&](int s) {
+        ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
+        return ggml_permute(ctx_, qs, 0, 2, 1, 3);
+    };
+    auto k_stripe = [&](int s) {
+        ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], s * Hkv2 * hd * kes);
+        return ggml_permute(ctx_, ks, 0, 2, 1, 3);
+    };
+    // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over the head dimension
     ggml_tensor * cur = nullptr;
     if (ub_.flash_attn) {
-        // V stored like K, [n_embd_kv, n_cells] viewed as pairs [2*hd, n_kv, Hkv/2]; one call per stripe
+        // V stored like K, [n_embd_kv, n_cells] viewed as pairs [2*hd, n_kv, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, 0);
         ggml_tensor * o[2];
         for (int s = 0; s < 2; ++s) {
-            ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
-            qs = ggml_permute(ctx_, qs, 0, 2, 1, 3);  // [hd, n_rows, H/2]
-            ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], s * Hkv2 * hd * kes);
-            ks = ggml_permute(ctx_, ks, 0, 2, 1, 3);  // [hd, n_kv, Hkv/2]
-            o[s] = ggml_flash_attn_ext(ctx_, qs, ks, v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
+            o[s] = ggml_flash_attn_ext(ctx_, q_stripe(s), k_stripe(s), v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
             ggml_flash_attn_ext_set_prec(o[s], GGML_PREC_F32);
         }
         cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
     } else {
-        // Both stripes in one product: query head h (stripe-major) reads K head h / (H/Hkv),
-        // which is stripe s's K head j / (H/Hkv) for h = s*H/2 + j (ggml's head broadcast).
-        ggml_tensor * qa = ggml_permute(ctx_, q, 0, 2, 1, 3);  // [hd, n_rows, H]
-        ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], 0);
-        ka = ggml_permute(ctx_, ka, 0, 2, 1, 3);  // [hd, n_kv, Hkv]
-        ggml_tensor * kq = ggml_mul_mat(ctx_, ka, qa);  // [n_kv, n_rows, H]
-        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-        kq = ggml_soft_max_ext_inplace(ctx_, kq, mask, scale, 0.0f);
-        // O_1 - lambda O_2 = (P_1 - lambda P_2) V: combine the weights (in place: the score
-        // tensor is the largest of the graph), then one product with V: half the V work, and
-        // V is read once
-        ggml_tensor * p1 = ggml_view_3d(ctx_, kq, n_kv, n_rows, H2, kq->nb[1], kq->nb[2], 0);
-        ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, n_rows, H2, kq->nb[1], kq->nb[2], H2 * kq->nb[2]);
-        ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));
         // V^T stored [n_cells, n_embd_kv] viewed as pairs [n_kv, 2*hd, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, 0);
-        cur = ggml_mul_mat(ctx_, v, w);  // [2*hd, n_rows, H/2]
+        if (n_rows <= COMBINE_MAX_ROWS) {
+            // decode-sized batches: both stripes' scores at once, then, as O_1 - lambda O_2 =
+            // (P_1 - lambda P_2) V, one product with V: half the V work and V is read once.
+            // Query head h (stripe-major) reads K head h / (H/Hkv): stripe s's K head j / (H/Hkv)
+            // for h = s*H/2 + j.
+            ggml_tensor * qa = ggml_permute(ctx_, q, 0, 2, 1, 3);  // [hd, n_rows, H]
+            ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], 0);
+            ka = ggml_permute(ctx_, ka, 0, 2, 1, 3);  // [hd, n_kv, Hkv]
+            ggml_tensor * kq = ggml_mul_mat(ctx_, ka, qa);  // [n_kv, n_rows, H]
+            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+            kq = ggml_soft_max_ext_inplace(ctx_, kq, mask, scale, 0.0f);
+            ggml_tensor * p1 = ggml_view_3d(ctx_, kq, n_kv, n_rows, H2, kq->nb[1], kq->nb[2], 0);
+            ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, n_rows, H2, kq->nb[1], kq->nb[2], H2 * kq->nb[2]);
+            ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));
+            cur = ggml_mul_mat(ctx_, v, w);  // [2*hd, n_rows, H/2]
+        } else {
+            // prefill: one stripe at a time, so only one stripe's [n_kv, n_rows, H/2] scores
+            // are alive at once (the largest tensor of a long-context prefill)
+            ggml_tensor * o[2];
+            for (int s = 0; s < 2; ++s) {
+                ggml_tensor * kq = ggml_mul_mat(ctx_, k_stripe(s), q_stripe(s));  // [n_kv, n_rows, H/2]
+                ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+                kq = ggml_soft_max_ext(ctx_, kq, mask, scale, 0.0f);
+                o[s] = ggml_mul_mat(ctx_, v, kq);  // [2*hd, n_rows, H/2]
+            }
+            cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
+        }
     }
     // per pair (rows of 2*hd values, whatever the order of the other dimensions)
     cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
