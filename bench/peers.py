@@ -610,10 +610,11 @@ def main() -> None:
         workdir = Path(a.workdir) if a.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         files = prepare(mname, workdir, types, engines)
-        bw = _run(["bench.bandwidth", "--threads", str(a.threads), "--json"], a)
-        if "read_gb_s" in bw:
-            res["bandwidth"] = bw
-        print("bandwidth:", json.dumps(bw), flush=True)
+        if decode:  # the bound of decode: measured in the same invocation as the decode speeds
+            bw = _run(["bench.bandwidth", "--threads", str(a.threads), "--json"], a)
+            if "read_gb_s" in bw:
+                res["bandwidth"] = bw
+            print("bandwidth:", json.dumps(bw), flush=True)
 
         # cheapest first, so an interrupted full run still has every decode depth: decode at
         # each depth, then prefill by increasing length; the two engines side by side
