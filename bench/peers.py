@@ -98,6 +98,15 @@ def _tokens(n: int, n_vocab: int, seed: int) -> list[int]:
 
 # ---------------------------------------------------------------- workers (one subprocess each)
 
+def _time_prefill(reset, step, n: int, n_vocab: int) -> float:
+    """Tokens/s of one n-token prefill from an empty context."""
+    reset()
+    prompt = _tokens(n, n_vocab, 0)
+    t0 = time.perf_counter()
+    step(prompt)
+    return n / (time.perf_counter() - t0)
+
+
 def _time_decode(step, gen: list[int]) -> float:
     for t in gen[:2]:  # warm-up: the first single-token graph is built and allocated
         step([t])
@@ -120,11 +129,7 @@ def _worker_sambay(a: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"device": model.device}
     ctx.eval(_tokens(WARMUP_TOKENS, n_vocab, 2))
     if a.task == "prefill":
-        ctx.reset()
-        prompt = _tokens(n, n_vocab, 0)
-        t0 = time.perf_counter()
-        ctx.eval(prompt)
-        out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+        out["prefill_tok_s"] = _time_prefill(ctx.reset, ctx.eval, n, n_vocab)
     else:
         real = ctx.save_state()
         hp = model.hparams()
@@ -157,11 +162,7 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"llama_cpp_python": llama_cpp.__version__}
     llm.eval(_tokens(WARMUP_TOKENS, n_vocab, 2))
     if a.task == "prefill":
-        llm.reset()
-        prompt = _tokens(n, n_vocab, 0)
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        out["prefill_tok_s"] = n / (time.perf_counter() - t0)
+        out["prefill_tok_s"] = _time_prefill(llm.reset, llm.eval, n, n_vocab)
     else:
         c = llm._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(c, 0)
@@ -202,10 +203,8 @@ def _worker_torch(a: argparse.Namespace) -> dict:
         raise SystemExit("the PyTorch reference is only timed after a real prefill")
     with torch.inference_mode():
         cache = ref.new_cache()
-        prompt = _tokens(a.n, n_vocab, 0)
-        t0 = time.perf_counter()
-        ref.forward_incremental(prompt, cache)
-        out = {"prefill_tok_s": a.n / (time.perf_counter() - t0), "dtype": a.torch_dtype}
+        out = {"prefill_tok_s": _time_prefill(lambda: None, lambda t: ref.forward_incremental(t, cache), a.n, n_vocab),
+               "dtype": a.torch_dtype}
         out["decode_tok_s"] = _time_decode(lambda t: ref.forward_incremental(t, cache),
                                            _tokens(a.gen + 2, n_vocab, 1))
     return out
