@@ -23,13 +23,11 @@ import struct
 from typing import Any
 
 import numpy as np
-
-# ggml type id -> (block size, bytes per block), for the cache types an engine may use
-_GGML_TYPE_SIZE = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 34)}  # F32, F16, BF16, Q8_0
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 
 def _row_bytes(ggml_type: int, n: int) -> int:
-    blk, size = _GGML_TYPE_SIZE[ggml_type]
+    blk, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     return n // blk * size
 
 
@@ -169,7 +167,7 @@ def check_llamacpp(real: bytes) -> None:
     if len(fake) != len(real):
         raise ValueError("llama.cpp state rebuild has the wrong size")
     # every byte the rebuild wrote as non-zero (headers, positions) must match
-    mask = np.frombuffer(real, dtype=np.uint8)
+    saved = np.frombuffer(real, dtype=np.uint8)
     nz = np.nonzero(fake)[0]
-    if not np.array_equal(fake[nz], mask[nz]):
+    if not np.array_equal(fake[nz], saved[nz]):
         raise ValueError("llama.cpp state rebuild differs from the saved state in its headers")

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import MEDIUM_SHAPE, REPO, git_commit
+from bench.phi3_twin import PHI4_MINI_SHAPE
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -67,7 +68,7 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {
         "sambay": {},  # the real Phi-4-mini-flash-reasoning shape
         "sambay_base": "phi4-mini-flash",
-        "twin": None,  # PHI4_MINI_SHAPE
+        "twin": PHI4_MINI_SHAPE,
         "types": ["F16", "Q8_0", "Q4_K_M", "Q4_0"],
         "prefill": [512, 2048, 8192],
         "decode": [512, 2048, 8192, 32768],
@@ -79,12 +80,6 @@ MODES: dict[str, dict[str, Any]] = {
 WARMUP_TOKENS = 16  # a real prefill before a depth fill: warms up and yields a state to copy
 LATENCY_PROMPT = 64
 LATENCY_LENGTHS = [1024, 4096, 16384, 32768]
-
-
-def _twin_shape(mode: str) -> dict[str, Any]:
-    from bench.phi3_twin import PHI4_MINI_SHAPE
-
-    return MODES[mode]["twin"] or PHI4_MINI_SHAPE
 
 
 def _peak_rss_mib() -> float:
@@ -288,7 +283,7 @@ def prepare(mode: str, workdir: Path, types: list[str], engines: list[str]) -> d
         f16 = workdir / "twin-F16.gguf"
         if not f16.exists():
             print("writing the phi3 twin", flush=True)
-            write_twin(f16, _twin_shape(mode))
+            write_twin(f16, m["twin"])
         for qt in types:
             p = workdir / f"twin-{qt}.gguf"
             if not p.exists():
@@ -463,6 +458,14 @@ def plots(res: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
+
+    def finish(fig, ax, what: str, legend_size: int = 7) -> None:
+        ax.legend(fontsize=legend_size)
+        ax.grid(alpha=0.3)
+        made.append(out / f"peers_{res['mode']}_{what}.png")
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=110)
+
     colors = dict(zip(res["types"], ["C0", "C1", "C2", "C3", "C4", "C5"]))
     style = {"sambay": "-", "llamacpp": "--", "torch": ":"}
     name = {"sambay": "sambay", "llamacpp": "llama.cpp twin", "torch": "PyTorch"}
@@ -481,11 +484,7 @@ def plots(res: dict, out: Path) -> list[Path]:
             ax.plot(xs, [lat[str(x)] for x in xs], **kw)
     ax.set(xlabel="generated tokens (after a 64-token prompt)", ylabel="total time (s)", xscale="log", yscale="log",
            title=f"Generation latency, {res['threads']} CPU threads")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    made.append(out / f"peers_{res['mode']}_latency.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=110)
+    finish(fig, ax, "latency")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for eng, qt, e, kw in each():
@@ -495,11 +494,7 @@ def plots(res: dict, out: Path) -> list[Path]:
             ax.plot(xs, [dd[x] for x in xs], **kw)
     ax.set(xlabel="context depth (tokens)", ylabel="decode tokens/s", xscale="log",
            title=f"Decode speed vs depth, {res['threads']} CPU threads")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    made.append(out / f"peers_{res['mode']}_decode.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=110)
+    finish(fig, ax, "decode")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for eng, qt, e, kw in each():
@@ -514,11 +509,7 @@ def plots(res: dict, out: Path) -> list[Path]:
                                                    "label": f"{name.get(eng)} {qt} peak RSS"})
     ax.set(xlabel="context depth (tokens)", ylabel="MiB", xscale="log", yscale="log",
            title="Memory vs context depth")
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
-    made.append(out / f"peers_{res['mode']}_memory.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=110)
+    finish(fig, ax, "memory", 6)
     plt.close("all")
     return made
 
@@ -596,7 +587,7 @@ def main() -> None:
     res.setdefault("engines", {})
     res.update(mode=mname, commit=git_commit(), machine=_machine(), threads=a.threads, n_batch=a.batch,
                n_gen=a.gen, flash_attn=a.flash_attn, torch_dtype=a.torch_dtype,
-               sambay_shape={"base": m["sambay_base"], **m["sambay"]}, twin_shape=_twin_shape(mname))
+               sambay_shape={"base": m["sambay_base"], **m["sambay"]}, twin_shape=m["twin"])
     res["types"] = list(dict.fromkeys(res.get("types", []) + types))
 
     if a.report_only:
@@ -623,7 +614,7 @@ def main() -> None:
                 for qt in types:
                     for eng in ("sambay", "llamacpp"):
                         if eng in engines:
-                            shape = _twin_shape(mname) if eng == "llamacpp" else m["sambay"]
+                            shape = m["twin"] if eng == "llamacpp" else m["sambay"]
                             jobs.append((eng, qt, files[f"{eng}/{qt}"], task, n, shape))
                 if task == "prefill" and "torch" in engines and n in m["torch_prefill"]:
                     jobs.append(("torch", a.torch_dtype, files["torch/hf"], "prefill", n, m["sambay"]))
