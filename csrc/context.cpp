@@ -24,6 +24,9 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     if (params_.n_batch == 0) {
         throw std::invalid_argument("n_batch must be positive");
     }
+    if (params_.n_seq_max == 0 || params_.n_seq_max > 4096) {
+        throw std::invalid_argument("n_seq_max must be in [1, 4096], got " + std::to_string(params_.n_seq_max));
+    }
     // ggml's thread pools hold at most GGML_MAX_N_THREADS workers
     if (params_.n_threads > GGML_MAX_N_THREADS || params_.n_threads_batch > GGML_MAX_N_THREADS) {
         throw std::invalid_argument("n_threads and n_threads_batch must be at most " +
@@ -41,8 +44,10 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     }
     params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
 
-    mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.kv_type,
+    mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.n_seq_max, params_.kv_type,
                                     /*v_trans*/ !params_.flash_attn);
+    n_past_.assign(params_.n_seq_max, 0);
+    poisoned_.assign(params_.n_seq_max, 0);
 
     for (ggml_backend_dev_t dev : model_->devices()) {
         ggml_backend_t b = ggml_backend_dev_init(dev, nullptr);
@@ -69,20 +74,24 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             ggml_backend_cpu_set_threadpool(b, threadpool_);
         }
     }
-    graph_size_ = graph_size_for(hp);
+    graph_size_ = graph_size_for(hp, std::min(params_.n_seq_max, params_.n_batch));
     graph_meta_.resize(ggml_tensor_overhead() * graph_size_ + ggml_graph_overhead_custom(graph_size_, false));
     sched_ = ggml_backend_sched_new(backends_.data(), nullptr, (int) backends_.size(), graph_size_,
                                     /*parallel*/ false, /*op_offload*/ backends_.size() > 1);
 
-    // reserve the compute buffers with the worst case: a full micro-batch at the end of the
-    // context, with the logits rows this context returns
-    {
-        std::vector<int32_t> dummy(params_.n_batch, 0);
+    // reserve the compute buffers with the worst cases: a full micro-batch of one sequence at
+    // the end of the context, with the logits rows this context returns, and one token of as
+    // many sequences as a micro-batch holds, each at the end of its context
+    auto reserve = [&](uint32_t n_seqs, uint32_t n_each) {
+        std::vector<int32_t> dummy((size_t) n_seqs * n_each, 0);
         ubatch ub;
-        ub.tokens = dummy.data(); ub.n_tokens = params_.n_batch;
-        ub.pos0 = params_.n_ctx - params_.n_batch; ub.yoco = params_.yoco;
-        ub.n_out = params_.logits_all ? params_.n_batch : 1;
-        ub.flash_attn = params_.flash_attn;
+        ub.tokens = dummy.data(); ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn;
+        for (uint32_t i = 0; i < n_seqs; ++i) {
+            ubatch_seq us;
+            us.seq = i; us.pos0 = params_.n_ctx - n_each; us.n_tokens = n_each;
+            us.n_out = params_.logits_all ? n_each : 1; us.row0 = i * n_each;
+            ub.seqs.push_back(us);
+        }
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
         ggml_context * ctx = ggml_init(ip);
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_size_, false);
@@ -93,6 +102,10 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
         if (!ok) {
             throw compute_error("cannot reserve the compute buffers");
         }
+    };
+    reserve(1, params_.n_batch);
+    if (params_.n_seq_max > 1 && params_.n_batch > 1) {
+        reserve(std::min(params_.n_seq_max, params_.n_batch), 1);
     }
 }
 
@@ -116,94 +129,181 @@ void context::set_threads(int n) {
     }
 }
 
-void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const hparams & hp = model_->hp();
-    for (size_t i = 0; i < n_tokens; ++i) {
-        if (tokens[i] < 0 || (uint32_t) tokens[i] >= hp.n_vocab) {
-            throw std::invalid_argument("invalid token id " + std::to_string(tokens[i]) + " at index " +
-                                        std::to_string(i) + " (n_vocab is " + std::to_string(hp.n_vocab) + ")");
-        }
-    }
-    if ((uint64_t) n_past_ + n_tokens > params_.n_ctx) {
-        throw context_full_error((int64_t) (n_past_ + n_tokens), params_.n_ctx);
-    }
-    if (poisoned_) {
-        throw state_error("the context was cancelled in the middle of a computation: reset() it or "
-                          "load_state() a saved state before evaluating more tokens");
-    }
-    const uint32_t n_vocab = hp.n_vocab;
-    for (size_t i = 0; i < n_tokens; i += params_.n_batch) {
-        const uint32_t n = (uint32_t) std::min<size_t>(params_.n_batch, n_tokens - i);
-        const bool last = i + n == n_tokens;
-        const uint32_t n_out = params_.logits_all ? n : (last ? 1 : 0);
-        float * out = params_.logits_all ? logits + i * (size_t) n_vocab : logits;
-        if (abort_.exchange(false)) {
-            // between micro-batches: the memory is consistent (n_past_ tokens), nothing poisoned
-            throw aborted_error("evaluation cancelled after " + std::to_string(i) + " of " +
-                                std::to_string(n_tokens) + " tokens (n_past is " + std::to_string(n_past_) + ")");
-        }
-        eval_ubatch(tokens + i, n, n_out, out);
+void context::check_seq(uint32_t seq) const {
+    if (seq >= params_.n_seq_max) {
+        throw std::invalid_argument("sequence id " + std::to_string(seq) + " is out of range (n_seq_max is " +
+                                    std::to_string(params_.n_seq_max) + ")");
     }
 }
 
-void context::eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, float * logits) {
-    ubatch ub;
-    ub.tokens = tokens; ub.n_tokens = n; ub.pos0 = n_past_; ub.n_out = n_out; ub.yoco = params_.yoco;
-    ub.flash_attn = params_.flash_attn;
+uint32_t context::n_past(uint32_t seq) const {
+    check_seq(seq);
+    return n_past_[seq];  // (read without the lock: a plain value)
+}
 
-    ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
-    ggml_context * ctx = ggml_init(ip);
+bool context::needs_reset(uint32_t seq) const {
+    check_seq(seq);
+    return poisoned_[seq] != 0;
+}
+
+void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
+    decode({ seq_tokens{0, tokens, n_tokens} }, logits);
+}
+
+void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const hparams & hp = model_->hp();
+    const uint32_t n_vocab = hp.n_vocab;
+    std::vector<uint8_t> seen(params_.n_seq_max, 0);
+    std::vector<size_t>  out_row(batch.size());  // first logits row of each entry
+    size_t rows = 0;
+    for (size_t e = 0; e < batch.size(); ++e) {
+        const seq_tokens & b = batch[e];
+        check_seq(b.seq);
+        if (seen[b.seq]++) {
+            throw std::invalid_argument("sequence " + std::to_string(b.seq) + " appears twice in one batch");
+        }
+        for (size_t i = 0; i < b.n_tokens; ++i) {
+            if (b.tokens[i] < 0 || (uint32_t) b.tokens[i] >= n_vocab) {
+                throw std::invalid_argument("invalid token id " + std::to_string(b.tokens[i]) + " at index " +
+                                            std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
+            }
+        }
+        if ((uint64_t) n_past_[b.seq] + b.n_tokens > params_.n_ctx) {
+            throw context_full_error((int64_t) (n_past_[b.seq] + b.n_tokens), params_.n_ctx, b.seq);
+        }
+        if (poisoned_[b.seq]) {
+            throw state_error("sequence " + std::to_string(b.seq) + " was cancelled in the middle of a computation: "
+                              "reset it or load_state() a saved state before evaluating more tokens");
+        }
+        out_row[e] = rows;
+        rows += n_outputs(b.n_tokens);
+    }
+
+    std::vector<size_t> done(batch.size(), 0);
+    std::vector<size_t> order(batch.size());
+    for (size_t e = 0; e < order.size(); ++e) order[e] = e;
+    // shortest inputs first: single decode tokens always get into the next micro-batch
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return batch[a].n_tokens < batch[b].n_tokens; });
+    std::vector<int32_t> tokens;
+    for (;;) {
+        // the next micro-batch: up to n_batch rows, the shortest remaining inputs first
+        std::vector<std::pair<size_t, uint32_t>> picks;  // (entry, tokens taken)
+        uint32_t budget = params_.n_batch;
+        for (size_t e : order) {
+            const size_t left = batch[e].n_tokens - done[e];
+            if (left == 0) continue;
+            if (budget == 0) break;
+            const uint32_t take = (uint32_t) std::min<size_t>(left, budget);
+            picks.emplace_back(e, take);
+            budget -= take;
+        }
+        if (picks.empty()) break;
+        if (abort_.exchange(false)) {
+            // between micro-batches: the memory is consistent (every sequence holds what it
+            // has evaluated so far), nothing poisoned
+            size_t n_done = 0, n_all = 0;
+            for (size_t e = 0; e < batch.size(); ++e) { n_done += done[e]; n_all += batch[e].n_tokens; }
+            throw aborted_error("evaluation cancelled after " + std::to_string(n_done) + " of " + std::to_string(n_all) +
+                                " tokens (" + (batch.size() == 1 ? "n_past is " + std::to_string(n_past_[batch[0].seq])
+                                                                 : std::string("each sequence keeps what it evaluated")) + ")");
+        }
+        // equal lengths adjacent (the Mamba groups)
+        std::stable_sort(picks.begin(), picks.end(), [](const auto & a, const auto & b) { return a.second < b.second; });
+        ubatch ub;
+        ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn;
+        tokens.clear();
+        for (const auto & [e, take] : picks) {
+            const seq_tokens & b = batch[e];
+            ubatch_seq us;
+            us.seq = b.seq; us.pos0 = n_past_[b.seq]; us.n_tokens = take; us.row0 = (uint32_t) tokens.size();
+            us.n_out = params_.logits_all ? take : (done[e] + take == b.n_tokens ? 1 : 0);
+            tokens.insert(tokens.end(), b.tokens + done[e], b.tokens + done[e] + take);
+            ub.seqs.push_back(us);
+        }
+        ub.tokens = tokens.data();
+
+        ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
+        ggml_context * ctx = ggml_init(ip);
+        try {
+            ggml_tensor * t_logits = compute_ubatch(ctx, ub);
+            size_t r = 0;  // row of the logits tensor
+            for (size_t i = 0; i < picks.size(); ++i) {
+                const size_t e = picks[i].first;
+                const uint32_t n_out = ub.seqs[i].n_out;
+                if (n_out == 0) continue;
+                const size_t dst = out_row[e] + (params_.logits_all ? done[e] : 0);
+                ggml_backend_tensor_get(t_logits, logits + dst * n_vocab, r * n_vocab * sizeof(float),
+                                        (size_t) n_out * n_vocab * sizeof(float));
+                r += n_out;
+            }
+        } catch (...) {
+            ggml_free(ctx);
+            throw;
+        }
+        ggml_free(ctx);
+        for (size_t i = 0; i < picks.size(); ++i) {
+            n_past_[ub.seqs[i].seq] += picks[i].second;
+            done[picks[i].first] += picks[i].second;
+        }
+    }
+}
+
+ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_size_, false);
     graph_builder gb(*model_, *mem_, ctx, gf, ub);
     ggml_tensor * t_logits = gb.build();
 
     ggml_backend_sched_reset(sched_);
     if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
-        ggml_free(ctx);
         throw compute_error("cannot allocate the compute graph");
     }
     gb.set_inputs();
-    set_threads(n == 1 ? params_.n_threads : params_.n_threads_batch);
+    set_threads(ub.n_tokens() == 1 ? params_.n_threads : params_.n_threads_batch);
     const ggml_status st = ggml_backend_sched_graph_compute(sched_, gf);
     if (st == GGML_STATUS_ABORTED) {
-        // earlier nodes (or scheduler splits) have written part of the memory for this
-        // micro-batch, later ones not: the memory no longer describes any position.
+        // earlier nodes (or scheduler splits) have written part of the memory of this
+        // micro-batch's sequences, later ones not: their memory no longer describes any position.
         // (A cancel that came after the last node leaves the graph complete and the flag set:
         // the next micro-batch or eval stops instead.)
-        ggml_free(ctx);
         abort_.store(false);
-        poisoned_ = true;
-        throw aborted_error("evaluation cancelled during a micro-batch at position " + std::to_string(n_past_) +
+        for (const ubatch_seq & us : ub.seqs) poisoned_[us.seq] = 1;
+        throw aborted_error("evaluation cancelled during a micro-batch at position " + std::to_string(ub.seqs[0].pos0) +
+                            (ub.seqs.size() > 1 ? " (and " + std::to_string(ub.seqs.size() - 1) + " more sequences)" : "") +
                             ": reset() or load_state() before the next eval");
     }
     if (st != GGML_STATUS_SUCCESS) {
-        ggml_free(ctx);
         throw compute_error(std::string("graph compute failed: ") + ggml_status_to_string(st));
     }
-    if (t_logits) {
-        ggml_backend_tensor_get(t_logits, logits, 0, ggml_nbytes(t_logits));
-    }
-    ggml_free(ctx);
-    n_past_ += n;
+    return t_logits;
 }
 
 void context::reset() {
     std::lock_guard<std::mutex> lock(mutex_);
     mem_->clear();
-    n_past_ = 0;
-    poisoned_ = false;
+    std::fill(n_past_.begin(), n_past_.end(), 0);
+    std::fill(poisoned_.begin(), poisoned_.end(), 0);
 }
 
-std::vector<uint8_t> context::save_state() const {
+void context::reset_seq(uint32_t seq) {
     std::lock_guard<std::mutex> lock(mutex_);
-    return mem_->save(n_past_);
+    check_seq(seq);
+    mem_->clear_seq(seq);
+    n_past_[seq] = 0;
+    poisoned_[seq] = 0;
 }
 
-void context::load_state(const std::vector<uint8_t> & data) {
+std::vector<uint8_t> context::save_state(uint32_t seq) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    n_past_ = mem_->load(data);
-    poisoned_ = false;
+    check_seq(seq);
+    return mem_->save(seq, n_past_[seq]);
+}
+
+void context::load_state(const std::vector<uint8_t> & data, uint32_t seq) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_seq(seq);
+    n_past_[seq] = mem_->load(seq, data);
+    poisoned_[seq] = 0;
 }
 
 std::map<std::string, size_t> context::memory_breakdown() const {
@@ -213,6 +313,9 @@ std::map<std::string, size_t> context::memory_breakdown() const {
     for (auto * b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_, b);
     out["compute"] = compute;
     out["weights"] = model_->weights_bytes();
+    // one sequence's share of the caches (every sequence has the same regions)
+    out["n_seq_max"] = params_.n_seq_max;
+    out["per_sequence"] = (out["mamba_conv"] + out["mamba_ssm"] + out["swa_kv"] + out["full_kv"]) / params_.n_seq_max;
     return out;
 }
 

@@ -1,7 +1,8 @@
-// A context: one sequence evaluated on a model, with its memory (memory.h), a backend
-// scheduler over the model's devices, and the micro-batching of eval().
+// A context: up to n_seq_max sequences evaluated on a model, with their memory (memory.h), a
+// backend scheduler over the model's devices, and the micro-batching of decode()/eval().
 #pragma once
 
+#include "graph.h"
 #include "memory.h"
 #include "model.h"
 
@@ -19,13 +20,21 @@ namespace sambay {
 
 struct context_params {
     uint32_t  n_ctx           = 0;     // 0: min(context_length, 4096)
-    uint32_t  n_batch         = 512;   // micro-batch size
+    uint32_t  n_batch         = 512;   // micro-batch size (rows of all sequences together)
+    uint32_t  n_seq_max       = 1;     // sequences (slots 0 .. n_seq_max-1), each of n_ctx positions
     int       n_threads       = 0;     // decode (1 token); 0: hardware concurrency
     int       n_threads_batch = 0;     // prefill; 0: n_threads
     bool      logits_all      = false; // logits of every token instead of the last one
     ggml_type kv_type         = GGML_TYPE_F16;
     bool      yoco            = true;  // run the cross-decoder on output rows only
     bool      flash_attn      = false; // ggml_flash_attn_ext instead of mul_mat + soft_max
+};
+
+// one sequence's tokens in a decode() call
+struct seq_tokens {
+    uint32_t        seq      = 0;
+    const int32_t * tokens   = nullptr;
+    size_t          n_tokens = 0;
 };
 
 class context {
@@ -35,15 +44,21 @@ public:
     context(const context &) = delete;
     context & operator=(const context &) = delete;
 
-    // rows of logits eval(n tokens) returns: n with logits_all, else 1 (0 for n == 0)
+    // rows of logits a sequence's n tokens give: n with logits_all, else 1 (0 for n == 0)
     uint32_t n_outputs(size_t n_tokens) const;
-    // checks tokens (std::invalid_argument) and the context size (context_full_error) before any
-    // compute, then evaluates them in micro-batches continuing the sequence; writes
-    // n_outputs(n) rows of n_vocab floats to logits
+    // Evaluates every entry's tokens continuing its sequence (distinct sequences). Checks every
+    // sequence id and token (std::invalid_argument), context size (context_full_error naming the
+    // sequence) and state before any compute. Micro-batches take the rows of several sequences
+    // (the shortest inputs first, so decoding sequences are never held back by more than one
+    // chunk of a long prompt); each weight matrix is multiplied once per micro-batch. Writes,
+    // entry after entry, n_outputs(n_tokens) rows of n_vocab floats to logits.
+    void decode(const std::vector<seq_tokens> & batch, float * logits);
+    // decode() of sequence 0 alone
     void eval(const int32_t * tokens, size_t n_tokens, float * logits);
 
-    uint32_t n_past() const { return n_past_; }  // (read without the lock: a plain value)
-    void     reset();
+    uint32_t n_past(uint32_t seq = 0) const;  // positions sequence `seq` holds
+    void     reset();                         // every sequence empty
+    void     reset_seq(uint32_t seq);         // sequence `seq` empty
 
     // Cancellation, callable from any thread while another one is in eval(): the running graph
     // stops at its next node (the CPU backend's abort callback) and eval throws aborted_error.
@@ -53,9 +68,10 @@ public:
     void     cancel() { abort_.store(true); }
     void     clear_cancel() { abort_.store(false); }
     bool     cancel_requested() const { return abort_.load(); }
-    bool     needs_reset() const { return poisoned_; }
-    std::vector<uint8_t> save_state() const;
-    void                 load_state(const std::vector<uint8_t> & data);
+    bool     needs_reset(uint32_t seq = 0) const;
+    // one sequence's state; loads into any sequence of a context of the same model and KV type
+    std::vector<uint8_t> save_state(uint32_t seq = 0) const;
+    void                 load_state(const std::vector<uint8_t> & data, uint32_t seq = 0);
 
     std::map<std::string, size_t> memory_breakdown() const;
     const context_params & params() const { return params_; }
@@ -63,8 +79,10 @@ public:
     std::string device_name() const { return model_->device_name(); }
 
 private:
-    void eval_ubatch(const int32_t * tokens, uint32_t n, uint32_t n_out, float * logits);
+    // computes one micro-batch; returns the logits tensor (nullptr without output rows)
+    ggml_tensor * compute_ubatch(ggml_context * ctx, const ubatch & ub);
     void set_threads(int n);
+    void check_seq(uint32_t seq) const;
 
     std::shared_ptr<const model>   model_;
     context_params                 params_;
@@ -74,9 +92,9 @@ private:
     ggml_backend_sched_t           sched_ = nullptr;
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
-    uint32_t                       n_past_ = 0;
+    std::vector<uint32_t>          n_past_;    // per sequence
     std::atomic<bool>              abort_{false};
-    bool                           poisoned_ = false;  // an aborted compute left the memory half-written
+    std::vector<uint8_t>           poisoned_;  // per sequence: an aborted compute left its memory half-written
     mutable std::mutex             mutex_;  // one eval/state call at a time (the GIL is released)
 };
 

@@ -55,13 +55,16 @@ struct load_error : std::runtime_error {
 };
 
 // A call would need more context than the context has. -> sambay.ContextFullError(RuntimeError)
+// seq_id: the sequence that would overflow (n_ctx is per sequence).
 struct context_full_error : std::runtime_error {
     int64_t n_requested;
     int64_t n_ctx;
-    context_full_error(int64_t n_requested, int64_t n_ctx)
+    int64_t seq_id;
+    context_full_error(int64_t n_requested, int64_t n_ctx, int64_t seq_id = 0)
         : std::runtime_error("context full: " + std::to_string(n_requested) +
-                             " positions requested, but n_ctx is " + std::to_string(n_ctx)),
-          n_requested(n_requested), n_ctx(n_ctx) {}
+                             " positions requested, but n_ctx is " + std::to_string(n_ctx) +
+                             (seq_id ? " (sequence " + std::to_string(seq_id) + ")" : std::string())),
+          n_requested(n_requested), n_ctx(n_ctx), seq_id(seq_id) {}
 };
 
 // A saved state that does not fit this model/context. -> sambay.StateError(ValueError)

@@ -11,14 +11,36 @@
 
 namespace sambay {
 
-size_t graph_size_for(const hparams & hp) {
-    return 1024 + (size_t) 160 * hp.n_layer;
+size_t graph_size_for(const hparams & hp, uint32_t n_seq) {
+    // the layer loop, plus per sequence an attention subgraph (about 30 nodes, views included)
+    // in every attention layer and a share of the Mamba groups and row joins
+    return 1024 + (size_t) 160 * hp.n_layer + (size_t) 64 * hp.n_layer * n_seq;
+}
+
+ggml_tensor * join_rows(ggml_context * ctx, std::vector<ggml_tensor *> parts) {
+    GGML_ASSERT(!parts.empty());
+    // pairwise rounds: every row is copied log2(n) times, not n times as in a chain
+    while (parts.size() > 1) {
+        std::vector<ggml_tensor *> next;
+        for (size_t i = 0; i + 1 < parts.size(); i += 2) next.push_back(ggml_concat(ctx, parts[i], parts[i + 1], 1));
+        if (parts.size() % 2) next.push_back(parts.back());
+        parts.swap(next);
+    }
+    return parts[0];
 }
 
 graph_builder::graph_builder(const model & m, const memory & mem, ggml_context * ctx, ggml_cgraph * gf, const ubatch & ub)
     : model_(m), hp_(m.hp()), mem_(mem), ctx_(ctx), gf_(gf), ub_(ub) {
-    n_kv_full_ = ub.pos0 + ub.n_tokens;
-    n_kv_swa_  = std::min(mem.n_swa_cells(), n_kv_full_);
+    inp_.seqs.resize(ub.seqs.size());
+    out_row0_.resize(ub.seqs.size());
+    uint32_t r = 0;
+    for (size_t i = 0; i < ub.seqs.size(); ++i) {
+        const ubatch_seq & us = ub.seqs[i];
+        inp_.seqs[i].n_kv_full = us.pos0 + us.n_tokens;
+        inp_.seqs[i].n_kv_swa  = std::min(mem.n_swa_cells(), inp_.seqs[i].n_kv_full);
+        out_row0_[i] = r;
+        r += us.n_out;
+    }
 }
 
 void graph_builder::cb(ggml_tensor * t, const char * name, int il) const {
@@ -37,18 +59,33 @@ ggml_tensor * graph_builder::build_norm(ggml_tensor * cur, ggml_tensor * w, ggml
 }
 
 ggml_tensor * graph_builder::build() {
-    const uint32_t n_tokens = ub_.n_tokens;
+    const uint32_t n_tokens = ub_.n_tokens();
+    const uint32_t n_out    = ub_.n_out();
     const int64_t  n_embd_kv = hp_.n_embd_kv();
     n_rows_ = n_tokens;
 
     inp_.tokens = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, n_tokens);
     ggml_set_input(inp_.tokens); cb(inp_.tokens, "inp_tokens", -1);
-    inp_.ssm_ids = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, 1);
-    ggml_set_input(inp_.ssm_ids); cb(inp_.ssm_ids, "inp_ssm_ids", -1);
-    inp_.swa_mask = ggml_new_tensor_2d(ctx_, mask_type(), n_kv_swa_, n_tokens);
-    ggml_set_input(inp_.swa_mask); cb(inp_.swa_mask, "inp_swa_mask", -1);
-    inp_.full_mask = ggml_new_tensor_2d(ctx_, mask_type(), n_kv_full_, n_tokens);
-    ggml_set_input(inp_.full_mask); cb(inp_.full_mask, "inp_full_mask", -1);
+    for (size_t i = 0; i < ub_.seqs.size(); ++i) {
+        seq_inputs & si = inp_.seqs[i];
+        const uint32_t n = ub_.seqs[i].n_tokens;
+        si.swa_mask = ggml_new_tensor_2d(ctx_, mask_type(), si.n_kv_swa, n);
+        ggml_set_input(si.swa_mask); ggml_format_name(si.swa_mask, "inp_swa_mask-s%zu", i);
+        si.full_mask = ggml_new_tensor_2d(ctx_, mask_type(), si.n_kv_full, n);
+        ggml_set_input(si.full_mask); ggml_format_name(si.full_mask, "inp_full_mask-s%zu", i);
+    }
+    // Mamba groups: runs of sequences with equal n_tokens
+    for (uint32_t i = 0; i < ub_.seqs.size();) {
+        group_inputs g;
+        g.first = i;
+        while (i < ub_.seqs.size() && ub_.seqs[i].n_tokens == ub_.seqs[g.first].n_tokens) ++i;
+        g.count = i - g.first;
+        g.slots32 = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, g.count);
+        ggml_set_input(g.slots32); ggml_format_name(g.slots32, "inp_slots32-g%u", g.first);
+        g.slots64 = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, g.count);
+        ggml_set_input(g.slots64); ggml_format_name(g.slots64, "inp_slots64-g%u", g.first);
+        inp_.groups.push_back(g);
+    }
     inp_.swa_k_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens);
     ggml_set_input(inp_.swa_k_idx); cb(inp_.swa_k_idx, "inp_swa_k_idx", -1);
     inp_.full_k_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens);
@@ -59,8 +96,8 @@ ggml_tensor * graph_builder::build() {
         inp_.full_v_idx = ggml_new_tensor_1d(ctx_, GGML_TYPE_I64, n_tokens * n_embd_kv);
         ggml_set_input(inp_.full_v_idx); cb(inp_.full_v_idx, "inp_full_v_idx", -1);
     }
-    if (ub_.n_out > 0 && ub_.n_out < n_tokens) {
-        inp_.out_ids = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, ub_.n_out);
+    if (n_out > 0 && n_out < n_tokens) {
+        inp_.out_ids = ggml_new_tensor_1d(ctx_, GGML_TYPE_I32, n_out);
         ggml_set_input(inp_.out_ids); cb(inp_.out_ids, "inp_out_ids", -1);
     }
 
@@ -68,7 +105,7 @@ ggml_tensor * graph_builder::build() {
     cb(inpL, "inp_embd", -1);
 
     for (uint32_t il = 0; il < hp_.n_layer; ++il) {
-        if (ub_.n_out == 0 && il > hp_.kv_shared_layer) {
+        if (n_out == 0 && il > hp_.kv_shared_layer) {
             // no logits wanted: the cross-decoder keeps no state, so nothing after the shared KV
             // write matters (the writes are already in the graph)
             return nullptr;
@@ -100,7 +137,7 @@ ggml_tensor * graph_builder::build() {
         if (il == hp_.kv_shared_layer && ub_.yoco && inp_.out_ids) {
             inpL        = ggml_get_rows(ctx_, inpL, inp_.out_ids);
             gmu_memory_ = ggml_get_rows(ctx_, gmu_memory_, inp_.out_ids);
-            n_rows_     = ub_.n_out;
+            n_rows_     = n_out;
             cut_        = true;
             cb(inpL, "yoco_rows", il);
         }
@@ -135,69 +172,84 @@ ggml_type graph_builder::mask_type() const {
 }
 
 void graph_builder::set_inputs() const {
-    const uint32_t n_tokens = ub_.n_tokens;
-    const uint32_t pos0     = ub_.pos0;
+    const uint32_t n_tokens  = ub_.n_tokens();
     const int64_t  n_embd_kv = hp_.n_embd_kv();
-    const float    ninf     = -INFINITY;
+    const float    ninf      = -INFINITY;
     auto is_set = [](const ggml_tensor * t) { return t && t->buffer; };
 
     if (is_set(inp_.tokens)) {
         ggml_backend_tensor_set(inp_.tokens, ub_.tokens, 0, n_tokens * sizeof(int32_t));
     }
-    if (is_set(inp_.ssm_ids)) {
-        const int32_t zero = 0;
-        ggml_backend_tensor_set(inp_.ssm_ids, &zero, 0, sizeof(zero));
+    for (const group_inputs & g : inp_.groups) {
+        std::vector<int32_t> s32(g.count);
+        std::vector<int64_t> s64(g.count);
+        for (uint32_t k = 0; k < g.count; ++k) s32[k] = (int32_t) (s64[k] = ub_.seqs[g.first + k].seq);
+        if (is_set(g.slots32)) ggml_backend_tensor_set(g.slots32, s32.data(), 0, s32.size() * sizeof(int32_t));
+        if (is_set(g.slots64)) ggml_backend_tensor_set(g.slots64, s64.data(), 0, s64.size() * sizeof(int64_t));
     }
     if (is_set(inp_.out_ids)) {
-        // the last n_out tokens
-        std::vector<int32_t> ids(ub_.n_out);
-        for (uint32_t i = 0; i < ub_.n_out; ++i) ids[i] = (int32_t) (n_tokens - ub_.n_out + i);
+        // the last n_out rows of every sequence
+        std::vector<int32_t> ids;
+        for (const ubatch_seq & us : ub_.seqs) {
+            for (uint32_t i = us.n_tokens - us.n_out; i < us.n_tokens; ++i) ids.push_back((int32_t) (us.row0 + i));
+        }
         ggml_backend_tensor_set(inp_.out_ids, ids.data(), 0, ids.size() * sizeof(int32_t));
     }
 
     // SWA ring: the cell of position p is p % n_cells; after this batch's writes a cell holds
     // the most recent position mapping to it (all cells < n_kv_swa hold one)
     const uint32_t n_cells = mem_.n_swa_cells();
-    const uint32_t p_end   = pos0 + n_tokens;
-    if (is_set(inp_.swa_mask)) {
-        std::vector<int64_t> cell_pos(n_kv_swa_);
-        for (uint32_t c = 0; c < n_kv_swa_; ++c) {
-            // the largest p < p_end with p % n_cells == c
+    const int64_t  W       = hp_.n_swa;
+    for (size_t i = 0; i < ub_.seqs.size(); ++i) {
+        const ubatch_seq & us = ub_.seqs[i];
+        const seq_inputs & si = inp_.seqs[i];
+        const uint32_t p_end = us.pos0 + us.n_tokens;
+        if (is_set(si.swa_mask)) {
+            std::vector<int64_t> cell_pos(si.n_kv_swa);
             const uint32_t last = p_end - 1;
             const uint32_t lc = last % n_cells;
-            cell_pos[c] = (int64_t) last - (int64_t) ((lc + n_cells - c) % n_cells);
+            for (uint32_t c = 0; c < si.n_kv_swa; ++c) {
+                // the largest p < p_end with p % n_cells == c
+                cell_pos[c] = (int64_t) last - (int64_t) ((lc + n_cells - c) % n_cells);
+            }
+            std::vector<float> mask((size_t) si.n_kv_swa * us.n_tokens, ninf);
+            for (uint32_t t = 0; t < us.n_tokens; ++t) {
+                const int64_t pq = us.pos0 + t;
+                for (uint32_t c = 0; c < si.n_kv_swa; ++c) {
+                    const int64_t pk = cell_pos[c];
+                    if (pk >= 0 && pk <= pq && pk >= pq - (W - 1)) mask[(size_t) t * si.n_kv_swa + c] = 0.0f;
+                }
+            }
+            set_mask(si.swa_mask, mask);
         }
-        std::vector<float> mask((size_t) n_kv_swa_ * n_tokens, ninf);
-        const int64_t W = hp_.n_swa;
-        for (uint32_t t = 0; t < n_tokens; ++t) {
-            const int64_t pq = pos0 + t;
-            for (uint32_t c = 0; c < n_kv_swa_; ++c) {
-                const int64_t pk = cell_pos[c];
-                if (pk >= 0 && pk <= pq && pk >= pq - (W - 1)) mask[(size_t) t * n_kv_swa_ + c] = 0.0f;
+        if (is_set(si.full_mask)) {
+            std::vector<float> mask((size_t) si.n_kv_full * us.n_tokens, ninf);
+            for (uint32_t r = 0; r < us.n_tokens; ++r) {
+                const uint32_t pq = us.pos0 + r;
+                for (uint32_t c = 0; c <= pq && c < si.n_kv_full; ++c) mask[(size_t) r * si.n_kv_full + c] = 0.0f;
+            }
+            set_mask(si.full_mask, mask);
+        }
+    }
+    // write indices: row (slot * cells + cell) of the K cache [n_embd_kv, cells, n_seq]; element
+    // (slot, j, cell) of the V^T cache [cells, n_embd_kv, n_seq]
+    auto write_idx = [&](ggml_tensor * k_idx, ggml_tensor * v_idx, uint32_t cells, bool ring) {
+        std::vector<int64_t> k(n_tokens), cell(n_tokens);
+        std::vector<uint32_t> slot(n_tokens);
+        for (const ubatch_seq & us : ub_.seqs) {
+            for (uint32_t t = 0; t < us.n_tokens; ++t) {
+                const uint32_t p = us.pos0 + t;
+                cell[us.row0 + t] = ring ? p % cells : p;
+                slot[us.row0 + t] = us.seq;
+                k[us.row0 + t] = (int64_t) us.seq * cells + cell[us.row0 + t];
             }
         }
-        set_mask(inp_.swa_mask, mask);
-    }
-    auto causal_mask = [&](ggml_tensor * t, uint32_t n_rows) {
-        std::vector<float> mask((size_t) n_kv_full_ * n_rows, ninf);
-        for (uint32_t r = 0; r < n_rows; ++r) {
-            const uint32_t pq = pos0 + r;
-            for (uint32_t c = 0; c <= pq && c < n_kv_full_; ++c) mask[(size_t) r * n_kv_full_ + c] = 0.0f;
-        }
-        set_mask(t, mask);
-    };
-    if (is_set(inp_.full_mask)) {
-        causal_mask(inp_.full_mask, n_tokens);
-    }
-    auto write_idx = [&](ggml_tensor * k_idx, ggml_tensor * v_idx, uint32_t cells, bool ring) {
-        std::vector<int64_t> k(n_tokens);
-        for (uint32_t t = 0; t < n_tokens; ++t) k[t] = ring ? (pos0 + t) % cells : (pos0 + t);
         if (is_set(k_idx)) ggml_backend_tensor_set(k_idx, k.data(), 0, k.size() * sizeof(int64_t));
         if (!is_set(v_idx)) return;
-        // V^T element (cell, j) of the [cells, n_embd_kv] tensor
         std::vector<int64_t> v((size_t) n_tokens * n_embd_kv);
         for (uint32_t t = 0; t < n_tokens; ++t) {
-            for (int64_t j = 0; j < n_embd_kv; ++j) v[(size_t) t * n_embd_kv + j] = j * cells + k[t];
+            const int64_t base = (int64_t) slot[t] * cells * n_embd_kv + cell[t];
+            for (int64_t j = 0; j < n_embd_kv; ++j) v[(size_t) t * n_embd_kv + j] = base + j * cells;
         }
         ggml_backend_tensor_set(v_idx, v.data(), 0, v.size() * sizeof(int64_t));
     };

@@ -1,4 +1,4 @@
-// Builds the ggml graph of one micro-batch: the layer loop (graph.cpp) and one function per
+// Builds the ggml graph of one micro-batch (the rows of one or more sequences): the layer loop (graph.cpp) and one function per
 // block (blocks/*.cpp). The graph reads and writes the context memory in place: Mamba states
 // through ggml_cpy of the scan/conv results, K/V through ggml_set_rows with index inputs.
 // Inputs are graph tensors filled on the host after allocation (set_inputs).
@@ -17,27 +17,50 @@ class model;
 class memory;
 struct layer_weights;
 
-// one micro-batch of a single sequence: positions pos0 .. pos0+n_tokens-1
+// one sequence's part of a micro-batch: positions pos0 .. pos0+n_tokens-1 of slot `seq`, rows
+// row0 .. row0+n_tokens-1 of the micro-batch; its last n_out tokens give logits
+struct ubatch_seq {
+    uint32_t seq      = 0;
+    uint32_t pos0     = 0;
+    uint32_t n_tokens = 0;
+    uint32_t n_out    = 0;  // 0, 1 (last token) or n_tokens (all)
+    uint32_t row0     = 0;
+};
+
+// one micro-batch: the rows of several sequences, sequence after sequence. Sequences with the
+// same n_tokens are adjacent (the Mamba ops run once per such group: ssm_conv and ssm_scan take
+// equal-length sequences); the weight matrices are multiplied once for all rows.
 struct ubatch {
-    const int32_t * tokens   = nullptr;
-    uint32_t        n_tokens = 0;
-    uint32_t        pos0     = 0;
-    uint32_t        n_out    = 0;     // logits rows: n_tokens (all), 1 (last token) or 0 (none)
+    const int32_t *         tokens = nullptr;  // n_tokens() ids, in row order
+    std::vector<ubatch_seq> seqs;
     bool            yoco     = true;  // cut to the output rows right after kv_shared_layer
     bool            flash_attn = false;  // ggml_flash_attn_ext (F16 masks, V not transposed)
+
+    uint32_t n_tokens() const { return seqs.empty() ? 0 : seqs.back().row0 + seqs.back().n_tokens; }
+    uint32_t n_out() const { uint32_t n = 0; for (const auto & s : seqs) n += s.n_out; return n; }
 };
 
 // host-filled graph inputs; a tensor the graph ended up not using has no buffer and is skipped
+struct seq_inputs {
+    ggml_tensor * swa_mask  = nullptr;  // F32 [n_kv_swa, n_tokens]: 0 or -inf (F16 with flash_attn)
+    ggml_tensor * full_mask = nullptr;  // F32 [n_kv_full, n_tokens] (cross layers: a view of its last rows)
+    uint32_t n_kv_swa  = 0;             // ring cells read
+    uint32_t n_kv_full = 0;             // shared-cache cells read (= positions so far)
+};
+struct group_inputs {                   // sequences of equal n_tokens (Mamba)
+    uint32_t first = 0, count = 0;      // ubatch.seqs[first .. first+count)
+    ggml_tensor * slots32 = nullptr;    // I32 [count]: state slots (get_rows, ssm_scan)
+    ggml_tensor * slots64 = nullptr;    // I64 [count]: the same (set_rows)
+};
 struct graph_inputs {
     ggml_tensor * tokens     = nullptr;  // I32 [n_tokens]
     ggml_tensor * out_ids    = nullptr;  // I32 [n_out] rows of the micro-batch that give logits
-    ggml_tensor * ssm_ids    = nullptr;  // I32 [1]: the (only) state slot, 0
-    ggml_tensor * swa_mask   = nullptr;  // F32 [n_kv_swa, n_tokens]: 0 or -inf (F16 with flash_attn)
-    ggml_tensor * full_mask  = nullptr;  // F32 [n_kv_full, n_tokens] (cross layers: a view of its last rows)
-    ggml_tensor * swa_k_idx  = nullptr;  // I64 [n_tokens]: ring cell per token
+    ggml_tensor * swa_k_idx  = nullptr;  // I64 [n_tokens]: ring cell per token (slot * n_cells + cell)
     ggml_tensor * swa_v_idx  = nullptr;  // I64 [n_tokens*n_embd_kv]: element index in V^T (mul_mat path only)
     ggml_tensor * full_k_idx = nullptr;  // I64 [n_tokens]
     ggml_tensor * full_v_idx = nullptr;  // I64 [n_tokens*n_embd_kv]
+    std::vector<seq_inputs>   seqs;      // per ubatch.seqs entry
+    std::vector<group_inputs> groups;
 };
 
 class graph_builder {
@@ -56,8 +79,14 @@ private:
     ggml_tensor * build_gmu(ggml_tensor * cur, int il);
     ggml_tensor * build_self_attn(ggml_tensor * cur, int il);
     ggml_tensor * build_cross_attn(ggml_tensor * cur, int il);
-    ggml_tensor * build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+    // attention of every sequence over its own cells; q: [hd, H, n_rows] of all rows
+    ggml_tensor * build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+                                  uint32_t n_cells, bool is_swa, int il);
+    ggml_tensor * build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all, uint32_t slot,
                                   uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il);
+    // rows of the current layer of sequence i: [first, first + count)
+    uint32_t seq_row0(size_t i) const { return cut_ ? out_row0_[i] : ub_.seqs[i].row0; }
+    uint32_t seq_rows(size_t i) const { return cut_ ? ub_.seqs[i].n_out : ub_.seqs[i].n_tokens; }
     ggml_tensor * build_attn_out(ggml_tensor * cur, int il);
     void cb(ggml_tensor * t, const char * name, int il) const;
     ggml_type mask_type() const;
@@ -69,19 +98,21 @@ private:
     ggml_cgraph *   gf_;
     ubatch          ub_;
 
-    uint32_t n_kv_swa_  = 0;  // ring cells the SWA layers read
-    uint32_t n_kv_full_ = 0;  // cells of the shared cache read (= positions so far)
     uint32_t n_rows_    = 0;  // rows the current layer runs on (n_tokens, or n_out after the YOCO cut)
     bool     cut_       = false;
+    std::vector<uint32_t> out_row0_;  // first output row of each sequence (after the cut)
 
     graph_inputs  inp_;
     ggml_tensor * gmu_memory_ = nullptr;  // [d_inner, n_rows] SSM read-out of memory_layer
     ggml_tensor * shared_k_   = nullptr;  // kv_shared_layer's K cache after this batch's write
     ggml_tensor * shared_v_   = nullptr;  // ... and its V cache
-    ggml_tensor * cross_mask_ = nullptr;  // view of full_mask for the cross-decoder rows
 };
 
-// nodes budget for ggml_new_graph_custom and the scheduler
-size_t graph_size_for(const hparams & hp);
+// rows of tensors [ne0, rows_i] joined along dimension 1 (a balanced tree of ggml_concat)
+ggml_tensor * join_rows(ggml_context * ctx, std::vector<ggml_tensor *> parts);
+
+// nodes budget for ggml_new_graph_custom and the scheduler, for micro-batches of up to n_seq
+// sequences
+size_t graph_size_for(const hparams & hp, uint32_t n_seq);
 
 } // namespace sambay

@@ -11,8 +11,8 @@
 
 namespace sambay {
 
-memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type, bool v_trans)
-    : model_(m), n_ctx_(n_ctx), kv_type_(kv_type), v_trans_(v_trans) {
+memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq, ggml_type kv_type, bool v_trans)
+    : model_(m), n_ctx_(n_ctx), n_seq_(n_seq), kv_type_(kv_type), v_trans_(v_trans) {
     const hparams & hp = m.hp();
     // a micro-batch p0..p0+n-1 (n <= n_batch) needs keys p0-W+1 .. p0+n-1: W+n-1 cells
     n_swa_cells_ = std::min<uint32_t>(hp.n_swa + n_batch - 1, n_ctx);
@@ -35,17 +35,17 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_t
         ggml_context * c = ctx_for(m.layer_device(il));
         switch (hp.kind(il)) {
             case layer_kind::mamba:
-                lm.conv = ggml_new_tensor_2d(c, GGML_TYPE_F32, hp.d_conv - 1, hp.d_inner);
-                lm.ssm  = ggml_new_tensor_2d(c, GGML_TYPE_F32, hp.d_state, hp.d_inner);
+                lm.conv = ggml_new_tensor_3d(c, GGML_TYPE_F32, hp.d_conv - 1, hp.d_inner, n_seq);
+                lm.ssm  = ggml_new_tensor_3d(c, GGML_TYPE_F32, hp.d_state, hp.d_inner, n_seq);
                 ggml_format_name(lm.conv, "cache_conv_l%u", il);
                 ggml_format_name(lm.ssm, "cache_ssm_l%u", il);
                 break;
             case layer_kind::attn_swa:
             case layer_kind::attn_full:
                 lm.n_cells = hp.kind(il) == layer_kind::attn_swa ? n_swa_cells_ : n_ctx;
-                lm.k = ggml_new_tensor_2d(c, kv_type, hp.n_embd_kv(), lm.n_cells);
-                lm.v = v_trans ? ggml_new_tensor_2d(c, kv_type, lm.n_cells, hp.n_embd_kv())
-                               : ggml_new_tensor_2d(c, kv_type, hp.n_embd_kv(), lm.n_cells);
+                lm.k = ggml_new_tensor_3d(c, kv_type, hp.n_embd_kv(), lm.n_cells, n_seq);
+                lm.v = v_trans ? ggml_new_tensor_3d(c, kv_type, lm.n_cells, hp.n_embd_kv(), n_seq)
+                               : ggml_new_tensor_3d(c, kv_type, hp.n_embd_kv(), lm.n_cells, n_seq);
                 ggml_format_name(lm.k, "cache_k_l%u", il);
                 ggml_format_name(lm.v, "cache_v_l%u", il);
                 break;
@@ -71,6 +71,16 @@ memory::~memory() {
 
 void memory::clear() {
     for (auto * b : buffers_) ggml_backend_buffer_clear(b, 0);
+}
+
+void memory::clear_seq(uint32_t s) {
+    // a graph reads only cells its sequence has written (positions < n_past + the batch), so
+    // only the recurrent states carry anything over
+    for (const layer_memory & lm : layers_) {
+        if (!lm.conv) continue;
+        ggml_backend_tensor_memset(lm.conv, 0, s * lm.conv->nb[2], lm.conv->nb[2]);
+        ggml_backend_tensor_memset(lm.ssm, 0, s * lm.ssm->nb[2], lm.ssm->nb[2]);
+    }
 }
 
 std::map<std::string, size_t> memory::breakdown() const {
@@ -125,23 +135,24 @@ uint32_t first_kept(const hparams & hp, uint32_t il, uint32_t n_past) {
     return hp.kind(il) == layer_kind::attn_swa ? n_past - std::min(hp.n_swa, n_past) : 0;
 }
 
-// copies the K (or non-transposed V) rows of positions [p0, p1) between the cache and dst/src;
-// rows of consecutive positions are contiguous unless the ring wraps
-void rows_io(ggml_tensor * t, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
+// copies the K (or non-transposed V) rows of positions [p0, p1) of sequence slot s between the
+// cache and dst/src; rows of consecutive positions are contiguous unless the ring wraps
+void rows_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
     const size_t row = t->nb[1];
+    const size_t base = s * t->nb[2];
     uint32_t p = p0;
     while (p < p1) {
         const uint32_t cell = p % n_cells;
         const uint32_t n = std::min(p1 - p, n_cells - cell);  // until the end of the ring
-        if (to_host) ggml_backend_tensor_get(t, host, (size_t) cell * row, (size_t) n * row);
-        else         ggml_backend_tensor_set(t, host, (size_t) cell * row, (size_t) n * row);
+        if (to_host) ggml_backend_tensor_get(t, host, base + (size_t) cell * row, (size_t) n * row);
+        else         ggml_backend_tensor_set(t, host, base + (size_t) cell * row, (size_t) n * row);
         host += (size_t) n * row;
         p += n;
     }
 }
 
-// the same for a transposed V cache [n_cells, n_embd_kv], converting to/from position rows
-void vt_io(ggml_tensor * t, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
+// the same for a transposed V cache [n_cells, n_embd_kv, n_seq], converting to/from position rows
+void vt_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
     const size_t es = ggml_type_size(t->type);
     const int64_t n_embd = t->ne[1];
     const size_t n = p1 - p0;
@@ -155,7 +166,7 @@ void vt_io(ggml_tensor * t, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t 
         while (p < p1) {
             const uint32_t cell = p % n_cells;
             const uint32_t m = std::min(p1 - p, n_cells - cell);
-            const size_t off = ((size_t) j * n_cells + cell) * es;
+            const size_t off = s * t->nb[2] + ((size_t) j * n_cells + cell) * es;
             if (to_host) ggml_backend_tensor_get(t, r, off, m * es);
             else         ggml_backend_tensor_set(t, r, off, m * es);
             r += m * es;
@@ -169,7 +180,7 @@ void vt_io(ggml_tensor * t, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t 
 
 } // namespace
 
-std::vector<uint8_t> memory::save(uint32_t n_past) const {
+std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
     const hparams & hp = model_.hp();
     std::vector<uint8_t> out;
     writer w{out};
@@ -181,21 +192,21 @@ std::vector<uint8_t> memory::save(uint32_t n_past) const {
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (lm.conv) {
-            ggml_backend_tensor_get(lm.conv, w.grow(ggml_nbytes(lm.conv)), 0, ggml_nbytes(lm.conv));
-            ggml_backend_tensor_get(lm.ssm, w.grow(ggml_nbytes(lm.ssm)), 0, ggml_nbytes(lm.ssm));
+            ggml_backend_tensor_get(lm.conv, w.grow(lm.conv->nb[2]), s * lm.conv->nb[2], lm.conv->nb[2]);
+            ggml_backend_tensor_get(lm.ssm, w.grow(lm.ssm->nb[2]), s * lm.ssm->nb[2], lm.ssm->nb[2]);
         }
         if (lm.k) {
             const uint32_t p0 = first_kept(hp, il, n_past);
             const size_t bytes = (size_t) (n_past - p0) * lm.k->nb[1];
-            rows_io(lm.k, lm.n_cells, p0, n_past, w.grow(bytes), true);
-            if (v_trans_) vt_io(lm.v, lm.n_cells, p0, n_past, w.grow(bytes), true);
-            else          rows_io(lm.v, lm.n_cells, p0, n_past, w.grow(bytes), true);
+            rows_io(lm.k, s, lm.n_cells, p0, n_past, w.grow(bytes), true);
+            if (v_trans_) vt_io(lm.v, s, lm.n_cells, p0, n_past, w.grow(bytes), true);
+            else          rows_io(lm.v, s, lm.n_cells, p0, n_past, w.grow(bytes), true);
         }
     }
     return out;
 }
 
-uint32_t memory::load(const std::vector<uint8_t> & data) {
+uint32_t memory::load(uint32_t s, const std::vector<uint8_t> & data) {
     const hparams & hp = model_.hp();
     reader r{data};
     if (r.get<uint32_t>() != STATE_MAGIC || r.get<uint32_t>() != STATE_VERSION) {
@@ -218,34 +229,35 @@ uint32_t memory::load(const std::vector<uint8_t> & data) {
     size_t expected = r.pos;
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
-        if (lm.conv) expected += ggml_nbytes(lm.conv) + ggml_nbytes(lm.ssm);
+        if (lm.conv) expected += lm.conv->nb[2] + lm.ssm->nb[2];
         if (lm.k)    expected += 2 * (size_t) (n_past - first_kept(hp, il, n_past)) * lm.k->nb[1];
     }
     if (expected != data.size()) {
         throw state_error("state data has " + std::to_string(data.size()) + " bytes, expected " +
                           std::to_string(expected) + " for " + std::to_string(n_past) + " positions");
     }
-    // zero the small parts (SWA rings, states) as in a fresh context; the full cache is only
-    // ever read at positions < n_past, which the state overwrites, so it is left alone (O(n_past))
+    // zero the small parts of this sequence (SWA ring, states) as in a fresh context; the full
+    // cache is only ever read at positions < n_past, which the state overwrites, so it is left
+    // alone (O(n_past))
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (hp.kind(il) == layer_kind::attn_swa) {
-            ggml_backend_tensor_memset(lm.k, 0, 0, ggml_nbytes(lm.k));
-            ggml_backend_tensor_memset(lm.v, 0, 0, ggml_nbytes(lm.v));
+            ggml_backend_tensor_memset(lm.k, 0, s * lm.k->nb[2], lm.k->nb[2]);
+            ggml_backend_tensor_memset(lm.v, 0, s * lm.v->nb[2], lm.v->nb[2]);
         }
     }
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (lm.conv) {
-            ggml_backend_tensor_set(lm.conv, r.take(ggml_nbytes(lm.conv)), 0, ggml_nbytes(lm.conv));
-            ggml_backend_tensor_set(lm.ssm, r.take(ggml_nbytes(lm.ssm)), 0, ggml_nbytes(lm.ssm));
+            ggml_backend_tensor_set(lm.conv, r.take(lm.conv->nb[2]), s * lm.conv->nb[2], lm.conv->nb[2]);
+            ggml_backend_tensor_set(lm.ssm, r.take(lm.ssm->nb[2]), s * lm.ssm->nb[2], lm.ssm->nb[2]);
         }
         if (lm.k) {
             const uint32_t p0 = first_kept(hp, il, n_past);
             const size_t bytes = (size_t) (n_past - p0) * lm.k->nb[1];
-            rows_io(lm.k, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
-            if (v_trans_) vt_io(lm.v, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
-            else          rows_io(lm.v, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
+            rows_io(lm.k, s, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
+            if (v_trans_) vt_io(lm.v, s, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
+            else          rows_io(lm.v, s, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
         }
     }
     return n_past;

@@ -1,17 +1,19 @@
-// The sequence memory of one context, the layout SambaY exists for:
+// The sequence memory of one context, n_seq_max sequences (slots) of the layout SambaY exists for:
 //   - Mamba layers: F32 conv state (the last d_conv-1 raw x columns) and SSM state, constant size;
 //   - SWA layers:   a K/V ring of n_swa + n_batch - 1 cells (enough for every key a micro-batch
 //                   of up to n_batch tokens can see), cell of position p = p % n_cells;
 //   - layer kv_shared_layer: one full K/V cache of n_ctx cells (cell = position), written by that
 //                   layer and read, never written, by every cross-attention layer.
 // GMU, cross-attention and MLP keep nothing.
+// Every part holds one region per sequence slot s: states [.., s], ring cells
+// [s*n_swa_cells, (s+1)*n_swa_cells), full cells [s*n_ctx, (s+1)*n_ctx); n_ctx is per sequence.
 //
-// K caches are [n_embd_kv, n_cells] (one row per cell). V caches are stored transposed,
-// [n_cells, n_embd_kv], for the mul_mat attention path (it reads V^T as a strided view without
-// a copy), and like K for the flash-attention path (v_trans == false).
-// Invariant: cells holding positions < n_past are the only ones any graph reads; the graph
-// writes the cells of the micro-batch's positions (ggml_set_rows with index inputs) and the
-// context advances n_past after a successful compute.
+// K caches are [n_embd_kv, n_cells, n_seq] (one row per cell). V caches are stored transposed per
+// sequence, [n_cells, n_embd_kv, n_seq], for the mul_mat attention path (it reads V^T as a strided
+// view without a copy), and like K for the flash-attention path (v_trans == false).
+// Invariant: cells holding positions < n_past of their sequence are the only ones any graph
+// reads; the graph writes the cells of the micro-batch's positions (ggml_set_rows with index
+// inputs) and the context advances each sequence's n_past after a successful compute.
 #pragma once
 
 #include "hparams.h"
@@ -28,39 +30,44 @@ namespace sambay {
 class model;
 
 struct layer_memory {
-    ggml_tensor * conv = nullptr;  // mamba: F32 [d_conv-1, d_inner]
-    ggml_tensor * ssm  = nullptr;  // mamba: F32 [d_state, d_inner]
-    ggml_tensor * k    = nullptr;  // swa/full: [n_embd_kv, n_cells]
-    ggml_tensor * v    = nullptr;  // swa/full: [n_cells, n_embd_kv] if v_trans, else like k
-    uint32_t n_cells   = 0;
+    ggml_tensor * conv = nullptr;  // mamba: F32 [d_conv-1, d_inner, n_seq]
+    ggml_tensor * ssm  = nullptr;  // mamba: F32 [d_state, d_inner, n_seq]
+    ggml_tensor * k    = nullptr;  // swa/full: [n_embd_kv, n_cells, n_seq]
+    ggml_tensor * v    = nullptr;  // swa/full: [n_cells, n_embd_kv, n_seq] if v_trans, else like k
+    uint32_t n_cells   = 0;        // cells per sequence
 };
 
 class memory {
 public:
-    memory(const model & m, uint32_t n_ctx, uint32_t n_batch, ggml_type kv_type, bool v_trans);
+    memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq, ggml_type kv_type, bool v_trans);
     ~memory();
     memory(const memory &) = delete;
     memory & operator=(const memory &) = delete;
 
     const layer_memory & layer(uint32_t il) const { return layers_[il]; }
-    uint32_t n_ctx() const { return n_ctx_; }
-    uint32_t n_swa_cells() const { return n_swa_cells_; }
+    uint32_t n_ctx() const { return n_ctx_; }  // per sequence
+    uint32_t n_seq() const { return n_seq_; }
+    uint32_t n_swa_cells() const { return n_swa_cells_; }  // per sequence
     ggml_type kv_type() const { return kv_type_; }
     bool v_trans() const { return v_trans_; }
 
-    void clear();  // zero every state and cache (a fresh sequence)
+    void clear();               // zero every state and cache (all sequences fresh)
+    void clear_seq(uint32_t s); // a fresh sequence s: zero its Mamba states (its cells are masked
+                                // until rewritten)
 
-    // bytes per part: mamba_conv, mamba_ssm, swa_kv, full_kv
+    // bytes per part, all sequences: mamba_conv, mamba_ssm, swa_kv, full_kv
     std::map<std::string, size_t> breakdown() const;
 
-    // state (de)serialisation of the first n_past positions; the layout is independent of
-    // n_ctx, n_batch and v_trans, so a state moves between contexts of the same model and KV type
-    std::vector<uint8_t> save(uint32_t n_past) const;
-    uint32_t load(const std::vector<uint8_t> & data);  // returns n_past; throws state_error
+    // state (de)serialisation of the first n_past positions of sequence s; the layout is
+    // independent of n_ctx, n_batch, n_seq, the slot and v_trans, so a state moves between
+    // sequences and contexts of the same model and KV type
+    std::vector<uint8_t> save(uint32_t s, uint32_t n_past) const;
+    uint32_t load(uint32_t s, const std::vector<uint8_t> & data);  // returns n_past; throws state_error
 
 private:
     const model &                      model_;
     uint32_t                           n_ctx_;
+    uint32_t                           n_seq_;
     uint32_t                           n_swa_cells_;
     ggml_type                          kv_type_;
     bool                               v_trans_;

@@ -1,4 +1,4 @@
-// sambay._core.Context: one sequence on a model (eval, state, memory report).
+// sambay._core.Context: sequences on a model (eval, decode, state, memory report).
 #include "bindings.h"
 
 #include "context.h"
@@ -20,12 +20,39 @@ static ggml_type parse_kv_type(const std::string & s) {
     throw std::invalid_argument("kv_type must be 'f16', 'f32' or 'bf16', got '" + s + "'");
 }
 
+// a 1-D sequence of token ids in [0, n_vocab)
+static std::vector<int32_t> token_ids(const context & c, py::object obj) {
+    py::array arr = py::array::ensure(obj);
+    if (!arr || arr.ndim() != 1) {
+        throw std::invalid_argument("tokens must be a 1-D sequence of ints");
+    }
+    const char kind = arr.dtype().kind();
+    if (arr.size() > 0 && kind != 'i' && kind != 'u') {
+        throw py::type_error(std::string("tokens must be integers, got dtype ") +
+                             py::str(arr.dtype()).cast<std::string>());
+    }
+    auto tokens = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+    const int64_t n_vocab = c.get_model().hp().n_vocab;
+    const auto * src = tokens.data();
+    std::vector<int32_t> ids((size_t) tokens.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+        if (src[i] < 0 || src[i] >= n_vocab) {
+            throw std::invalid_argument("invalid token id " + std::to_string(src[i]) + " at index " +
+                                        std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
+        }
+        ids[i] = (int32_t) src[i];
+    }
+    return ids;
+}
+
 void register_context(py::module_ & m) {
     py::class_<context>(m, "Context")
         .def(py::init([](std::shared_ptr<model> md, uint32_t n_ctx, uint32_t n_batch, int n_threads,
-                         int n_threads_batch, bool logits_all, const std::string & kv_type, bool yoco, bool flash_attn) {
+                         int n_threads_batch, bool logits_all, const std::string & kv_type, bool yoco, bool flash_attn,
+                         uint32_t n_seq_max) {
                  context_params p;
                  p.n_ctx = n_ctx; p.n_batch = n_batch; p.n_threads = n_threads; p.n_threads_batch = n_threads_batch;
+                 p.n_seq_max = n_seq_max;
                  p.logits_all = logits_all; p.kv_type = parse_kv_type(kv_type); p.yoco = yoco;
                  p.flash_attn = flash_attn;
                  py::gil_scoped_release release;
@@ -33,28 +60,11 @@ void register_context(py::module_ & m) {
              }),
              py::arg("model"), py::kw_only(), py::arg("n_ctx") = 0, py::arg("n_batch") = 512,
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("logits_all") = false,
-             py::arg("kv_type") = "f16", py::arg("yoco") = true, py::arg("flash_attn") = false)
+             py::arg("kv_type") = "f16", py::arg("yoco") = true, py::arg("flash_attn") = false,
+             py::arg("n_seq_max") = 1)
         .def("eval", [](context & c, py::object obj) {
-            py::array arr = py::array::ensure(obj);
-            if (!arr || arr.ndim() != 1) {
-                throw std::invalid_argument("tokens must be a 1-D sequence of ints");
-            }
-            const char kind = arr.dtype().kind();
-            if (arr.size() > 0 && kind != 'i' && kind != 'u') {
-                throw py::type_error(std::string("tokens must be integers, got dtype ") +
-                                     py::str(arr.dtype()).cast<std::string>());
-            }
-            auto tokens = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+            std::vector<int32_t> ids = token_ids(c, obj);
             const int64_t n_vocab = c.get_model().hp().n_vocab;
-            const auto * src = tokens.data();
-            std::vector<int32_t> ids((size_t) tokens.size());
-            for (size_t i = 0; i < ids.size(); ++i) {
-                if (src[i] < 0 || src[i] >= n_vocab) {
-                    throw std::invalid_argument("invalid token id " + std::to_string(src[i]) + " at index " +
-                                                std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
-                }
-                ids[i] = (int32_t) src[i];
-            }
             const uint32_t n_out = c.n_outputs(ids.size());
             py::array_t<float> logits({(py::ssize_t) n_out, (py::ssize_t) n_vocab});
             float * out = logits.mutable_data();
@@ -64,7 +74,28 @@ void register_context(py::module_ & m) {
             }
             return logits;
         }, py::arg("tokens"))
-        .def_property_readonly("n_past", &context::n_past)
+        .def("decode", [](context & c, const std::vector<std::pair<uint32_t, py::object>> & batch) {
+            // [(seq, tokens), ...] -> logits rows of every entry, one after the other
+            std::vector<std::vector<int32_t>> ids;
+            std::vector<seq_tokens> st;
+            size_t rows = 0;
+            for (const auto & [seq, obj] : batch) ids.push_back(token_ids(c, obj));
+            for (size_t i = 0; i < batch.size(); ++i) {
+                st.push_back(seq_tokens{batch[i].first, ids[i].data(), ids[i].size()});
+                rows += c.n_outputs(ids[i].size());
+            }
+            const int64_t n_vocab = c.get_model().hp().n_vocab;
+            py::array_t<float> logits({(py::ssize_t) rows, (py::ssize_t) n_vocab});
+            float * out = logits.mutable_data();
+            {
+                py::gil_scoped_release release;
+                c.decode(st, out);
+            }
+            return logits;
+        }, py::arg("batch"))
+        .def_property_readonly("n_past", [](const context & c) { return c.n_past(0); })
+        .def("seq_n_past", &context::n_past, py::arg("seq"))
+        .def_property_readonly("n_seq_max", [](const context & c) { return c.params().n_seq_max; })
         .def_property_readonly("n_ctx", [](const context & c) { return c.params().n_ctx; })
         .def_property_readonly("n_batch", [](const context & c) { return c.params().n_batch; })
         .def_property_readonly("n_threads", [](const context & c) { return c.params().n_threads; })
@@ -78,25 +109,30 @@ void register_context(py::module_ & m) {
             py::gil_scoped_release release;  // waits for a running eval (the context's lock)
             c.reset();
         })
+        .def("seq_reset", [](context & c, uint32_t seq) {
+            py::gil_scoped_release release;
+            c.reset_seq(seq);
+        }, py::arg("seq"))
         .def("cancel", &context::cancel,
              "stop a running eval at its next graph node (from any thread); eval raises AbortedError")
         .def("clear_cancel", &context::clear_cancel, "drop a cancel request that no eval has consumed")
         .def_property_readonly("cancel_requested", &context::cancel_requested)
-        .def_property_readonly("needs_reset", &context::needs_reset)
-        .def("save_state", [](const context & c) {
+        .def_property_readonly("needs_reset", [](const context & c) { return c.needs_reset(0); })
+        .def("seq_needs_reset", &context::needs_reset, py::arg("seq"))
+        .def("save_state", [](const context & c, uint32_t seq) {
             std::vector<uint8_t> s;
             {
                 py::gil_scoped_release release;
-                s = c.save_state();
+                s = c.save_state(seq);
             }
             return py::bytes((const char *) s.data(), s.size());
-        })
-        .def("load_state", [](context & c, py::bytes data) {
+        }, py::arg("seq") = 0)
+        .def("load_state", [](context & c, py::bytes data, uint32_t seq) {
             std::string_view sv = data;
             std::vector<uint8_t> s(sv.begin(), sv.end());
             py::gil_scoped_release release;
-            c.load_state(s);
-        }, py::arg("state"))
+            c.load_state(s, seq);
+        }, py::arg("state"), py::arg("seq") = 0)
         .def("memory_breakdown", [](const context & c) {
             std::map<std::string, size_t> out;
             {

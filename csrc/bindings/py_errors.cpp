@@ -21,6 +21,7 @@ void register_errors(py::module_ & m) {
             py::object inst = type(e.what());
             inst.attr("n_requested") = e.n_requested;
             inst.attr("n_ctx") = e.n_ctx;
+            inst.attr("seq_id") = e.seq_id;
             PyErr_SetObject(ctx_full.ptr(), inst.ptr());
         }
     });

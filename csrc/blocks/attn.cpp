@@ -10,6 +10,9 @@
 // With flash_attn: ggml_flash_attn_ext per stripe over V stored like K (no score tensor).
 // Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
 // shared cache of kv_shared_layer (already holding this batch's K/V).
+// Several sequences: the projections run on all rows at once; the attention itself runs per
+// sequence over the cells of its slot (views, no copies) and the results are joined back into
+// rows. The caches are written for all rows by one set_rows per cache.
 #include "graph.h"
 #include "memory.h"
 #include "model.h"
@@ -21,9 +24,33 @@ namespace sambay {
 // batches of at most this many rows take the combined-weights attention path (see above)
 constexpr int64_t COMBINE_MAX_ROWS = 16;
 
-ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+                                             uint32_t n_cells, bool is_swa, int il) {
+    // each sequence attends over the cells of its own slot: a subgraph per sequence on its rows,
+    // the results joined back into the rows of the micro-batch (the weights stay batched)
+    std::vector<ggml_tensor *> outs;
+    for (size_t i = 0; i < ub_.seqs.size(); ++i) {
+        const uint32_t n = seq_rows(i);
+        if (n == 0) continue;
+        ggml_tensor * qs = ggml_view_3d(ctx_, q, q->ne[0], q->ne[1], n, q->nb[1], q->nb[2], seq_row0(i) * q->nb[2]);
+        const seq_inputs & si = inp_.seqs[i];
+        ggml_tensor * mask = is_swa ? si.swa_mask : si.full_mask;
+        if (mask->ne[1] != n) {
+            // cross-decoder rows after the YOCO cut: the last n rows of the full mask
+            mask = ggml_view_2d(ctx_, mask, mask->ne[0], n, mask->nb[1], (mask->ne[1] - n) * mask->nb[1]);
+        }
+        outs.push_back(build_diff_attn(qs, k_all, v_all, ub_.seqs[i].seq, n_cells,
+                                       is_swa ? si.n_kv_swa : si.n_kv_full, mask, il));
+    }
+    ggml_tensor * cur = join_rows(ctx_, outs);  // [2*hd*H/2, n_rows]
+    cb(cur, "diff_attn", il);
+    return build_attn_out(cur, il);
+}
+
+ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all, uint32_t slot,
                                              uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il) {
-    // q: [hd, H, n_rows] (a view); k_all: K cache [n_embd_kv, n_cells]; v_all: V cache
+    // q: [hd, H, n_rows] (a view); k_all: K cache rows [n_embd_kv, n_cells * n_seq]; v_all: V
+    // cache; the sequence's cells are those of `slot`
     const int64_t hd = hp_.n_embd_head, H2 = hp_.n_head / 2, Hkv2 = hp_.n_head_kv / 2;
     const int64_t n_rows = q->ne[2];
     const size_t  kes = ggml_type_size(k_all->type);
@@ -35,15 +62,19 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
         ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
         return ggml_permute(ctx_, qs, 0, 2, 1, 3);
     };
+    // the slot's cells: K rows [slot*n_cells, (slot+1)*n_cells); V^T block slot of n_cells*n_embd_kv
+    const size_t k_off = (size_t) slot * n_cells * k_all->nb[1];
+    const size_t v_off = ub_.flash_attn ? (size_t) slot * n_cells * v_all->nb[1]
+                                        : (size_t) slot * n_cells * hp_.n_embd_kv() * ves;
     auto k_stripe = [&](int s) {
-        ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], s * Hkv2 * hd * kes);
+        ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], k_off + s * Hkv2 * hd * kes);
         return ggml_permute(ctx_, ks, 0, 2, 1, 3);
     };
     // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over the head dimension
     ggml_tensor * cur = nullptr;
     if (ub_.flash_attn) {
         // V stored like K, [n_embd_kv, n_cells] viewed as pairs [2*hd, n_kv, Hkv/2]
-        ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, 0);
+        ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, v_off);
         ggml_tensor * o[2];
         for (int s = 0; s < 2; ++s) {
             o[s] = ggml_flash_attn_ext(ctx_, q_stripe(s), k_stripe(s), v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
@@ -51,15 +82,15 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
         }
         cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
     } else {
-        // V^T stored [n_cells, n_embd_kv] viewed as pairs [n_kv, 2*hd, Hkv/2]
-        ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, 0);
+        // V^T stored [n_cells, n_embd_kv] per sequence, viewed as pairs [n_kv, 2*hd, Hkv/2]
+        ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, v_off);
         if (n_rows <= COMBINE_MAX_ROWS) {
             // decode-sized batches: both stripes' scores at once, then, as O_1 - lambda O_2 =
             // (P_1 - lambda P_2) V, one product with V: half the V work and V is read once.
             // Query head h (stripe-major) reads K head h / (H/Hkv): stripe s's K head j / (H/Hkv)
             // for h = s*H/2 + j.
             ggml_tensor * qa = ggml_permute(ctx_, q, 0, 2, 1, 3);  // [hd, n_rows, H]
-            ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], 0);
+            ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], k_off);
             ka = ggml_permute(ctx_, ka, 0, 2, 1, 3);  // [hd, n_kv, Hkv]
             ggml_tensor * kq = ggml_mul_mat(ctx_, ka, qa);  // [n_kv, n_rows, H]
             ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
@@ -85,14 +116,12 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
     cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
     cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
-    cb(cur, "diff_attn", il);
 
     if (!ub_.flash_attn) {
         cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 2, 1, 3));  // [2*hd, H/2, n_rows]
     }
     // pair-major = Out_0 | Out_1 | ... = the original head order
-    cur = ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows);
-    return build_attn_out(cur, il);
+    return ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows);
 }
 
 ggml_tensor * graph_builder::build_attn_out(ggml_tensor * cur, int il) {
@@ -123,14 +152,16 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
     // the attention reads the results of the writes, so it is ordered after them
     ggml_tensor * k_idx = is_swa ? inp_.swa_k_idx : inp_.full_k_idx;
     ggml_tensor * v_idx = is_swa ? inp_.swa_v_idx : inp_.full_v_idx;
-    ggml_tensor * k_all = ggml_set_rows(ctx_, lm.k, k_cur, k_idx);
+    // the caches as rows of all slots' cells [n_embd_kv, n_cells * n_seq]
+    const int64_t n_rows_all = (int64_t) lm.n_cells * mem_.n_seq();
+    ggml_tensor * k_all = ggml_set_rows(ctx_, ggml_reshape_2d(ctx_, lm.k, n_embd_kv, n_rows_all), k_cur, k_idx);
     ggml_tensor * v_all = nullptr;
     if (mem_.v_trans()) {
         // one element per "row": V^T[cell, j] <- V[j, t]
         ggml_tensor * v_flat = ggml_reshape_2d(ctx_, lm.v, 1, ggml_nelements(lm.v));
         v_all = ggml_set_rows(ctx_, v_flat, ggml_reshape_2d(ctx_, ggml_cont(ctx_, v_cur), 1, n_embd_kv * n_t), v_idx);
     } else {
-        v_all = ggml_set_rows(ctx_, lm.v, v_cur, k_idx);
+        v_all = ggml_set_rows(ctx_, ggml_reshape_2d(ctx_, lm.v, n_embd_kv, n_rows_all), v_cur, k_idx);
     }
     ggml_build_forward_expand(gf_, k_all);
     ggml_build_forward_expand(gf_, v_all);
@@ -139,25 +170,19 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
         shared_k_ = k_all;
         shared_v_ = v_all;
     }
-    const uint32_t n_kv = is_swa ? n_kv_swa_ : n_kv_full_;
-    return build_diff_attn(q, k_all, v_all, lm.n_cells, n_kv, is_swa ? inp_.swa_mask : inp_.full_mask, il);
+    return build_attn_seqs(q, k_all, v_all, lm.n_cells, is_swa, il);
 }
 
 ggml_tensor * graph_builder::build_cross_attn(ggml_tensor * cur, int il) {
     const layer_weights & l = model_.layer(il);
     GGML_ASSERT(shared_k_ && "cross-attention layer before the shared-KV layer");
-    if (!cross_mask_) {
-        // causal over the shared cache for the rows the cross-decoder runs on: the last n_rows
-        // rows of the full layer's mask (a contiguous view)
-        ggml_tensor * m = inp_.full_mask;
-        cross_mask_ = ggml_view_2d(ctx_, m, m->ne[0], n_rows_, m->nb[1], (m->ne[1] - n_rows_) * m->nb[1]);
-    }
     ggml_tensor * q = ggml_mul_mat(ctx_, l.wq, cur);  // {n_embd, H*hd} @ {n_embd, n_rows} => {H*hd, n_rows}
     q = ggml_add(ctx_, q, l.bq);
     cb(q, "wq", il);
     q = ggml_reshape_3d(ctx_, q, hp_.n_embd_head, hp_.n_head, n_rows_);
+    // causal over the shared cache, each sequence over its own cells
     const uint32_t n_cells = mem_.layer(hp_.kv_shared_layer).n_cells;
-    return build_diff_attn(q, shared_k_, shared_v_, n_cells, n_kv_full_, cross_mask_, il);
+    return build_attn_seqs(q, shared_k_, shared_v_, n_cells, /*is_swa*/ false, il);
 }
 
 } // namespace sambay

@@ -131,13 +131,18 @@ class Model:
 
 
 class Context:
-    """One sequence evaluated on a :class:`Model`.
+    """Sequences evaluated on a :class:`Model`: one (``n_seq_max=1``, the default), or up to
+    ``n_seq_max`` decoded together by :meth:`decode` (each weight matrix is read once per
+    micro-batch for all of them).
 
     Args:
         model: the model.
-        n_ctx: the most positions this context holds (``0``: the smaller of the trained
+        n_ctx: the most positions each sequence holds (``0``: the smaller of the trained
             context and 4096).
-        n_batch: micro-batch size; longer evals are split, with results equal to one batch.
+        n_batch: micro-batch size (rows of all sequences together); longer evals are split,
+            with results equal to one batch.
+        n_seq_max: number of sequences (ids ``0 .. n_seq_max-1``); each has its own Mamba
+            states, sliding-window rings and ``n_ctx`` cells of the shared KV cache.
         n_threads: CPU threads for single-token decoding (``0``: all cores).
         n_threads_batch: CPU threads for multi-token batches (``0``: ``n_threads``).
         logits_all: return logits for every evaluated token, not only the last one.
@@ -165,6 +170,7 @@ class Context:
         kv_type: str = "f16",
         yoco: bool = True,
         flash_attn: bool = False,
+        n_seq_max: int = 1,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a sambay.engine.Model, got {type(model).__name__}")
@@ -185,6 +191,7 @@ class Context:
             kv_type=kv_type,
             yoco=bool(yoco),
             flash_attn=bool(flash_attn),
+            n_seq_max=int(n_seq_max),
         )
 
     def eval(self, tokens: Union[Sequence[int], np.ndarray]) -> np.ndarray:
@@ -209,10 +216,40 @@ class Context:
         """
         return self._c.eval(tokens)
 
+    def decode(self, batch: Sequence[tuple[int, Union[Sequence[int], np.ndarray]]]) -> np.ndarray:
+        """Evaluates several sequences' tokens together, each after its own earlier tokens.
+
+        Args:
+            batch: ``(sequence id, tokens)`` pairs, each sequence at most once. A decode step
+                gives one token per sequence; a new prompt may come along in the same call
+                (micro-batches take the shortest inputs first, so the decoding sequences wait
+                for at most one chunk of it).
+
+        Returns:
+            float32 logits, the rows of every pair one after the other: ``len(tokens)`` rows
+            with ``logits_all``, else 1 (0 for no tokens).
+
+        Raises:
+            ValueError: a sequence id out of range or repeated, a token id out of range.
+            ContextFullError: a sequence would exceed ``n_ctx`` (``seq_id`` names it).
+            StateError: a sequence needs a reset after a cancel.
+            Nothing is evaluated when any of these is raised.
+        """
+        return self._c.decode([(int(s), t) for s, t in batch])
+
     @property
     def n_past(self) -> int:
-        """Positions evaluated so far (the position of the next token)."""
+        """Positions of sequence 0 evaluated so far (the position of its next token)."""
         return self._c.n_past
+
+    def seq_n_past(self, seq: int) -> int:
+        """Positions of sequence ``seq`` evaluated so far."""
+        return self._c.seq_n_past(int(seq))
+
+    @property
+    def n_seq_max(self) -> int:
+        """Number of sequences this context holds."""
+        return self._c.n_seq_max
 
     @property
     def n_ctx(self) -> int:
@@ -240,8 +277,12 @@ class Context:
         return self._c.device
 
     def reset(self) -> None:
-        """Forgets the sequence: zero states and caches, ``n_past = 0``."""
+        """Forgets every sequence: zero states and caches, ``n_past = 0``."""
         self._c.reset()
+
+    def seq_reset(self, seq: int) -> None:
+        """Forgets sequence ``seq`` (its states zeroed, ``n_past = 0``); the others stay."""
+        self._c.seq_reset(int(seq))
 
     def cancel(self) -> None:
         """Stops a running :meth:`eval` (call it from another thread): the graph stops at its
@@ -264,21 +305,27 @@ class Context:
         """True after a cancel cut a micro-batch in the middle (see :meth:`cancel`)."""
         return bool(self._c.needs_reset)
 
-    def save_state(self) -> bytes:
-        """Every cache and state plus the position, as bytes (see :meth:`load_state`)."""
-        return self._c.save_state()
+    def seq_needs_reset(self, seq: int) -> bool:
+        """:attr:`needs_reset` of sequence ``seq`` (a cut micro-batch poisons its sequences)."""
+        return bool(self._c.seq_needs_reset(int(seq)))
 
-    def load_state(self, state: bytes) -> None:
-        """Restores a state saved by a context of the same model and KV type.
+    def save_state(self, seq: int = 0) -> bytes:
+        """One sequence's caches and states plus its position, as bytes (see :meth:`load_state`)."""
+        return self._c.save_state(int(seq))
+
+    def load_state(self, state: bytes, seq: int = 0) -> None:
+        """Restores a state saved by a context of the same model and KV type into sequence
+        ``seq`` (any sequence of any such context: prefix reuse across sequences).
 
         Raises:
             StateError: the state belongs to another model or KV type, or is corrupt.
             ContextFullError: the state holds more positions than this context's ``n_ctx``.
         """
-        self._c.load_state(bytes(state))
+        self._c.load_state(bytes(state), int(seq))
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes per part: mamba_conv, mamba_ssm, swa_kv, full_kv, compute, weights."""
+        """Bytes per part, all sequences: mamba_conv, mamba_ssm, swa_kv, full_kv, compute,
+        weights; ``per_sequence`` (one sequence's share of the four caches) and ``n_seq_max``."""
         return dict(self._c.memory_breakdown())
 
     def __repr__(self) -> str:
