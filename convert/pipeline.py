@@ -11,6 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import transforms
+from .._output import atomic_output, resolve_output
 from .errors import ConvertError
 from .hparams import SambayHParams, load_hparams
 from .metadata import ARCH, model_kvs
@@ -166,7 +167,9 @@ def convert(
     Args:
         hf_dir: folder with config.json, *.safetensors (one file, or shards + index) and the
             tokenizer files (tokenizer.json, or vocab.json + merges.txt).
-        out_path: the GGUF file to write (replaced atomically; its folder must exist).
+        out_path: the GGUF file to write: created, or replaced atomically if it is a regular
+            file (symlinks are followed); never one of the inputs, never a folder, device or
+            FIFO. Its folder must exist.
         outtype: type of the big matrices: "f32", "f16", "bf16", or "auto" (the checkpoint's).
             Norms, biases, A, D, conv and sub-norm weights are always F32.
         allow_missing_tokenizer: write a GGUF without tokenizer keys when no tokenizer files
@@ -186,10 +189,8 @@ def convert(
         raise ConvertError(f"{src}: no such folder")
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder")
-    if out.is_dir():
-        raise ConvertError(f"{out}: is a folder; give the output file's path")
-    if not out.parent.is_dir():
-        raise ConvertError(f"{out.parent}: output folder does not exist")
+    # every file in the folder may be read (shards, index, tokenizer, configs)
+    target = resolve_output(out, sorted(src.iterdir()), ConvertError)
 
     config = _read_json(src / "config.json", required=True)
     tok_cfg = _read_json(src / "tokenizer_config.json", required=False)
@@ -230,27 +231,6 @@ def convert(
         if t.gguf_name is not None
     ]
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(target, ConvertError) as tmp:
         write_gguf(tmp, ARCH, kvs, tensors, progress=progress)
-        os.replace(tmp, out)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ConvertError(f"{out}: cannot write: {err.strerror or err}") from None
-        raise
-    _fsync_dir(out.parent)
     return out
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the data itself is already synced
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
