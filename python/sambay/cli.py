@@ -38,10 +38,24 @@ def _cmd_system_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    import warnings
 
-    convert(args.hf_dir, args.output, outtype=args.outtype,
-            allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet)
+    from .convert import ConvertWarning, convert
+
+    show = warnings.showwarning
+
+    def one_line(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+        if issubclass(category, ConvertWarning):
+            print(f"sambay convert: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConvertWarning)
+        warnings.showwarning = one_line
+        convert(args.hf_dir, args.output, outtype=args.outtype,
+                allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet,
+                strict=args.strict)
     if not args.quiet:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -274,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and SSM constants are always f32")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="convert even when the tokenizer files are missing (no vocabulary in the GGUF)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a checkpoint with NaN/Inf weights or values the output type "
+                        "cannot hold (F16 beyond 65504); without it they are written with a warning")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
