@@ -116,6 +116,12 @@ void context::set_threads(int n) {
     }
 }
 
+void context::check_fits(uint64_t n_positions) const {
+    if (n_positions > params_.n_ctx) {
+        throw context_full_error((int64_t) n_positions, params_.n_ctx);
+    }
+}
+
 void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
     std::lock_guard<std::mutex> lock(mutex_);
     const hparams & hp = model_->hp();
@@ -125,9 +131,7 @@ void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
                                         std::to_string(i) + " (n_vocab is " + std::to_string(hp.n_vocab) + ")");
         }
     }
-    if ((uint64_t) n_past_ + n_tokens > params_.n_ctx) {
-        throw context_full_error((int64_t) (n_past_ + n_tokens), params_.n_ctx);
-    }
+    check_fits((uint64_t) n_past_ + n_tokens);
     if (poisoned_) {
         throw state_error("the context was cancelled in the middle of a computation: reset() it or "
                           "load_state() a saved state before evaluating more tokens");

@@ -43,6 +43,10 @@ public:
     void eval(const int32_t * tokens, size_t n_tokens, float * logits);
 
     uint32_t n_past() const { return n_past_; }  // (read without the lock: a plain value)
+
+    // throws context_full_error when a sequence of `n_positions` would not fit: the one check,
+    // made by eval() and by callers that feed a sequence in several calls (sambay.Llama)
+    void check_fits(uint64_t n_positions) const;
     void     reset();
 
     // Cancellation, callable from any thread while another one is in eval(): the running graph

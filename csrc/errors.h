@@ -54,13 +54,14 @@ struct load_error : std::runtime_error {
     explicit load_error(const std::string & msg) : std::runtime_error(printable(msg)) {}
 };
 
-// A call would need more context than the context has. -> sambay.ContextFullError(RuntimeError)
+// A call would need more context than the context has. -> sambay.ContextFullError, both a
+// ValueError (as llama-cpp-python raises for it, with its wording) and a RuntimeError.
 struct context_full_error : std::runtime_error {
     int64_t n_requested;
     int64_t n_ctx;
     context_full_error(int64_t n_requested, int64_t n_ctx)
-        : std::runtime_error("context full: " + std::to_string(n_requested) +
-                             " positions requested, but n_ctx is " + std::to_string(n_ctx)),
+        : std::runtime_error("Requested tokens (" + std::to_string(n_requested) +
+                             ") exceed context window of " + std::to_string(n_ctx)),
           n_requested(n_requested), n_ctx(n_ctx) {}
 };
 

@@ -67,8 +67,9 @@ def test_prompt_at_and_one_past_n_ctx(llm):
     out = llm(at, max_tokens=4, temperature=0)  # fits exactly: one token sampled, then "length"
     assert out["choices"][0]["finish_reason"] == "length"
     assert out["usage"]["completion_tokens"] == 1
-    with pytest.raises(ValueError, match="exceed context window"):
+    with pytest.raises(sambay.ContextFullError, match="exceed context window") as info:
         llm([5] * (n_ctx + 1), max_tokens=4)
+    assert isinstance(info.value, ValueError) and info.value.n_requested == n_ctx + 1
     with pytest.raises(sambay.ContextFullError):
         Context(llm._model, n_ctx=8, n_threads=1).eval([1] * 9)
 

@@ -197,8 +197,17 @@ def test_errors(gguf_path, tmp_path, llm):
     junk.write_bytes(b"hello world" * 100)
     with pytest.raises(sambay.LoadError):
         Llama(junk)
-    with pytest.raises(ValueError, match=r"Requested tokens \(300\) exceed context window of 256"):
+    # one exception, from the engine's one check: a ContextFullError that is also a ValueError
+    # (llama-cpp-python's type and wording), raised before anything is evaluated
+    with pytest.raises(sambay.ContextFullError, match=r"^Requested tokens \(300\) exceed context window of 256$") as info:
         llm([5] * 300, max_tokens=1)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert (info.value.n_requested, info.value.n_ctx) == (300, 256)
+    before = list(llm.input_ids)
+    with pytest.raises(sambay.ContextFullError) as info:
+        llm.eval([5] * 257)
+    assert (info.value.n_requested, info.value.n_ctx) == (257 + len(before), 256)
+    assert llm.input_ids == before  # nothing evaluated
     with pytest.raises(ValueError, match="invalid token id 5000"):
         llm([1, 5000], max_tokens=1)
     with pytest.raises(ValueError, match="invalid token id -1"):

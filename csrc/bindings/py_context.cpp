@@ -64,6 +64,8 @@ void register_context(py::module_ & m) {
             }
             return logits;
         }, py::arg("tokens"))
+        .def("check_fits", &context::check_fits, py::arg("n_positions"),
+             "raise ContextFullError when a sequence of n_positions would not fit")
         .def_property_readonly("n_past", &context::n_past)
         .def_property_readonly("n_ctx", [](const context & c) { return c.params().n_ctx; })
         .def_property_readonly("n_batch", [](const context & c) { return c.params().n_batch; })

@@ -7,8 +7,8 @@ layer and read by every cross-attention layer.
 
 Errors:
     LoadError (a ValueError): the file is not a valid phi4flash GGUF.
-    ContextFullError (a RuntimeError): an eval would exceed ``n_ctx``; carries
-        ``n_requested`` and ``n_ctx``.
+    ContextFullError (a ValueError, as in llama-cpp-python, and a RuntimeError): an eval
+        would exceed ``n_ctx``; carries ``n_requested`` and ``n_ctx``.
     StateError (a ValueError): a saved state does not fit the context, or the context was
         cancelled inside a computation and needs reset()/load_state() first.
     AbortedError (a RuntimeError): Context.cancel() stopped an eval.
@@ -208,6 +208,12 @@ class Context:
         order); several Contexts on one Model run in parallel.
         """
         return self._c.eval(tokens)
+
+    def check_fits(self, n_positions: int) -> None:
+        """Raises :class:`ContextFullError` when a sequence of ``n_positions`` positions would
+        not fit in this context: the check :meth:`eval` makes, for callers that evaluate one
+        sequence in several calls and must know before the first."""
+        self._c.check_fits(int(n_positions))
 
     @property
     def n_past(self) -> int:

@@ -233,16 +233,14 @@ class Llama:
         """Evaluate ``tokens`` after those already evaluated.
 
         Raises:
-            ValueError: an invalid token id, or more tokens than the context has room for.
+            ValueError: an invalid token id.
+            ContextFullError: more tokens than the context has room for (also a ValueError);
+                nothing is evaluated.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
             return
-        if len(self._input_ids) + len(tokens) > self.n_ctx():
-            raise ValueError(
-                f"Requested tokens ({len(self._input_ids) + len(tokens)}) exceed context window "
-                f"of {self.n_ctx()}"
-            )
+        self._ctx.check_fits(len(self._input_ids) + len(tokens))
         # one micro-batch per engine call: a KeyboardInterrupt (Ctrl-C) or cancel() lands
         # between two of them, with the state consistent; the engine splits the same way, so
         # the results are those of one call
@@ -390,9 +388,7 @@ class Llama:
         prompt_text: str,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
-        n_ctx = self.n_ctx()
-        if len(prompt_tokens) > n_ctx:
-            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {n_ctx}")
+        self._ctx.check_fits(len(prompt_tokens))
         if echo and logprobs is not None and not self.logits_all:
             raise ValueError("echo with logprobs needs the prompt's logits: create the Llama with logits_all=True")
         # no max_tokens: until the context is full (generate() ends there)
@@ -495,7 +491,8 @@ class Llama:
         (``None`` or <= 0: until the context is full; "length").
 
         Raises:
-            ValueError: invalid arguments, invalid token ids, or a prompt longer than n_ctx.
+            ValueError: invalid arguments or invalid token ids.
+            ContextFullError: a prompt longer than n_ctx (also a ValueError).
         """
         if suffix:
             raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
@@ -591,7 +588,8 @@ class Llama:
 
         Raises:
             sambay.ChatTemplateError: bad messages or a failing template.
-            ValueError: invalid arguments or a conversation longer than n_ctx.
+            ValueError: invalid arguments.
+            ContextFullError: a conversation longer than n_ctx (also a ValueError).
         """
         prompt = self.chat_formatter.render(messages, add_generation_prompt=True, tools=tools)
         prompt_tokens = self.tokenize(prompt, special=True)
