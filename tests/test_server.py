@@ -354,6 +354,42 @@ def test_client_disconnect_stops_generation(model):
         assert s.pool.n_cancelled == 2
 
 
+def test_stopping_a_job_reaches_the_engine(model):
+    # the stop request is passed to Llama.cancel(): an eval that starts after it (like one
+    # running when it comes, e.g. a long prefill) is stopped by the engine, not run to its end
+    llm = SlotLlama.from_model(model, n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
+    assert not isinstance(llm.cancel, threading.Event)  # the engine's cancel, not shadowed
+    pool = SlotPool([llm], max_queue=1)  # a job's slot returns just after its result
+    stop_sent = threading.Event()
+    ids = llm.tokenize(PROMPT)
+
+    def prefill_after_stop(slot: SlotLlama) -> str:
+        assert stop_sent.wait(TIMEOUT)
+        slot.eval(ids)
+        return "evaluated"
+
+    def prefill(slot: SlotLlama) -> list[int]:
+        slot.reset()
+        slot.eval(ids)
+        return slot.input_ids
+
+    async def main() -> list[Any]:
+        job = pool.start(await pool.acquire(), prefill_after_stop, stream=False)
+        job.cancel()
+        stop_sent.set()
+        out = [await job.result()]
+        for _ in range(2):  # the slot's next jobs are not stopped by the old request
+            out.append(await pool.start(await pool.acquire(), prefill, stream=False).result())
+        return out
+
+    try:
+        stopped, *later = asyncio.run(main())
+    finally:
+        pool.close()
+    assert stopped is None and pool.n_cancelled == 1
+    assert later == [ids, ids]
+
+
 def test_shutdown_ends_running_and_queued_requests_promptly(model):
     with serving(model, parallel=1, max_queue=4) as s:
         slow_down(s, 0.05)  # 300 tokens: 15 s
@@ -378,8 +414,10 @@ def test_shutdown_ends_running_and_queued_requests_promptly(model):
             t.join(timeout=TIMEOUT)
     assert stop_seconds < 4, stop_seconds  # not uvicorn's 5 s graceful timeout
     status, text = out["stream"]
-    events = sse_events(text)
-    assert status == 200 and json.loads(events[-1])["error"]["code"] == "shutting_down"
+    if status == 200:  # stopped after its first token: the error ends the event stream
+        assert json.loads(sse_events(text)[-1])["error"]["code"] == "shutting_down"
+    else:  # stopped in the prefill (the engine's cancel): an HTTP error, as for the queued one
+        assert status == 503 and json.loads(text)["error"]["code"] == "shutting_down"
     assert _error(out["queued"], 503)["code"] == "shutting_down"
 
 
