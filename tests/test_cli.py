@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,46 @@ def test_errors_are_one_line(model, tmp_path):
     for cmd in ("convert", "quantize", "run", "chat", "info", "system-info"):
         h = sambay(cmd, "--help")
         assert h.returncode == 0 and "usage: sambay " + cmd in h.stdout
+
+
+def test_prompt_from_p_f_and_api_decode_invalid_utf8_alike(model, tmp_path):
+    raw = b"caf\xe9 \xff 12 +"
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(raw)
+    common = ["--raw", "-n", "6", "--temp", "0", "-c", "64", "-q"]
+    from_f = sambay("run", "-m", str(model), "-f", str(prompt), *common)
+    assert from_f.returncode == 0, from_f.stderr
+    if os.name == "posix":  # argv carries bytes only there
+        from_p = subprocess.run([sys.executable, "-m", "sambay", "run", "-m", str(model), "-p", raw,
+                                 *common], capture_output=True, timeout=300)
+        assert from_p.returncode == 0 and from_p.stdout.decode() == from_f.stdout
+    with Llama(model, n_ctx=64, verbose=False) as llm:
+        want = llm(raw, max_tokens=6, temperature=0)["choices"][0]["text"]
+    assert from_f.stdout == want + "\n"
+
+
+def test_usage_errors(model, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("x")
+    both = sambay("run", "-m", str(model), "-p", "x", "-f", str(prompt))
+    assert both.returncode == 2 and "-f/--file: not allowed with argument -p/--prompt" in both.stderr
+    neg = sambay("info", "-m", str(model), "-c", "-5")
+    assert neg.returncode == 2 and "argument -c/--ctx-size: must be >= 0, got -5" in neg.stderr
+    for cmd in ("run", "info"):
+        out = sambay(cmd, "-m", str(tmp_path), *(["-p", "x"] if cmd == "run" else []))
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"sambay {cmd}: error: {tmp_path}: is a folder; give the path of a .gguf file")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a pipe closed by its reader")
+def test_closed_stdout_ends_quietly(model):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited
+    try:
+        out = subprocess.run([sys.executable, "-m", "sambay", "run", "-m", str(model), "-p", "x",
+                              "-n", "4", "-q", "--raw"], stdout=write_end, stderr=subprocess.PIPE,
+                             text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and out.stderr == "", out.stderr

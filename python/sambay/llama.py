@@ -18,6 +18,7 @@ from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .engine import AbortedError, Context, LoadError, Model
+from .gguf_metadata import check_model_file
 from .sampling import SamplingParams, log_softmax, make_rng, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -117,8 +118,8 @@ class Llama:
                 raise TypeError(f"model must be a sambay.engine.Model, got {type(model).__name__}")
             if os.path.abspath(path) != os.path.abspath(model.path):
                 raise ValueError(f"model_path {path!r} is not the path of the given model ({model.path!r})")
-        elif not os.path.isfile(path):
-            raise LoadError(f"model file not found: {path}")
+        else:
+            check_model_file(path, LoadError)
 
         self.model_path = path
         self.verbose = verbose
