@@ -263,7 +263,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a phi4flash GGUF file (default: the built-in demo model)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (0: the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
-    p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores; 0: all)")
     p.add_argument("--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
     p.add_argument("output", help="the GGUF file to write")
     p.add_argument("type", metavar="TYPE", help="one of: " + ", ".join(types))
-    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default and 0: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
 

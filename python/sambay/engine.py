@@ -231,6 +231,16 @@ class Context:
         return self._c.n_batch
 
     @property
+    def n_threads(self) -> int:
+        """CPU threads for single-token steps (``0`` given: all cores)."""
+        return self._c.n_threads
+
+    @property
+    def n_threads_batch(self) -> int:
+        """CPU threads for multi-token batches."""
+        return self._c.n_threads_batch
+
+    @property
     def logits_all(self) -> bool:
         """Whether eval returns logits for every token."""
         return self._c.logits_all

@@ -62,8 +62,8 @@ class Llama:
         model_path: a GGUF file from ``sambay convert`` (optionally ``sambay quantize``).
         n_ctx: context length in tokens; 0 means the model's trained context.
         n_batch: prompt tokens per engine step (micro-batch).
-        n_threads: threads for single-token decoding (default: half the cores).
-        n_threads_batch: threads for prompt processing (default: all cores).
+        n_threads: threads for single-token decoding (default: half the cores; 0: all cores).
+        n_threads_batch: threads for prompt processing (default and 0: all cores).
         n_gpu_layers: layers to put on a GPU when the installed ggml has one (-1: all, 0: none).
         seed: seed of the sampler's generator (None: fresh entropy); a call's ``seed`` wins.
         logits_all: keep the logits of every prompt position (needed for prompt logprobs
@@ -106,8 +106,9 @@ class Llama:
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)
-        n_threads = _check_int("n_threads", n_threads, 1) if n_threads is not None else max(1, cpus // 2)
-        n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 1)
+        # 0: all cores, as for engine.Context
+        n_threads = _check_int("n_threads", n_threads, 0) or cpus if n_threads is not None else max(1, cpus // 2)
+        n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 0) or cpus
                            if n_threads_batch is not None else cpus)
         _check_int("max_snapshots", max_snapshots, 0)
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):

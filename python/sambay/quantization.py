@@ -37,7 +37,7 @@ def quantize(
             are followed), through a temporary file renamed at the end, so an interrupted run
             leaves the old file as it was. Never the input itself, a folder, a device or a FIFO.
         qtype: one of :data:`QUANT_TYPES` (case-insensitive).
-        n_threads: worker threads (default: all cores).
+        n_threads: worker threads (default and 0: all cores).
         progress: show a progress bar over tensors on stderr.
 
     Returns:
@@ -49,8 +49,9 @@ def quantize(
             space left on device").
         ValueError: invalid ``n_threads``.
     """
-    if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-        raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                  or n_threads < 0):
+        raise ValueError(f"n_threads must be an integer >= 0, got {n_threads!r}")
     callback = None
     bar = None
     if progress:
