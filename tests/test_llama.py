@@ -261,3 +261,17 @@ def test_contexts_sharing_one_model_run_in_parallel_threads(gguf_path):
         Llama(gguf_path, model="m.gguf")
     a.close()
     assert b(PROMPT, max_tokens=12, temperature=1.0, seed=1)["choices"][0]["text"] == want[1]
+
+
+def test_stop_must_be_strings_and_a_closed_llama_says_so(gguf_path, llm):
+    for bad in (5, [5], b"x", ["a", None]):
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            llm("1", max_tokens=1, stop=bad)
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            llm.create_chat_completion([{"role": "user", "content": "x"}], max_tokens=1, stop=bad)
+    m = Llama(gguf_path, n_ctx=64, verbose=False)
+    m.close()
+    for call in (lambda: m("x", max_tokens=1), lambda: m.eval([1]), m.n_ctx, m.save_state, m.reset):
+        with pytest.raises(ValueError, match="^this Llama is closed$"):
+            call()
+    m.close()  # a second close is harmless

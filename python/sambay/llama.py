@@ -55,6 +55,28 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _stop_strings(stop: Any) -> list[str]:
+    """``stop`` as a list: None, one string, or a sequence of strings (as the OpenAI API)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, Sequence) and not isinstance(stop, (bytes, bytearray)) and all(
+            isinstance(s, str) for s in stop):
+        return list(stop)
+    raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+class _Closed:
+    """Stands for the context and model of a closed Llama: any use says so."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise ValueError("this Llama is closed")
+
+
+_CLOSED: Any = _Closed()
+
+
 class Llama:
     """A loaded model plus one evaluation context, with llama-cpp-python's API.
 
@@ -502,7 +524,7 @@ class Llama:
             _check_int("logprobs", logprobs, 0)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
             raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_strings(stop)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty)
@@ -596,7 +618,7 @@ class Llama:
         prompt = self.chat_formatter.render(messages, add_generation_prompt=True, tools=tools)
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_strings(stop)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty)
@@ -650,10 +672,10 @@ class Llama:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Free the context and the model (the object is unusable afterwards)."""
+        """Free the context and the model; using the object afterwards raises ValueError."""
         self._snapshots = []
-        self._ctx = None  # type: ignore[assignment]
-        self._model = None  # type: ignore[assignment]
+        self._ctx = _CLOSED
+        self._model = _CLOSED
 
     def __enter__(self) -> "Llama":
         return self
