@@ -242,6 +242,9 @@ def test_invalid_requests_get_openai_errors_never_500(srv):
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
         _error(post("/v1/chat/completions", json=bad), 422)
     assert _error(post("/v1/completions", content=b"{not json"), 400)["code"] == "invalid_json"
+    deep = b"[" * 100_000 + b"]" * 100_000  # the decoder's recursion limit, not a 500
+    assert _error(post("/v1/completions", content=deep), 400)["code"] == "invalid_json"
+    assert _error(post("/v1/completions", content=b'{"prompt": ' + deep + b"}"), 400)["code"] == "invalid_json"
     assert _error(post("/v1/completions", json={"prompt": "x", "max_tokens": 401}), 400)["param"] == "max_tokens"
     _error(post("/v1/completions", json={"prompt": [1, 10**6]}), 400)  # token id outside the vocabulary
     _error(post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1}), 400)
@@ -508,7 +511,7 @@ def test_sambay_serve_command(gguf_path):
     assert proc.returncode == 0
 
 
-def test_serve_options_and_errors(tmp_path):
+def test_serve_options_and_errors(tmp_path, gguf_path):
     from sambay.cli import build_parser
     from sambay.server import from_args
 
@@ -520,6 +523,18 @@ def test_serve_options_and_errors(tmp_path):
     out = run("-m", "sambay", "serve", "-m", str(tmp_path / "none.gguf"))
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"sambay serve: error: model file not found: {tmp_path / 'none.gguf'}"]
+    with socket.socket() as busy:  # a busy port: one line, and no address announced before
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run("-m", "sambay", "serve", "-m", str(gguf_path), "--port", str(port))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"sambay serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    out = run("-m", "sambay", "serve", "-m", str(tmp_path))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"sambay serve: error: {tmp_path}: is a folder; give the path of a .gguf file"]
     out = run("-m", "sambay", "serve", "-m", "x.gguf", "--parallel", "0")
     assert out.returncode == 1 and "parallel must be an integer >= 1" in out.stderr
     # without the server extra: one line naming the install command
