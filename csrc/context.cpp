@@ -91,7 +91,9 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
         const bool ok = ggml_backend_sched_reserve(sched_, gf);
         ggml_free(ctx);
         if (!ok) {
-            throw compute_error("cannot reserve the compute buffers");
+            throw compute_error("cannot reserve the compute buffers (n_ctx " + std::to_string(params_.n_ctx) +
+                                ", n_batch " + std::to_string(params_.n_batch) +
+                                "): out of memory; a smaller n_ctx or n_batch needs less");
         }
     }
 }

@@ -70,7 +70,7 @@ struct state_error : std::runtime_error {
     explicit state_error(const std::string & msg) : std::runtime_error(printable(msg)) {}
 };
 
-// The backend failed to allocate or compute a graph. -> RuntimeError
+// The backend failed to allocate or compute a graph. -> sambay.ComputeError(RuntimeError)
 struct compute_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };

@@ -133,3 +133,31 @@ def test_closed_stdout_ends_quietly(model):
     finally:
         os.close(write_end)
     assert out.returncode == 141 and out.stderr == "", out.stderr
+
+
+_OUT_OF_MEMORY = """
+import resource, sys
+from sambay import cli
+for line in open("/proc/self/status"):
+    if line.startswith("VmSize:"):
+        limit = int(line.split()[1]) * 1024 + 600 * 2**20  # 600 MiB more address space
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="RLIMIT_AS and /proc (ASan reserves terabytes of address space)")
+@pytest.mark.parametrize("ctx, batch, message", [
+    ("16777216", "512", "cannot allocate the context memory (4096 MiB for n_ctx 16777216) on CPU: out of "
+                        "memory; a smaller n_ctx needs less"),
+    ("1000000", "4096", "cannot reserve the compute buffers (n_ctx 1000000, n_batch 4096): out of memory; "
+                        "a smaller n_ctx or n_batch needs less"),
+])
+def test_out_of_memory_is_one_line(ctx, batch, message):
+    from sambay import demo_model_path
+
+    out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, "run", "-m", demo_model_path(), "-c", ctx,
+                          "-b", batch, "-p", "x", "-n", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [f"sambay run: error: {message}"]

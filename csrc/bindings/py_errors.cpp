@@ -11,6 +11,7 @@ void register_errors(py::module_ & m) {
     py::register_exception<load_error>(m, "LoadError", PyExc_ValueError);
     py::register_exception<state_error>(m, "StateError", PyExc_ValueError);
     py::register_exception<aborted_error>(m, "AbortedError", PyExc_RuntimeError);
+    py::register_exception<compute_error>(m, "ComputeError", PyExc_RuntimeError);
     // ContextFullError carries n_requested and n_ctx as attributes; a ValueError as in
     // llama-cpp-python, and still the RuntimeError it always was
     static py::exception<context_full_error> ctx_full(

@@ -18,13 +18,13 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 def _known_errors() -> tuple[type, ...]:
     from .chat import ChatTemplateError
     from .convert import ConvertError
-    from .errors import ContextFullError, LoadError, QuantizeError, StateError
+    from .errors import ComputeError, ContextFullError, LoadError, QuantizeError, StateError
     from .gguf_metadata import GGUFMetadataError
     from .server import MissingDependencyError
     from .tokenizer import TokenizerError
 
     return (MissingDependencyError, ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
-            ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
+            ComputeError, ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
 
 
 # ---------------------------------------------------------------------------------------------

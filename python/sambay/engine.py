@@ -12,6 +12,8 @@ Errors:
     StateError (a ValueError): a saved state does not fit the context, or the context was
         cancelled inside a computation and needs reset()/load_state() first.
     AbortedError (a RuntimeError): Context.cancel() stopped an eval.
+    ComputeError (a RuntimeError): the backend cannot allocate a context's memory or compute
+        buffers (out of memory: the message names n_ctx/n_batch), or a graph compute failed.
     ValueError: bad arguments, e.g. a token id outside ``[0, n_vocab)``.
 """
 
@@ -28,8 +30,10 @@ LoadError = _core.LoadError
 ContextFullError = _core.ContextFullError
 StateError = _core.StateError
 AbortedError = _core.AbortedError
+ComputeError = _core.ComputeError
 
-__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError"]
+__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError",
+           "ComputeError"]
 
 _KV_TYPES = ("f16", "f32", "bf16")
 
