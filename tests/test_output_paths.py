@@ -269,3 +269,24 @@ def test_quantize_file_size_limit_names_the_reason(f32_gguf, tmp_path):
     assert run.returncode == 1
     assert run.stderr == "sambay quantize: error: cannot write the output file: File too large\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("tool", ["convert", "quantize"])
+def test_unwritable_folder_names_the_output(tool, base, f32_gguf, tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere, except in sysfs
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("running as root without sysfs")
+        folder = Path("/sys")
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+    run, src, error = ((_convert, base, ConvertError) if tool == "convert"
+                       else (_quantize, f32_gguf, QuantizeError))
+    try:
+        with pytest.raises(error, match=f"^{folder / 'm.gguf'}: cannot write: Permission denied$"):
+            run(src, folder / "m.gguf")
+    finally:
+        if folder != Path("/sys"):
+            folder.chmod(0o755)

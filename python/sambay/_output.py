@@ -99,6 +99,8 @@ def atomic_output(target: Path, error: Callable[[str], Exception]) -> Iterator[P
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with _terminate_raises():
         try:
+            # created here, so that an unwritable folder is reported with the output's name
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
             yield tmp
             _fsync_file(tmp)
             os.replace(tmp, target)
