@@ -198,6 +198,8 @@ _SLOW_QUANTIZE = """
 @pytest.mark.parametrize("tool", ["convert", "quantize"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_termination_removes_the_temporary_file(tool, signum, base, f32_gguf, tmp_path):
+    if signal.getsignal(signum) is signal.SIG_IGN:  # e.g. under nohup: the child ignores it too
+        pytest.skip(f"{signum.name} is ignored in this session")
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
     out.write_bytes(b"previous")
