@@ -8,7 +8,7 @@ schedule (layer kinds), safetensors_reader, tensor_map (the name table), transfo
 
 from __future__ import annotations
 
-from .errors import ConvertError
+from .errors import ConvertError, ConvertWarning
 from .pipeline import convert
 
-__all__ = ["ConvertError", "convert"]
+__all__ = ["ConvertError", "ConvertWarning", "convert"]

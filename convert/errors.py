@@ -1,4 +1,4 @@
-"""The converter's one exception type: bad input, with a one-line reason."""
+"""The converter's exception type (bad input, with a one-line reason) and its warning type."""
 
 from __future__ import annotations
 
@@ -9,3 +9,9 @@ class ConvertError(Exception):
     The message is one line that names the problem (file, key, tensor, expected vs found);
     ``sambay convert`` prints it and exits with status 1. No output file is left behind.
     """
+
+
+class ConvertWarning(UserWarning):
+    """The checkpoint converts, but the result is suspect: NaN or Inf weights, or values the
+    output type cannot hold (F16 beyond +-65504). ``convert(strict=True)`` and ``sambay convert
+    --strict`` raise ConvertError instead."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -11,7 +12,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import transforms
-from .errors import ConvertError
+from .._output import atomic_output, resolve_output
+from .errors import ConvertError, ConvertWarning
 from .hparams import SambayHParams, load_hparams
 from .metadata import ARCH, model_kvs
 from .safetensors_reader import FLOAT_DTYPES, TensorEntry, iter_rows, open_checkpoint, read_tensor
@@ -133,19 +135,81 @@ def _row_blocks(entry: TensorEntry, rows: int) -> Iterator[np.ndarray]:
     return iter_rows(entry, rows * row_bytes)
 
 
+class _ValueCheck:
+    """NaN and Inf in the data as it streams out, per tensor: from the checkpoint itself, or
+    finite values the output type cannot hold (F16 beyond +-65504). Warns once the file is
+    written, or (strict) refuses at the first such tensor. One pass of isfinite per chunk;
+    the checkpoint is looked at again only for a chunk that has some."""
+
+    MAX_LISTED = 10
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.found: dict[str, list[int]] = {}  # "hf (gguf)" -> [nan, inf, overflow, is_f16]
+
+    def __call__(
+        self, t: PlannedTensor, src: np.ndarray, src_dtype: str, out: np.ndarray,
+        gtype: GGMLQuantizationType,
+    ) -> None:
+        n_bad = transforms.count_nonfinite(out, gtype)
+        if n_bad == 0:
+            return
+        f32 = transforms.cast(src, src_dtype, GGMLQuantizationType.F32)
+        nan, inf = int(np.count_nonzero(np.isnan(f32))), int(np.count_nonzero(np.isinf(f32)))
+        key = f"{t.hf_name} ({t.gguf_name})"
+        counts = self.found.setdefault(key, [0, 0, 0, int(gtype == GGMLQuantizationType.F16)])
+        counts[0] += nan
+        counts[1] += inf
+        counts[2] += max(0, n_bad - nan - inf)
+        if self.strict:
+            raise ConvertError(f"{self._describe(key)}; refusing to convert (strict)")
+
+    def _describe(self, key: str) -> str:
+        nan, inf, overflow, f16 = self.found[key]
+        parts = []
+        if nan or inf:
+            parts.append(f"{nan} NaN and {inf} Inf value(s) in the checkpoint")
+        if overflow:
+            parts.append(
+                f"{overflow} value(s) beyond F16's range (|x| > 65504) written as Inf "
+                "(--outtype bf16 or f32 holds them)" if f16 else
+                f"{overflow} value(s) that became Inf or NaN in the conversion"
+            )
+        return f"{key}: {', '.join(parts)}"
+
+    def warn(self) -> None:
+        if not self.found:
+            return
+        keys = list(self.found)
+        for key in keys[: self.MAX_LISTED]:
+            warnings.warn(self._describe(key), ConvertWarning, stacklevel=3)
+        more = f" (the first {self.MAX_LISTED} listed)" if len(keys) > self.MAX_LISTED else ""
+        warnings.warn(
+            f"{len(keys)} tensor(s) hold NaN or Inf{more}: the model will likely produce garbage; "
+            "strict conversion (--strict) refuses such a checkpoint",
+            ConvertWarning, stacklevel=3,
+        )
+
+
 def _tensor_out(
-    t: PlannedTensor, e: TensorEntry, gtype: GGMLQuantizationType, h: SambayHParams
+    t: PlannedTensor, e: TensorEntry, gtype: GGMLQuantizationType, h: SambayHParams,
+    check: _ValueCheck,
 ) -> TensorOut:
     assert t.gguf_name is not None
     if t.transform == Transform.NONE and len(t.hf_shape) >= 2:
 
         def chunks() -> Iterator[np.ndarray]:  # big matrices stream in row chunks
             for part in iter_rows(e, CHUNK_BYTES):
-                yield transforms.cast(part, e.dtype, gtype)
+                out = transforms.cast(part, e.dtype, gtype)
+                check(t, part, e.dtype, out, gtype)
+                yield out
     else:
 
         def chunks() -> Iterator[np.ndarray]:
-            yield apply(t, transforms.cast(read_tensor(e), e.dtype, gtype), h)
+            part = read_tensor(e)
+            out = apply(t, transforms.cast(part, e.dtype, gtype), h)
+            check(t, part, e.dtype, out, gtype)
+            yield out
 
     return TensorOut(t.gguf_name, t.gguf_shape, gtype, chunks)
 
@@ -157,6 +221,7 @@ def convert(
     outtype: str = "auto",
     allow_missing_tokenizer: bool = False,
     progress: bool = True,
+    strict: bool = False,
 ) -> Path:
     """Convert a Phi-4-mini-flash (SambaY) Hugging Face checkpoint folder to one GGUF file.
 
@@ -166,18 +231,26 @@ def convert(
     Args:
         hf_dir: folder with config.json, *.safetensors (one file, or shards + index) and the
             tokenizer files (tokenizer.json, or vocab.json + merges.txt).
-        out_path: the GGUF file to write (replaced atomically; its folder must exist).
+        out_path: the GGUF file to write: created, or replaced atomically if it is a regular
+            file (symlinks are followed); never one of the inputs, never a folder, device or
+            FIFO. Its folder must exist.
         outtype: type of the big matrices: "f32", "f16", "bf16", or "auto" (the checkpoint's).
             Norms, biases, A, D, conv and sub-norm weights are always F32.
         allow_missing_tokenizer: write a GGUF without tokenizer keys when no tokenizer files
             exist, instead of failing.
         progress: show a tqdm bar over the tensors.
+        strict: refuse (ConvertError) a checkpoint with NaN or Inf weights, or with values the
+            output type cannot hold (F16 beyond +-65504), instead of warning.
 
     Returns:
         The output path.
 
     Raises:
         ConvertError: on any bad input (one-line reason); no output file is left behind.
+
+    Warns:
+        ConvertWarning: one per tensor (the first ten) that holds NaN/Inf in the checkpoint or
+            overflows the output type, then a summary; the file is written all the same.
     """
     src, out = Path(hf_dir), Path(out_path)
     if outtype not in OUTTYPES and outtype != "auto":
@@ -186,10 +259,8 @@ def convert(
         raise ConvertError(f"{src}: no such folder")
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder")
-    if out.is_dir():
-        raise ConvertError(f"{out}: is a folder; give the output file's path")
-    if not out.parent.is_dir():
-        raise ConvertError(f"{out.parent}: output folder does not exist")
+    # every file in the folder may be read (shards, index, tokenizer, configs)
+    target = resolve_output(out, sorted(src.iterdir()), ConvertError)
 
     config = _read_json(src / "config.json", required=True)
     tok_cfg = _read_json(src / "tokenizer_config.json", required=False)
@@ -219,38 +290,20 @@ def convert(
     )
     if vocab is not None:
         kvs += vocab.kvs()
+    check = _ValueCheck(strict)
     tensors = [
         _tensor_out(
             t,
             entries[t.hf_name],
             gtype if t.store == Store.OUTTYPE else GGMLQuantizationType.F32,
             h,
+            check,
         )
         for t in planned
         if t.gguf_name is not None
     ]
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(target, ConvertError) as tmp:
         write_gguf(tmp, ARCH, kvs, tensors, progress=progress)
-        os.replace(tmp, out)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ConvertError(f"{out}: cannot write: {err.strerror or err}") from None
-        raise
-    _fsync_dir(out.parent)
+    check.warn()
     return out
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the data itself is already synced
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

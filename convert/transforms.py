@@ -49,6 +49,13 @@ def cast(arr: np.ndarray, src: str, dst: GGMLQuantizationType) -> np.ndarray:
     raise ValueError(f"unsupported GGUF type {dst!r}")
 
 
+def count_nonfinite(arr: np.ndarray, gtype: GGMLQuantizationType) -> int:
+    """NaN and Inf values in an array of storage type ``gtype`` (BF16 as uint16 bits)."""
+    if gtype == GGMLQuantizationType.BF16:
+        return int(np.count_nonzero((arr & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
 # --------------------------------------------------------------------------------------------
 # tensor transforms
 

@@ -8,7 +8,6 @@ written chunk by chunk at the offsets those infos promise. Peak memory is one ch
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
@@ -56,7 +55,7 @@ def write_gguf(
     *,
     progress: bool = False,
 ) -> None:
-    """Write a GGUF file at ``path`` (created or truncated), fsynced before returning.
+    """Write a GGUF file at ``path`` (created or truncated; the caller syncs and renames it).
 
     Raises:
         RuntimeError: a chunk stream produced the wrong dtype or byte count (a converter bug).
@@ -103,7 +102,6 @@ def write_gguf(
             if bar is not None:
                 bar.close()
         fout.flush()
-        os.fsync(fout.fileno())
     finally:
         w.close()
 

@@ -100,7 +100,9 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
         const bool ok = ggml_backend_sched_reserve(sched_, gf);
         ggml_free(ctx);
         if (!ok) {
-            throw compute_error("cannot reserve the compute buffers");
+            throw compute_error("cannot reserve the compute buffers (n_ctx " + std::to_string(params_.n_ctx) +
+                                ", n_batch " + std::to_string(params_.n_batch) +
+                                "): out of memory; a smaller n_ctx or n_batch needs less");
         }
     };
     reserve(1, params_.n_batch);
@@ -126,6 +128,12 @@ void context::set_threads(int n) {
         ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
         auto fn = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
         if (fn) fn(b, n);
+    }
+}
+
+void context::check_fits(uint64_t n_positions, uint32_t seq) const {
+    if (n_positions > params_.n_ctx) {
+        throw context_full_error((int64_t) n_positions, params_.n_ctx, seq);
     }
 }
 
@@ -169,9 +177,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
                                             std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
             }
         }
-        if ((uint64_t) n_past_[b.seq] + b.n_tokens > params_.n_ctx) {
-            throw context_full_error((int64_t) (n_past_[b.seq] + b.n_tokens), params_.n_ctx, b.seq);
-        }
+        check_fits((uint64_t) n_past_[b.seq] + b.n_tokens, b.seq);
         if (poisoned_[b.seq]) {
             throw state_error("sequence " + std::to_string(b.seq) + " was cancelled in the middle of a computation: "
                               "reset it or load_state() a saved state before evaluating more tokens");

@@ -60,6 +60,10 @@ public:
     void     reset();                         // every sequence empty
     void     reset_seq(uint32_t seq);         // sequence `seq` empty
 
+    // throws context_full_error when sequence `seq` of `n_positions` would not fit: the one
+    // check, made by decode() and by callers that feed a sequence in several calls (sambay.Llama)
+    void check_fits(uint64_t n_positions, uint32_t seq = 0) const;
+
     // Cancellation, callable from any thread while another one is in eval(): the running graph
     // stops at its next node (the CPU backend's abort callback) and eval throws aborted_error.
     // A request made while no eval runs is kept and stops the next eval before it computes

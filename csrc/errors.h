@@ -54,15 +54,16 @@ struct load_error : std::runtime_error {
     explicit load_error(const std::string & msg) : std::runtime_error(printable(msg)) {}
 };
 
-// A call would need more context than the context has. -> sambay.ContextFullError(RuntimeError)
+// A call would need more context than the context has. -> sambay.ContextFullError, both a
+// ValueError (as llama-cpp-python raises for it, with its wording) and a RuntimeError.
 // seq_id: the sequence that would overflow (n_ctx is per sequence).
 struct context_full_error : std::runtime_error {
     int64_t n_requested;
     int64_t n_ctx;
     int64_t seq_id;
     context_full_error(int64_t n_requested, int64_t n_ctx, int64_t seq_id = 0)
-        : std::runtime_error("context full: " + std::to_string(n_requested) +
-                             " positions requested, but n_ctx is " + std::to_string(n_ctx) +
+        : std::runtime_error("Requested tokens (" + std::to_string(n_requested) +
+                             ") exceed context window of " + std::to_string(n_ctx) +
                              (seq_id ? " (sequence " + std::to_string(seq_id) + ")" : std::string())),
           n_requested(n_requested), n_ctx(n_ctx), seq_id(seq_id) {}
 };
@@ -72,7 +73,7 @@ struct state_error : std::runtime_error {
     explicit state_error(const std::string & msg) : std::runtime_error(printable(msg)) {}
 };
 
-// The backend failed to allocate or compute a graph. -> RuntimeError
+// The backend failed to allocate or compute a graph. -> sambay.ComputeError(RuntimeError)
 struct compute_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };

@@ -57,7 +57,13 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
     for (auto & [dev, c] : ctx_of) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_dev_buffer_type(dev));
         if (!buf) {
-            throw compute_error(std::string("cannot allocate the context memory on ") + ggml_backend_dev_name(dev));
+            size_t bytes = 0;
+            for (ggml_tensor * t = ggml_get_first_tensor(c); t; t = ggml_get_next_tensor(c, t)) {
+                bytes += ggml_nbytes(t);
+            }
+            throw compute_error("cannot allocate the context memory (" + std::to_string(bytes >> 20) +
+                                " MiB for n_ctx " + std::to_string(n_ctx) + ") on " + ggml_backend_dev_name(dev) +
+                                ": out of memory; a smaller n_ctx needs less");
         }
         buffers_.push_back(buf);
     }

@@ -4,12 +4,12 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <random>
 #include <thread>
 
 namespace sambay {
@@ -173,16 +173,19 @@ void convert_rows(ggml_type type, const float * src, void * dst, int64_t nrows, 
     for (auto & w : workers) w.join();
 }
 
-struct temp_file_guard {
-    fs::path path;
-    bool keep = false;
-    ~temp_file_guard() {
-        if (!keep) {
-            std::error_code ec;
-            fs::remove(path, ec);
-        }
+struct file_closer { void operator()(std::FILE * f) const { std::fclose(f); } };
+using file_ptr = std::unique_ptr<std::FILE, file_closer>;
+
+[[noreturn]] void write_failed(int err) {
+    throw quantize_error(std::string("cannot write the output file: ") + std::strerror(err));
+}
+
+// fwrite that throws with the system's reason ("No space left on device") on a short write
+void write_all(std::FILE * f, const void * data, size_t n) {
+    if (n > 0 && std::fwrite(data, 1, n, f) != n) {
+        write_failed(errno);
     }
-};
+}
 
 } // namespace
 
@@ -250,23 +253,19 @@ quantize_result quantize_file(const quantize_params & params) {
         gguf_set_tensor_type(out.get(), name.c_str(), new_types[i]);
     }
 
-    // write: metadata, then each tensor's data padded to the alignment, to a temporary file
-    const fs::path out_path(params.output);
-    const fs::path dir = out_path.has_parent_path() ? out_path.parent_path() : fs::path(".");
-    if (!fs::is_directory(dir, ec)) {
-        throw quantize_error("output folder does not exist: " + dir.string());
-    }
-    std::random_device rd;
-    temp_file_guard tmp{dir / ("." + out_path.filename().string() + ".tmp" + std::to_string(rd()))};
-
+    // write: metadata, then each tensor's data padded to the alignment
     std::ifstream fin(params.input, std::ios::binary);
-    std::ofstream fout(tmp.path, std::ios::binary | std::ios::trunc);
-    if (!fin || !fout) {
-        throw quantize_error("cannot open " + std::string(!fin ? params.input : tmp.path.string()));
+    if (!fin) {
+        throw quantize_error("cannot open " + params.input);
+    }
+    file_ptr fout(std::fopen(params.output.c_str(), "wb"));
+    if (!fout) {
+        throw quantize_error("cannot open " + params.output + ": " + std::strerror(errno));
     }
     std::vector<char> meta_buf(gguf_get_meta_size(out.get()));
     gguf_get_meta_data(out.get(), meta_buf.data());
-    fout.write(meta_buf.data(), (std::streamsize) meta_buf.size());
+    write_all(fout.get(), meta_buf.data(), meta_buf.size());
+    size_t written = meta_buf.size();
 
     const size_t alignment = gguf_get_alignment(out.get());
     quantize_result result;
@@ -298,17 +297,18 @@ quantize_result quantize_file(const quantize_params & params) {
             data = dst_buf.data();
         }
         const size_t expect = meta_buf.size() + gguf_get_tensor_offset(out.get(), i);
-        if ((size_t) fout.tellp() != expect) {
+        if (written != expect) {
             throw quantize_error("internal: tensor '" + name + "' would be written at the wrong offset");
         }
-        fout.write(data, (std::streamsize) nbytes_out);
+        write_all(fout.get(), data, nbytes_out);
         const size_t pad = (alignment - nbytes_out % alignment) % alignment;
         static const char zeros[64] = {0};
         for (size_t left = pad; left > 0;) {
             const size_t n = std::min(left, sizeof(zeros));
-            fout.write(zeros, (std::streamsize) n);
+            write_all(fout.get(), zeros, n);
             left -= n;
         }
+        written += nbytes_out + pad;
         result.bytes_in += nbytes_in;
         result.bytes_out += nbytes_out;
         result.tensor_types.emplace_back(name, ggml_type_name(type));
@@ -316,16 +316,12 @@ quantize_result quantize_file(const quantize_params & params) {
             params.progress((size_t) i + 1, (size_t) n_tensors, name, ggml_type_name(type));
         }
     }
-    fout.flush();
-    if (!fout) {
-        throw quantize_error("write error on " + tmp.path.string() + " (disk full?)");
+    if (std::fflush(fout.get()) != 0) {
+        write_failed(errno);
     }
-    fout.close();
-    fs::rename(tmp.path, out_path, ec);
-    if (ec) {
-        throw quantize_error("cannot move the result to " + params.output + ": " + ec.message());
+    if (std::fclose(fout.release()) != 0) {
+        write_failed(errno);
     }
-    tmp.keep = true;
     return result;
 }
 

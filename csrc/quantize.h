@@ -58,8 +58,11 @@ struct quantize_result {
     std::vector<std::pair<std::string, std::string>> tensor_types; // name -> type name
 };
 
-// Writes `output` atomically (a temporary file renamed at the end; removed on failure).
-// Throws quantize_error with a readable message on bad input.
+// Writes `output` (created or truncated; opened only once the input has been checked). Making
+// that atomic, and deciding which paths may be replaced, is the caller's: sambay.quantize
+// passes a temporary file (python/sambay/_output.py). Throws quantize_error with a readable
+// message on bad input and on a failed write ("cannot write the output file: No space left
+// on device").
 quantize_result quantize_file(const quantize_params & params);
 
 } // namespace sambay

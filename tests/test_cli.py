@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -89,3 +90,74 @@ def test_errors_are_one_line(model, tmp_path):
     for cmd in ("convert", "quantize", "run", "chat", "info", "system-info"):
         h = sambay(cmd, "--help")
         assert h.returncode == 0 and "usage: sambay " + cmd in h.stdout
+
+
+def test_prompt_from_p_f_and_api_decode_invalid_utf8_alike(model, tmp_path):
+    raw = b"caf\xe9 \xff 12 +"
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(raw)
+    common = ["--raw", "-n", "6", "--temp", "0", "-c", "64", "-q"]
+    from_f = sambay("run", "-m", str(model), "-f", str(prompt), *common)
+    assert from_f.returncode == 0, from_f.stderr
+    if os.name == "posix":  # argv carries bytes only there
+        from_p = subprocess.run([sys.executable, "-m", "sambay", "run", "-m", str(model), "-p", raw,
+                                 *common], capture_output=True, timeout=300)
+        assert from_p.returncode == 0 and from_p.stdout.decode() == from_f.stdout
+    with Llama(model, n_ctx=64, verbose=False) as llm:
+        want = llm(raw, max_tokens=6, temperature=0)["choices"][0]["text"]
+    assert from_f.stdout == want + "\n"
+
+
+def test_usage_errors(model, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("x")
+    both = sambay("run", "-m", str(model), "-p", "x", "-f", str(prompt))
+    assert both.returncode == 2 and "-f/--file: not allowed with argument -p/--prompt" in both.stderr
+    neg = sambay("info", "-m", str(model), "-c", "-5")
+    assert neg.returncode == 2 and "argument -c/--ctx-size: must be >= 0, got -5" in neg.stderr
+    for cmd in ("run", "info"):
+        out = sambay(cmd, "-m", str(tmp_path), *(["-p", "x"] if cmd == "run" else []))
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"sambay {cmd}: error: {tmp_path}: is a folder; give the path of a .gguf file")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a pipe closed by its reader")
+def test_closed_stdout_ends_quietly(model):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited
+    try:
+        out = subprocess.run([sys.executable, "-m", "sambay", "run", "-m", str(model), "-p", "x",
+                              "-n", "4", "-q", "--raw"], stdout=write_end, stderr=subprocess.PIPE,
+                             text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and out.stderr == "", out.stderr
+
+
+_OUT_OF_MEMORY = """
+import resource, sys
+from sambay import cli
+for line in open("/proc/self/status"):
+    if line.startswith("VmSize:"):
+        limit = int(line.split()[1]) * 1024 + 600 * 2**20  # 600 MiB more address space
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="RLIMIT_AS and /proc (ASan reserves terabytes of address space)")
+@pytest.mark.parametrize("ctx, batch, message", [
+    ("16777216", "512", "cannot allocate the context memory (4096 MiB for n_ctx 16777216) on CPU: out of "
+                        "memory; a smaller n_ctx needs less"),
+    ("1000000", "4096", "cannot reserve the compute buffers (n_ctx 1000000, n_batch 4096): out of memory; "
+                        "a smaller n_ctx or n_batch needs less"),
+])
+def test_out_of_memory_is_one_line(ctx, batch, message):
+    from sambay import demo_model_path
+
+    out = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, "run", "-m", demo_model_path(), "-c", ctx,
+                          "-b", batch, "-p", "x", "-n", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [f"sambay run: error: {message}"]

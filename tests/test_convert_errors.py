@@ -11,13 +11,14 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 from sambay import cli
-from sambay.convert import ConvertError, convert, tiny
+from sambay.convert import ConvertError, ConvertWarning, convert, tiny
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +374,67 @@ def test_interrupt_while_writing_removes_temp(ck, out_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(ck, out_dir / "m.gguf", progress=False)
     assert list(out_dir.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# values: NaN, Inf, F16 overflow (warned, or refused with strict)
+
+
+def _poison(ck: Path, name: str, **cells) -> None:
+    t = load_file(str(ck / "model.safetensors"))
+    arr = t[name].copy()
+    for where, value in cells.items():
+        arr.flat[int(where[1:])] = value
+    edit_tensors(ck, put={name: arr})
+
+
+def test_nan_and_inf_weights_warn_and_strict_refuses(ck, out_dir):
+    _poison(ck, "model.layers.0.mlp.fc2.weight", i0=np.nan, i7=np.inf, i9=-np.inf)
+    _poison(ck, "model.layers.0.attn.A_log", i3=np.nan)  # a transformed tensor (A = -exp)
+    with pytest.warns(ConvertWarning) as caught:
+        convert(ck, out_dir / "m.gguf", progress=False)
+    assert [str(w.message) for w in caught] == [
+        "model.layers.0.mlp.fc2.weight (blk.0.ffn_down.weight): 1 NaN and 2 Inf value(s) in the checkpoint",
+        "model.layers.0.attn.A_log (blk.0.ssm_a): 1 NaN and 0 Inf value(s) in the checkpoint",
+        "2 tensor(s) hold NaN or Inf: the model will likely produce garbage; strict conversion "
+        "(--strict) refuses such a checkpoint",
+    ]
+    (out_dir / "m.gguf").unlink()
+    msg = fails(ck, out_dir, "refusing to convert", strict=True)
+    assert msg == ("model.layers.0.mlp.fc2.weight (blk.0.ffn_down.weight): 1 NaN and 2 Inf value(s) "
+                   "in the checkpoint; refusing to convert (strict)")
+
+
+def test_f16_overflow_warns_only_for_f16(ck, out_dir):
+    _poison(ck, "model.embed_tokens.weight", i5=70000.0, i6=-1e9, i8=65504.0)
+    with pytest.warns(ConvertWarning) as caught:
+        convert(ck, out_dir / "m.gguf", outtype="f16", progress=False)
+    assert str(caught[0].message) == (
+        "model.embed_tokens.weight (token_embd.weight): 2 value(s) beyond F16's range "
+        "(|x| > 65504) written as Inf (--outtype bf16 or f32 holds them)")
+    assert len(caught) == 2
+    for outtype in ("f32", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            convert(ck, out_dir / f"{outtype}.gguf", outtype=outtype, progress=False, strict=True)
+
+
+def test_clean_checkpoint_converts_without_warnings(ck, out_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(ck, out_dir / "m.gguf", outtype="f16", progress=False, strict=True)
+
+
+def test_cli_warnings_and_strict(ck, out_dir, capsys):
+    _poison(ck, "model.layers.2.mlp.fc1.weight", i1=np.nan)
+    assert cli.main(["convert", str(ck), str(out_dir / "m.gguf"), "-q"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("sambay convert: warning: model.layers.2.mlp.fc1.weight (blk.2.ffn_up.weight): "
+                      "1 NaN and 0 Inf value(s) in the checkpoint")
+    assert err[1].startswith("sambay convert: warning: 1 tensor(s) hold NaN or Inf") and len(err) == 2
+    assert cli.main(["convert", str(ck), str(out_dir / "s.gguf"), "-q", "--strict"]) == 1
+    assert capsys.readouterr().err.startswith("sambay convert: error: model.layers.2.mlp.fc1.weight")
+    assert not (out_dir / "s.gguf").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -389,7 +389,11 @@ def test_exceeding_n_ctx_raises_context_full(tiny12):
     with pytest.raises(ContextFullError, match="33.*32") as info:
         ctx.eval([1, 2, 3])
     assert info.value.n_requested == 33 and info.value.n_ctx == 32
-    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+    assert str(info.value) == "Requested tokens (33) exceed context window of 32"
+    with pytest.raises(ContextFullError, match=r"^Requested tokens \(34\) exceed context window of 32$"):
+        ctx.check_fits(34)  # the same check, for callers that split one sequence
+    ctx.check_fits(32)
     assert ctx.n_past == 30
     ctx.eval([1, 2])  # exactly full is fine
     assert ctx.n_past == 32

@@ -67,8 +67,9 @@ def test_prompt_at_and_one_past_n_ctx(llm):
     out = llm(at, max_tokens=4, temperature=0)  # fits exactly: one token sampled, then "length"
     assert out["choices"][0]["finish_reason"] == "length"
     assert out["usage"]["completion_tokens"] == 1
-    with pytest.raises(ValueError, match="exceed context window"):
+    with pytest.raises(sambay.ContextFullError, match="exceed context window") as info:
         llm([5] * (n_ctx + 1), max_tokens=4)
+    assert isinstance(info.value, ValueError) and info.value.n_requested == n_ctx + 1
     with pytest.raises(sambay.ContextFullError):
         Context(llm._model, n_ctx=8, n_threads=1).eval([1] * 9)
 
@@ -102,14 +103,16 @@ def test_absurd_integer_sampling_parameters(llm):
 def test_n_threads_zero_and_ten_thousand(gguf_path):
     m = Model(gguf_path)
     c = Context(m, n_ctx=8, n_threads=0)  # 0: all cores
-    assert c._c.n_threads >= 1
+    assert c.n_threads == c.n_threads_batch >= 1
     c.eval([1, 2])
     with pytest.raises(ValueError, match="at most 512"):
         Context(m, n_ctx=8, n_threads=10_000)
     with pytest.raises(ValueError, match="at most 512"):
         Context(m, n_ctx=8, n_threads=1, n_threads_batch=10_000)
-    with pytest.raises(ValueError, match="n_threads"):
-        Llama(gguf_path, n_threads=0, verbose=False)
+    with Llama(gguf_path, n_ctx=8, n_threads=0, n_threads_batch=0, verbose=False) as llm:
+        llm.eval([1, 2])  # 0: all cores, as the README says
+    with pytest.raises(ValueError, match="n_threads must be an integer >= 0, got -1"):
+        Llama(gguf_path, n_threads=-1, verbose=False)
 
 
 def test_non_utf8_prompts(llm):

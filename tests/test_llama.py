@@ -197,8 +197,17 @@ def test_errors(gguf_path, tmp_path, llm):
     junk.write_bytes(b"hello world" * 100)
     with pytest.raises(sambay.LoadError):
         Llama(junk)
-    with pytest.raises(ValueError, match=r"Requested tokens \(300\) exceed context window of 256"):
+    # one exception, from the engine's one check: a ContextFullError that is also a ValueError
+    # (llama-cpp-python's type and wording), raised before anything is evaluated
+    with pytest.raises(sambay.ContextFullError, match=r"^Requested tokens \(300\) exceed context window of 256$") as info:
         llm([5] * 300, max_tokens=1)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert (info.value.n_requested, info.value.n_ctx) == (300, 256)
+    before = list(llm.input_ids)
+    with pytest.raises(sambay.ContextFullError) as info:
+        llm.eval([5] * 257)
+    assert (info.value.n_requested, info.value.n_ctx) == (257 + len(before), 256)
+    assert llm.input_ids == before  # nothing evaluated
     with pytest.raises(ValueError, match="invalid token id 5000"):
         llm([1, 5000], max_tokens=1)
     with pytest.raises(ValueError, match="invalid token id -1"):
@@ -252,3 +261,17 @@ def test_contexts_sharing_one_model_run_in_parallel_threads(gguf_path):
         Llama(gguf_path, model="m.gguf")
     a.close()
     assert b(PROMPT, max_tokens=12, temperature=1.0, seed=1)["choices"][0]["text"] == want[1]
+
+
+def test_stop_must_be_strings_and_a_closed_llama_says_so(gguf_path, llm):
+    for bad in (5, [5], b"x", ["a", None]):
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            llm("1", max_tokens=1, stop=bad)
+        with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+            llm.create_chat_completion([{"role": "user", "content": "x"}], max_tokens=1, stop=bad)
+    m = Llama(gguf_path, n_ctx=64, verbose=False)
+    m.close()
+    for call in (lambda: m("x", max_tokens=1), lambda: m.eval([1]), m.n_ctx, m.save_state, m.reset):
+        with pytest.raises(ValueError, match="^this Llama is closed$"):
+            call()
+    m.close()  # a second close is harmless

@@ -242,13 +242,16 @@ def test_invalid_requests_get_openai_errors_never_500(srv):
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
         _error(post("/v1/chat/completions", json=bad), 422)
     assert _error(post("/v1/completions", content=b"{not json"), 400)["code"] == "invalid_json"
+    deep = b"[" * 100_000 + b"]" * 100_000  # the decoder's recursion limit, not a 500
+    assert _error(post("/v1/completions", content=deep), 400)["code"] == "invalid_json"
+    assert _error(post("/v1/completions", content=b'{"prompt": ' + deep + b"}"), 400)["code"] == "invalid_json"
     assert _error(post("/v1/completions", json={"prompt": "x", "max_tokens": 401}), 400)["param"] == "max_tokens"
     _error(post("/v1/completions", json={"prompt": [1, 10**6]}), 400)  # token id outside the vocabulary
     _error(post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1}), 400)
     _error(post("/v1/completions", json={"prompt": ""}), 400)
     for stream in (False, True):  # a prompt longer than the context: 400 even when streaming
         err = _error(post("/v1/completions", json={"prompt": [5] * (N_CTX + 10), "stream": stream}), 400)
-        assert "exceed context window" in err["message"]
+        assert err["code"] == "context_length_exceeded"
     _error(post("/v1/completions", content=b"x" * (5 * 2**20)), 413)
     assert _error(httpx.get(srv.url + "/v1/nothing", timeout=TIMEOUT), 404)["code"] == "not_found"
     _error(httpx.get(srv.url + "/v1/completions", timeout=TIMEOUT), 405)
@@ -256,8 +259,9 @@ def test_invalid_requests_get_openai_errors_never_500(srv):
     client = srv.client()
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model="m", prompt="x", n=3)
-    with pytest.raises(openai.BadRequestError, match="exceed context window"):
+    with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b " * 400}])
+    assert info.value.code == "context_length_exceeded"
     assert srv.health()["status"] == "ok"
 
 
@@ -353,6 +357,42 @@ def test_client_disconnect_stops_generation(model):
         assert s.pool.n_cancelled == 2
 
 
+def test_stopping_a_job_reaches_the_engine(model):
+    # the stop request is passed to Llama.cancel(): an eval that starts after it (like one
+    # running when it comes, e.g. a long prefill) is stopped by the engine, not run to its end
+    llm = SlotLlama.from_model(model, n_ctx=N_CTX, n_threads=1, n_threads_batch=1, verbose=False)
+    assert not isinstance(llm.cancel, threading.Event)  # the engine's cancel, not shadowed
+    pool = SlotPool([llm], max_queue=1)  # a job's slot returns just after its result
+    stop_sent = threading.Event()
+    ids = llm.tokenize(PROMPT)
+
+    def prefill_after_stop(slot: SlotLlama) -> str:
+        assert stop_sent.wait(TIMEOUT)
+        slot.eval(ids)
+        return "evaluated"
+
+    def prefill(slot: SlotLlama) -> list[int]:
+        slot.reset()
+        slot.eval(ids)
+        return slot.input_ids
+
+    async def main() -> list[Any]:
+        job = pool.start(await pool.acquire(), prefill_after_stop, stream=False)
+        job.cancel()
+        stop_sent.set()
+        out = [await job.result()]
+        for _ in range(2):  # the slot's next jobs are not stopped by the old request
+            out.append(await pool.start(await pool.acquire(), prefill, stream=False).result())
+        return out
+
+    try:
+        stopped, *later = asyncio.run(main())
+    finally:
+        pool.close()
+    assert stopped is None and pool.n_cancelled == 1
+    assert later == [ids, ids]
+
+
 def test_shutdown_ends_running_and_queued_requests_promptly(model):
     with serving(model, parallel=1, max_queue=4) as s:
         slow_down(s, 0.05)  # 300 tokens: 15 s
@@ -377,8 +417,10 @@ def test_shutdown_ends_running_and_queued_requests_promptly(model):
             t.join(timeout=TIMEOUT)
     assert stop_seconds < 4, stop_seconds  # not uvicorn's 5 s graceful timeout
     status, text = out["stream"]
-    events = sse_events(text)
-    assert status == 200 and json.loads(events[-1])["error"]["code"] == "shutting_down"
+    if status == 200:  # stopped after its first token: the error ends the event stream
+        assert json.loads(sse_events(text)[-1])["error"]["code"] == "shutting_down"
+    else:  # stopped in the prefill (the engine's cancel): an HTTP error, as for the queued one
+        assert status == 503 and json.loads(text)["error"]["code"] == "shutting_down"
     assert _error(out["queued"], 503)["code"] == "shutting_down"
 
 
@@ -469,7 +511,7 @@ def test_sambay_serve_command(gguf_path):
     assert proc.returncode == 0
 
 
-def test_serve_options_and_errors(tmp_path):
+def test_serve_options_and_errors(tmp_path, gguf_path):
     from sambay.cli import build_parser
     from sambay.server import from_args
 
@@ -481,6 +523,18 @@ def test_serve_options_and_errors(tmp_path):
     out = run("-m", "sambay", "serve", "-m", str(tmp_path / "none.gguf"))
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"sambay serve: error: model file not found: {tmp_path / 'none.gguf'}"]
+    with socket.socket() as busy:  # a busy port: one line, and no address announced before
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run("-m", "sambay", "serve", "-m", str(gguf_path), "--port", str(port))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"sambay serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    out = run("-m", "sambay", "serve", "-m", str(tmp_path))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"sambay serve: error: {tmp_path}: is a folder; give the path of a .gguf file"]
     out = run("-m", "sambay", "serve", "-m", "x.gguf", "--parallel", "0")
     assert out.returncode == 1 and "parallel must be an integer >= 1" in out.stderr
     # without the server extra: one line naming the install command

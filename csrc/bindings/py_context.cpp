@@ -96,6 +96,8 @@ void register_context(py::module_ & m) {
         .def_property_readonly("n_past", [](const context & c) { return c.n_past(0); })
         .def("seq_n_past", &context::n_past, py::arg("seq"))
         .def_property_readonly("n_seq_max", [](const context & c) { return c.params().n_seq_max; })
+        .def("check_fits", &context::check_fits, py::arg("n_positions"), py::arg("seq") = 0,
+             "raise ContextFullError when a sequence of n_positions would not fit")
         .def_property_readonly("n_ctx", [](const context & c) { return c.params().n_ctx; })
         .def_property_readonly("n_batch", [](const context & c) { return c.params().n_batch; })
         .def_property_readonly("n_threads", [](const context & c) { return c.params().n_threads; })

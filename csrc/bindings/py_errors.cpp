@@ -11,8 +11,12 @@ void register_errors(py::module_ & m) {
     py::register_exception<load_error>(m, "LoadError", PyExc_ValueError);
     py::register_exception<state_error>(m, "StateError", PyExc_ValueError);
     py::register_exception<aborted_error>(m, "AbortedError", PyExc_RuntimeError);
-    // ContextFullError carries n_requested and n_ctx as attributes
-    static py::exception<context_full_error> ctx_full(m, "ContextFullError", PyExc_RuntimeError);
+    py::register_exception<compute_error>(m, "ComputeError", PyExc_RuntimeError);
+    // ContextFullError carries n_requested and n_ctx as attributes; a ValueError as in
+    // llama-cpp-python, and still the RuntimeError it always was
+    static py::exception<context_full_error> ctx_full(
+        m, "ContextFullError",
+        py::make_tuple(py::handle(PyExc_ValueError), py::handle(PyExc_RuntimeError)));
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);

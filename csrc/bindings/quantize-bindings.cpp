@@ -48,16 +48,18 @@ void register_quantize(py::module_ & m) {
             params.output = output;
             params.ftype = ftype;
             params.n_threads = n_threads;
-            if (!progress.is_none()) {
-                params.progress = [progress](size_t i, size_t n, const std::string & name,
-                                             const std::string & type) {
-                    py::gil_scoped_acquire gil;
+            // after every tensor, with or without a progress callback: Python's signal
+            // handlers run (Ctrl-C, and SIGTERM for sambay.quantize's cleanup)
+            params.progress = [progress](size_t i, size_t n, const std::string & name,
+                                         const std::string & type) {
+                py::gil_scoped_acquire gil;
+                if (!progress.is_none()) {
                     progress(i, n, name, type);
-                    if (PyErr_CheckSignals() != 0) {
-                        throw py::error_already_set();
-                    }
-                };
-            }
+                }
+                if (PyErr_CheckSignals() != 0) {
+                    throw py::error_already_set();
+                }
+            };
             quantize_result r;
             {
                 py::gil_scoped_release nogil;
@@ -71,7 +73,7 @@ void register_quantize(py::module_ & m) {
         },
         py::arg("input"), py::arg("output"), py::arg("ftype"), py::kw_only(),
         py::arg("n_threads") = 0, py::arg("progress") = py::none(),
-        "quantize a phi4flash GGUF; writes `output` atomically");
+        "quantize a phi4flash GGUF into `output` (sambay.quantize makes that atomic)");
 }
 
 } // namespace sambay::py_bindings

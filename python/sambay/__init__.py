@@ -10,8 +10,8 @@ _logging.getLogger("sambay").addHandler(_logging.NullHandler())
 from ._system import system_info
 from ._version import __version__
 from .demo import demo_model_path
-from .errors import (AbortedError, ChatTemplateError, ContextFullError, GGUFMetadataError, LoadError,
-                     QuantizeError, StateError, TokenizerError)
+from .errors import (AbortedError, ChatTemplateError, ComputeError, ContextFullError, GGUFMetadataError,
+                     LoadError, QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
 from .quantization import QUANT_TYPES, quantize
 from .sampling import SamplingParams
@@ -19,6 +19,7 @@ from .sampling import SamplingParams
 __all__ = [
     "AbortedError",
     "ChatTemplateError",
+    "ComputeError",
     "ContextFullError",
     "GGUFMetadataError",
     "Llama",

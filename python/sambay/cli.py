@@ -10,20 +10,21 @@ from typing import Any, Optional, Sequence
 
 from ._version import __version__
 
-# exit codes by exception type (never by message text)
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# exit codes by exception type (never by message text); a closed stdout (`| head`) ends the
+# command quietly with the status a SIGPIPE death gives
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 
 
 def _known_errors() -> tuple[type, ...]:
     from .chat import ChatTemplateError
     from .convert import ConvertError
-    from .errors import ContextFullError, LoadError, QuantizeError, StateError
+    from .errors import ComputeError, ContextFullError, LoadError, QuantizeError, StateError
     from .gguf_metadata import GGUFMetadataError
     from .server import MissingDependencyError
     from .tokenizer import TokenizerError
 
     return (MissingDependencyError, ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
-            ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
+            ComputeError, ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,10 +39,24 @@ def _cmd_system_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    import warnings
 
-    convert(args.hf_dir, args.output, outtype=args.outtype,
-            allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet)
+    from .convert import ConvertWarning, convert
+
+    show = warnings.showwarning
+
+    def one_line(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+        if issubclass(category, ConvertWarning):
+            print(f"sambay convert: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConvertWarning)
+        warnings.showwarning = one_line
+        convert(args.hf_dir, args.output, outtype=args.outtype,
+                allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet,
+                strict=args.strict)
     if not args.quiet:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -96,10 +111,21 @@ def _report_speed(llm: Any) -> None:
           file=sys.stderr)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _prompt_text(args: argparse.Namespace) -> str:
+    """The -p text or the -f file's, decoded alike (as the API decodes bytes): UTF-8, each
+    invalid byte becoming U+FFFD."""
     if args.prompt is None and args.file is None:
         raise ValueError("give a prompt with -p TEXT or -f FILE")
-    prompt = args.prompt if args.prompt is not None else open(args.file, encoding="utf-8").read()
+    if args.prompt is not None:
+        raw = os.fsencode(args.prompt)  # the bytes given, undoing argv's surrogateescape
+    else:
+        with open(args.file, "rb") as f:
+            raw = f.read()
+    return raw.decode("utf-8", errors="replace")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    prompt = _prompt_text(args)
     llm = _load(args)
     kw = dict(_sampling_kwargs(args), max_tokens=args.n_predict, stream=True,
               stop=args.stop or None)
@@ -237,7 +263,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a phi4flash GGUF file (default: the built-in demo model)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (0: the model's)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
-    p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores; 0: all)")
     p.add_argument("--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
@@ -251,6 +277,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--system", default=None, help="a system message")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and SSM constants are always f32")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="convert even when the tokenizer files are missing (no vocabulary in the GGUF)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a checkpoint with NaN/Inf weights or values the output type "
+                        "cannot hold (F16 beyond 65504); without it they are written with a warning")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
@@ -285,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
     p.add_argument("output", help="the GGUF file to write")
     p.add_argument("type", metavar="TYPE", help="one of: " + ", ".join(types))
-    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default and 0: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
 
@@ -294,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  sambay run -m model.gguf -p \"What is 17 * 23?\"\n"
                               "  sambay run -m model.gguf -f prompt.txt --raw -n 64 --temp 0")
     _add_model_args(p)
-    p.add_argument("-p", "--prompt", default=None, help="the prompt text")
-    p.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("-p", "--prompt", default=None, help="the prompt text")
+    source.add_argument("-f", "--file", default=None, help="read the prompt from a file")
     p.add_argument("--raw", action="store_true", help="plain completion (no chat template)")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no speed report")
@@ -322,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="metadata, layer schedule, tensor types, memory estimate",
                        formatter_class=ex, epilog="example:\n  sambay info -m model.gguf -c 32768")
     p.add_argument("-m", "--model", required=True, help="a GGUF file")
-    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context for the memory estimate (0: trained)")
+    p.add_argument("-c", "--ctx-size", type=_non_negative_int, default=0,
+                   help="context for the memory estimate (0: trained)")
     p.set_defaults(func=_cmd_info)
     return parser
 
@@ -342,6 +380,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away: no message; stdout points at devnull so that the interpreter's
+        # final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except _known_errors() as err:
         if args.debug:
             traceback.print_exc()

@@ -7,11 +7,13 @@ layer and read by every cross-attention layer.
 
 Errors:
     LoadError (a ValueError): the file is not a valid phi4flash GGUF.
-    ContextFullError (a RuntimeError): an eval would exceed ``n_ctx``; carries
-        ``n_requested`` and ``n_ctx``.
+    ContextFullError (a ValueError, as in llama-cpp-python, and a RuntimeError): an eval
+        would exceed ``n_ctx``; carries ``n_requested`` and ``n_ctx``.
     StateError (a ValueError): a saved state does not fit the context, or the context was
         cancelled inside a computation and needs reset()/load_state() first.
     AbortedError (a RuntimeError): Context.cancel() stopped an eval.
+    ComputeError (a RuntimeError): the backend cannot allocate a context's memory or compute
+        buffers (out of memory: the message names n_ctx/n_batch), or a graph compute failed.
     ValueError: bad arguments, e.g. a token id outside ``[0, n_vocab)``.
 """
 
@@ -28,8 +30,10 @@ LoadError = _core.LoadError
 ContextFullError = _core.ContextFullError
 StateError = _core.StateError
 AbortedError = _core.AbortedError
+ComputeError = _core.ComputeError
 
-__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError"]
+__all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError",
+           "ComputeError"]
 
 _KV_TYPES = ("f16", "f32", "bf16")
 
@@ -237,6 +241,12 @@ class Context:
         """
         return self._c.decode([(int(s), t) for s, t in batch])
 
+    def check_fits(self, n_positions: int) -> None:
+        """Raises :class:`ContextFullError` when a sequence of ``n_positions`` positions would
+        not fit in this context: the check :meth:`eval` makes, for callers that evaluate one
+        sequence in several calls and must know before the first."""
+        self._c.check_fits(int(n_positions))
+
     @property
     def n_past(self) -> int:
         """Positions of sequence 0 evaluated so far (the position of its next token)."""
@@ -260,6 +270,16 @@ class Context:
     def n_batch(self) -> int:
         """The micro-batch size."""
         return self._c.n_batch
+
+    @property
+    def n_threads(self) -> int:
+        """CPU threads for single-token steps (``0`` given: all cores)."""
+        return self._c.n_threads
+
+    @property
+    def n_threads_batch(self) -> int:
+        """CPU threads for multi-token batches."""
+        return self._c.n_threads_batch
 
     @property
     def logits_all(self) -> bool:

@@ -3,13 +3,14 @@
 The engine's exceptions come from the C++ side by type (never by message text):
 ``LoadError`` (a file that cannot be this model), ``ContextFullError`` (a call would need more
 context than there is; ``n_requested`` and ``n_ctx`` attributes), ``StateError`` (a saved
-state that does not fit), ``QuantizeError``.
+state that does not fit), ``ComputeError`` (the backend is out of memory for a context, or a
+graph compute failed), ``QuantizeError``.
 """
 
 from __future__ import annotations
 
 from .chat import ChatTemplateError
-from .engine import AbortedError, ContextFullError, LoadError, StateError
+from .engine import AbortedError, ComputeError, ContextFullError, LoadError, StateError
 from .gguf_metadata import GGUFMetadataError
 from .quantization import QuantizeError
 from .tokenizer import TokenizerError
@@ -17,6 +18,7 @@ from .tokenizer import TokenizerError
 __all__ = [
     "AbortedError",
     "ChatTemplateError",
+    "ComputeError",
     "ContextFullError",
     "GGUFMetadataError",
     "LoadError",

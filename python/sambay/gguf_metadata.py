@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 
 class GGUFMetadataError(ValueError):
     """The file is missing or is not a readable GGUF file."""
+
+
+def check_model_file(path: str, error: Callable[[str], Exception]) -> None:
+    """Raises ``error`` unless ``path`` is an existing file, saying which case it is."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a folder; give the path of a .gguf file")
+    if not os.path.isfile(path):
+        raise error(f"model file not found: {path}")
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -20,8 +28,7 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
     from gguf import GGUFValueType
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise GGUFMetadataError(f"model file not found: {path}")
+    check_model_file(path, GGUFMetadataError)
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as err:  # gguf-py raises ValueError / struct errors / IndexError

@@ -18,6 +18,7 @@ from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .engine import AbortedError, Context, LoadError, Model
+from .gguf_metadata import check_model_file
 from .sampling import SamplingParams, log_softmax, make_rng, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -54,6 +55,28 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _stop_strings(stop: Any) -> list[str]:
+    """``stop`` as a list: None, one string, or a sequence of strings (as the OpenAI API)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, Sequence) and not isinstance(stop, (bytes, bytearray)) and all(
+            isinstance(s, str) for s in stop):
+        return list(stop)
+    raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+class _Closed:
+    """Stands for the context and model of a closed Llama: any use says so."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise ValueError("this Llama is closed")
+
+
+_CLOSED: Any = _Closed()
+
+
 class Llama:
     """A loaded model plus one evaluation context, with llama-cpp-python's API.
 
@@ -61,8 +84,8 @@ class Llama:
         model_path: a GGUF file from ``sambay convert`` (optionally ``sambay quantize``).
         n_ctx: context length in tokens; 0 means the model's trained context.
         n_batch: prompt tokens per engine step (micro-batch).
-        n_threads: threads for single-token decoding (default: half the cores).
-        n_threads_batch: threads for prompt processing (default: all cores).
+        n_threads: threads for single-token decoding (default: half the cores; 0: all cores).
+        n_threads_batch: threads for prompt processing (default and 0: all cores).
         n_gpu_layers: layers to put on a GPU when the installed ggml has one (-1: all, 0: none).
         seed: seed of the sampler's generator (None: fresh entropy); a call's ``seed`` wins.
         logits_all: keep the logits of every prompt position (needed for prompt logprobs
@@ -105,8 +128,9 @@ class Llama:
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)
-        n_threads = _check_int("n_threads", n_threads, 1) if n_threads is not None else max(1, cpus // 2)
-        n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 1)
+        # 0: all cores, as for engine.Context
+        n_threads = _check_int("n_threads", n_threads, 0) or cpus if n_threads is not None else max(1, cpus // 2)
+        n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 0) or cpus
                            if n_threads_batch is not None else cpus)
         _check_int("max_snapshots", max_snapshots, 0)
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
@@ -117,8 +141,8 @@ class Llama:
                 raise TypeError(f"model must be a sambay.engine.Model, got {type(model).__name__}")
             if os.path.abspath(path) != os.path.abspath(model.path):
                 raise ValueError(f"model_path {path!r} is not the path of the given model ({model.path!r})")
-        elif not os.path.isfile(path):
-            raise LoadError(f"model file not found: {path}")
+        else:
+            check_model_file(path, LoadError)
 
         self.model_path = path
         self.verbose = verbose
@@ -233,16 +257,14 @@ class Llama:
         """Evaluate ``tokens`` after those already evaluated.
 
         Raises:
-            ValueError: an invalid token id, or more tokens than the context has room for.
+            ValueError: an invalid token id.
+            ContextFullError: more tokens than the context has room for (also a ValueError);
+                nothing is evaluated.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
             return
-        if len(self._input_ids) + len(tokens) > self.n_ctx():
-            raise ValueError(
-                f"Requested tokens ({len(self._input_ids) + len(tokens)}) exceed context window "
-                f"of {self.n_ctx()}"
-            )
+        self._ctx.check_fits(len(self._input_ids) + len(tokens))
         # one micro-batch per engine call: a KeyboardInterrupt (Ctrl-C) or cancel() lands
         # between two of them, with the state consistent; the engine splits the same way, so
         # the results are those of one call
@@ -390,9 +412,7 @@ class Llama:
         prompt_text: str,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
-        n_ctx = self.n_ctx()
-        if len(prompt_tokens) > n_ctx:
-            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {n_ctx}")
+        self._ctx.check_fits(len(prompt_tokens))
         if echo and logprobs is not None and not self.logits_all:
             raise ValueError("echo with logprobs needs the prompt's logits: create the Llama with logits_all=True")
         # no max_tokens: until the context is full (generate() ends there)
@@ -495,7 +515,8 @@ class Llama:
         (``None`` or <= 0: until the context is full; "length").
 
         Raises:
-            ValueError: invalid arguments, invalid token ids, or a prompt longer than n_ctx.
+            ValueError: invalid arguments or invalid token ids.
+            ContextFullError: a prompt longer than n_ctx (also a ValueError).
         """
         if suffix:
             raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
@@ -503,7 +524,7 @@ class Llama:
             _check_int("logprobs", logprobs, 0)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
             raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_strings(stop)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty)
@@ -591,12 +612,13 @@ class Llama:
 
         Raises:
             sambay.ChatTemplateError: bad messages or a failing template.
-            ValueError: invalid arguments or a conversation longer than n_ctx.
+            ValueError: invalid arguments.
+            ContextFullError: a conversation longer than n_ctx (also a ValueError).
         """
         prompt = self.chat_formatter.render(messages, add_generation_prompt=True, tools=tools)
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_strings(stop)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty)
@@ -650,10 +672,10 @@ class Llama:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Free the context and the model (the object is unusable afterwards)."""
+        """Free the context and the model; using the object afterwards raises ValueError."""
         self._snapshots = []
-        self._ctx = None  # type: ignore[assignment]
-        self._model = None  # type: ignore[assignment]
+        self._ctx = _CLOSED
+        self._model = _CLOSED
 
     def __enter__(self) -> "Llama":
         return self

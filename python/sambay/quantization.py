@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional, Union
 
 from ._native import _core
+from ._output import atomic_output, resolve_output
 
 QuantizeError = _core.QuantizeError
 
@@ -32,10 +33,11 @@ def quantize(
 
     Args:
         input_path: an F32, F16 or BF16 GGUF written by ``sambay convert``.
-        output_path: the file to write; written to a temporary file first and renamed, so an
-            interrupted run leaves nothing that looks valid.
+        output_path: the file to write: created, or replaced if it is a regular file (symlinks
+            are followed), through a temporary file renamed at the end, so an interrupted run
+            leaves the old file as it was. Never the input itself, a folder, a device or a FIFO.
         qtype: one of :data:`QUANT_TYPES` (case-insensitive).
-        n_threads: worker threads (default: all cores).
+        n_threads: worker threads (default and 0: all cores).
         progress: show a progress bar over tensors on stderr.
 
     Returns:
@@ -43,11 +45,13 @@ def quantize(
 
     Raises:
         QuantizeError: unknown type, input already quantized, not a phi4flash GGUF, truncated
-            input, unwritable output.
+            input, an output that may not be replaced (see above), a failed write (e.g. "No
+            space left on device").
         ValueError: invalid ``n_threads``.
     """
-    if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-        raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                  or n_threads < 0):
+        raise ValueError(f"n_threads must be an integer >= 0, got {n_threads!r}")
     callback = None
     bar = None
     if progress:
@@ -60,13 +64,15 @@ def quantize(
             bar.set_postfix_str(f"{name} -> {type_name}", refresh=False)
             bar.update(1)
 
+    target = resolve_output(output_path, [input_path], QuantizeError)
     try:
-        return dict(
-            _core.quantize_file(
-                os.fspath(input_path), os.fspath(output_path), qtype,
-                n_threads=n_threads or 0, progress=callback,
+        with atomic_output(target, QuantizeError) as tmp:
+            return dict(
+                _core.quantize_file(
+                    os.fspath(input_path), os.fspath(tmp), qtype,
+                    n_threads=n_threads or 0, progress=callback,
+                )
             )
-        )
     finally:
         if bar is not None:
             bar.close()

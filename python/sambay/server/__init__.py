@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
 from .settings import ServerSettings, add_arguments, from_args
 
-__all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_args", "load_pool",
-           "memory_report", "require_dependencies", "serve"]
+__all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_args", "listen_socket",
+           "load_pool", "memory_report", "require_dependencies", "serve"]
 
 log = logging.getLogger("sambay.server")
 
@@ -50,10 +51,10 @@ def load_pool(settings: ServerSettings) -> Any:
         sambay.LoadError: the model file is missing or invalid.
     """
     from ..engine import LoadError, Model
+    from ..gguf_metadata import check_model_file
     from .pool import SlotLlama, SlotPool
 
-    if not os.path.isfile(settings.model):
-        raise LoadError(f"model file not found: {settings.model}")
+    check_model_file(settings.model, LoadError)
     cpus = os.cpu_count() or 1
     n = settings.parallel
     model = Model(settings.model, device=settings.device, n_gpu_layers=settings.n_gpu_layers)
@@ -86,22 +87,55 @@ def serve(settings: ServerSettings) -> int:
 
     Raises:
         MissingDependencyError: the ``server`` extra is not installed.
+        OSError: the address cannot be listened on (checked before the model is loaded).
         sambay.LoadError: the model cannot be loaded.
     """
     require_dependencies()
     from .app import create_app, make_server
 
-    pool = load_pool(settings)
-    print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
-    app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
-                     max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes)
-    auth = "API key required" if settings.api_key else "no API key"
-    print(f"sambay serve: OpenAI API at http://{settings.host}:{settings.port}/v1 ({auth}, "
-          f"{pool.n_slots} slot(s), queue of {pool.max_queue})", file=sys.stderr, flush=True)
-    server = make_server(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                         timeout_graceful_shutdown=5)
+    from ..engine import LoadError
+    from ..gguf_metadata import check_model_file
+
+    check_model_file(settings.model, LoadError)
+    sock = listen_socket(settings.host, settings.port)  # a busy port fails before the long load
     try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop
-        pass
+        pool = load_pool(settings)
+        print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
+        app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
+                         max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes)
+        port = sock.getsockname()[1]
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        auth = "API key required" if settings.api_key else "no API key"
+        print(f"sambay serve: OpenAI API at http://{host}:{port}/v1 ({auth}, "
+              f"{pool.n_slots} slot(s), queue of {pool.max_queue})", file=sys.stderr, flush=True)
+        server = make_server(app, host=settings.host, port=port, log_level=settings.log_level,
+                             timeout_graceful_shutdown=5)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop
+            pass
+    finally:
+        sock.close()
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (uvicorn listens on it).
+
+    Raises:
+        OSError: the address cannot be bound, e.g. "cannot listen on 127.0.0.1:8000: Address
+            already in use".
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock

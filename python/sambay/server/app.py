@@ -170,6 +170,9 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
         data = json.loads(raw) if raw else None
     except ValueError:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "invalid JSON"}])
+    except RecursionError:  # the decoder recurses per nesting level
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",),
+                                       "msg": "invalid JSON: nested too deeply"}])
     if data is None:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "a JSON body is required"}])
     try:

@@ -2,9 +2,11 @@
 
 The event loop never runs the engine. A request takes a free slot (or waits in a queue of at
 most ``max_queue`` requests; beyond that :class:`QueueFull`), then its work runs in that slot's
-thread and sends what it yields back through an asyncio queue. A job's ``cancel`` event is
-checked between tokens (:class:`SlotLlama`), so a client that goes away stops its generation
-after at most one more decode step. A slot returns to the pool only when its thread is done.
+thread and sends what it yields back through an asyncio queue. Stopping a job (the client went
+away, the server shuts down) sets its :class:`StopRequest`: checked between tokens
+(:class:`SlotLlama`), and passed to the engine (``Llama.cancel()``), which stops a running
+prefill or decode step at its next graph node. A slot returns to the pool only when its thread
+is done.
 
 Everything but the worker threads' bodies runs on the event loop thread, so the counters and
 queues need no locks.
@@ -18,6 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
 
+from ..engine import AbortedError
 from ..llama import Llama
 
 
@@ -26,30 +29,67 @@ class QueueFull(Exception):
 
 
 class GenerationCancelled(Exception):
-    """A job's cancel event was set while it generated."""
+    """A job's stop request was set while it generated."""
 
 
 class ShuttingDown(Exception):
     """The server is stopping: running generations end and queued requests are refused (503)."""
 
 
+class StopRequest:
+    """A job's request to stop, settable from any thread (also from a signal handler).
+
+    While the job runs, :meth:`set` also calls the slot's ``Llama.cancel()``, so the engine
+    stops mid-graph (a long prefill does not run to its end); once the job is over it only
+    records the request. :meth:`finish` (the slot thread, when the job ends) drops an engine
+    cancel that arrived after the job's last eval, so it cannot stop the slot's next job.
+    """
+
+    def __init__(self, llm: "SlotLlama") -> None:
+        self._llm = llm
+        self._event = threading.Event()
+        self._lock = threading.RLock()  # reentrant: a signal handler may interrupt set()
+        self._running = True
+
+    def set(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            if self._running:
+                self._llm.cancel()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._running = False
+            self._llm.clear_cancel()
+
+
 class SlotLlama(Llama):
-    """A :class:`sambay.Llama` whose ``generate`` stops between tokens once ``cancel`` is set.
+    """A :class:`sambay.Llama` whose ``generate`` stops between tokens once ``stop_request``
+    is set (the engine itself is stopped by :class:`StopRequest`, through :meth:`cancel`).
 
     The check comes before asking the engine for the next token, so no decode step is spent
     after a cancellation is seen. ``on_first_token`` is called once the prompt is evaluated
     and the first token sampled (the server answers a streaming request's headers then).
     """
 
-    cancel: Optional[threading.Event] = None
+    stop_request: Optional[StopRequest] = None
     on_first_token: Optional[Callable[[], None]] = None
+
+    def clear_cancel(self) -> None:
+        """Drops a :meth:`cancel` that no eval has consumed."""
+        self._ctx.clear_cancel()
 
     def generate(self, tokens: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
         inner = super().generate(tokens, **kwargs)
         first = True
         try:
             while True:
-                if self.cancel is not None and self.cancel.is_set():
+                if self.stop_request is not None and self.stop_request.is_set():
                     raise GenerationCancelled()
                 try:
                     token = next(inner)
@@ -71,17 +111,17 @@ class Job:
 
     ``started()`` waits until the first token exists (or the work ended or failed), so errors
     found before generation (a prompt longer than the context, a bad template) can still get an
-    HTTP error status. Leaving the iteration early (or ``cancel()``) sets the cancel event.
+    HTTP error status. Leaving the iteration early (or ``cancel()``) sets the stop request.
     """
 
-    def __init__(self, cancel: threading.Event) -> None:
-        self.cancel_event = cancel
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop_request = stop
         self._q: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self._buffer: list[tuple[int, Any]] = []
         self._started = False
 
     def cancel(self) -> None:
-        self.cancel_event.set()
+        self.stop_request.set()
 
     async def started(self) -> None:
         """Returns once the first token is sampled or the work has ended; raises its error."""
@@ -111,7 +151,7 @@ class Job:
                 elif kind == _END:
                     return
         finally:
-            self.cancel_event.set()  # harmless when the work is already done
+            self.stop_request.set()  # harmless when the work is already done
 
     async def result(self) -> Any:
         """The single item a non-streaming job yields (``None`` if it was cancelled)."""
@@ -139,7 +179,7 @@ class SlotPool:
         self._free = collections.deque(self.llamas)
         self._waiters: collections.deque[asyncio.Future[SlotLlama]] = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=len(self.llamas), thread_name_prefix="sambay-slot")
-        self._running: set[threading.Event] = set()
+        self._running: set[StopRequest] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.shutting_down = False
         self.n_rejected = 0
@@ -210,18 +250,18 @@ class SlotPool:
         ``work`` returns an iterator of items when ``stream``, else one item.
         """
         loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        job = Job(cancel)
-        self._running.add(cancel)
+        stop = StopRequest(llm)
+        job = Job(stop)
+        self._running.add(stop)
 
         def put(kind: int, value: Any = None) -> None:
             try:
                 loop.call_soon_threadsafe(job._q.put_nowait, (kind, value))
             except RuntimeError:  # the loop is closed: the server is shutting down
-                cancel.set()
+                stop.set()
 
         def run() -> None:
-            llm.cancel = cancel
+            llm.stop_request = stop
             llm.on_first_token = lambda: put(_STARTED)
             try:
                 if stream:
@@ -229,7 +269,7 @@ class SlotPool:
                     try:
                         for item in it:
                             put(_ITEM, item)
-                            if cancel.is_set():
+                            if stop.is_set():
                                 raise GenerationCancelled()
                     finally:
                         close = getattr(it, "close", None)
@@ -238,8 +278,10 @@ class SlotPool:
                 else:
                     put(_ITEM, work(llm))
                 put(_END)
-            except GenerationCancelled:
-                if self.shutting_down:  # tell the client, rather than end as if complete
+            except (GenerationCancelled, AbortedError) as err:
+                if isinstance(err, AbortedError) and not stop.is_set():
+                    put(_ERROR, err)  # someone else's cancel: not this job's stop
+                elif self.shutting_down:  # tell the client, rather than end as if complete
                     put(_ERROR, ShuttingDown("the server is shutting down"))
                 else:
                     put(_END)
@@ -250,11 +292,12 @@ class SlotPool:
             except BaseException as err:  # reported to the request, never kills the slot
                 put(_ERROR, err)
             finally:
-                llm.cancel = None
+                stop.finish()
+                llm.stop_request = None
                 llm.on_first_token = None
 
         def done(_: Any) -> None:
-            self._running.discard(cancel)
+            self._running.discard(stop)
             self._release(llm)
 
         fut = loop.run_in_executor(self._executor, run)
@@ -269,8 +312,8 @@ class SlotPool:
         "shutting down" error) and queued and new requests get :class:`ShuttingDown`.
         Callable from any thread (e.g. a signal handler)."""
         self.shutting_down = True
-        for cancel in list(self._running):
-            cancel.set()
+        for stop in list(self._running):
+            stop.set()
         if self._loop is not None and not self._loop.is_closed():
             try:
                 self._loop.call_soon_threadsafe(self._fail_waiters)
@@ -286,6 +329,6 @@ class SlotPool:
     def close(self) -> None:
         """Cancels running jobs and waits for the slot threads."""
         self.shutting_down = True
-        for cancel in list(self._running):
-            cancel.set()
+        for stop in list(self._running):
+            stop.set()
         self._executor.shutdown(wait=True)
