@@ -36,6 +36,13 @@ def test_runtime_ggml_is_the_pinned_one():
     assert info["ggml_version"] == "0.20.2"
 
 
+def test_requires_python_is_the_pinned_ggmls():
+    # libggml-python 0.20.2.post1 has wheels for CPython 3.10-3.14 only: sambay must not
+    # promise a Python it cannot be installed on
+    ours = importlib.metadata.metadata("sambay")["Requires-Python"]
+    assert ours == importlib.metadata.metadata("libggml-python")["Requires-Python"] == ">=3.10"
+
+
 def test_system_info_reports_cpu_backend_and_features():
     info = sambay.system_info()
     assert info["sambay_version"] == sambay.__version__
