@@ -16,10 +16,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
-from safetensors import safe_open
-from sambay.convert import ConvertError, convert, tiny
-from tokenizers import Tokenizer
+from needs_torch import import_torch
+
+torch = import_torch()  # the independent oracle: torch reads bf16 and rounds to f16/bf16
+
+from safetensors import safe_open  # noqa: E402
+from sambay.convert import ConvertError, convert, tiny  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 # spec §2 / §12: 0 mamba, 1 swa, 2 full, 3 gmu, 4 cross
 LAYER_TYPES = {
