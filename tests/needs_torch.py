@@ -6,9 +6,9 @@ from types import ModuleType
 
 import pytest
 
-WHY = ("torch is not installed: it backs the PyTorch reference and its tests only (the test "
-       "extra installs it except on Linux aarch64, see pyproject.toml); the engine's parity "
-       "tests use the NumPy reference and run without it")
+WHY = ("torch is not installed: these tests check the PyTorch reference model, or compare with "
+       "torch (the test extra installs it except on Linux aarch64, see pyproject.toml); the "
+       "engine's parity tests and the converter's tests use NumPy and run without it")
 
 
 def import_torch() -> ModuleType:
