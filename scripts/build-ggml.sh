@@ -24,36 +24,36 @@ shift || true
 [ $# -gt 0 ] || set -- .
 PY=${PYTHON:-python}
 
-declare -A defines=([GGML_NATIVE]=ON [GGML_LLAMAFILE]=ON)
+# KEY=VALUE CMake definitions; later ones override earlier ones (bash 3 compatible: macOS)
+defs="GGML_NATIVE=ON GGML_LLAMAFILE=ON"
 case "$mode" in
     native) ;;
-    cuda) defines[GGML_CUDA]=ON; defines[CMAKE_CUDA_ARCHITECTURES]=native ;;
-    metal) defines[GGML_METAL]=ON ;;
+    cuda) defs="$defs GGML_CUDA=ON CMAKE_CUDA_ARCHITECTURES=native" ;;
+    metal) defs="$defs GGML_METAL=ON" ;;
     *) echo "usage: $0 [native|cuda|metal] [pip install arguments]" >&2; exit 2 ;;
 esac
-for kv in ${SAMBAY_GGML_DEFINES:-}; do
-    defines[${kv%%=*}]=${kv#*=}
-done
-settings=()
-for k in "${!defines[@]}"; do
-    settings+=("--config-settings=cmake.define.$k=${defines[$k]}")
-done
+# shellcheck disable=SC2086
+read -r -a settings <<< "$("$PY" -c '
+import sys
+defs = dict(kv.split("=", 1) for kv in sys.argv[1:])
+print(" ".join(f"--config-settings=cmake.define.{k}={v}" for k, v in defs.items()))
+' $defs ${SAMBAY_GGML_DEFINES:-})"
 
 # the pin and sambay's build requirements, from pyproject.toml (their one owner)
-mapfile -t reqs < <("$PY" - <<'EOF'
+reqs=$("$PY" - <<'EOF2'
 import re
 text = open("pyproject.toml", encoding="utf-8").read()
 section = text.split("[build-system]", 1)[1]
 block = re.search(r"^requires\s*=\s*\[(.*?)\]", section, re.S | re.M).group(1)
 for req in re.findall(r'"([^"]+)"', block):
     print(req)
-EOF
+EOF2
 )
 pin=""
 build_reqs=()
-for r in "${reqs[@]}"; do
-    case "$r" in libggml-python==*) pin=$r ;; *) build_reqs+=("$r") ;; esac
-done
+while read -r r; do
+    case "$r" in libggml-python==*) pin=$r ;; ?*) build_reqs+=("$r") ;; esac
+done <<< "$reqs"
 [ -n "$pin" ] || { echo "no libggml-python==... pin in pyproject.toml" >&2; exit 1; }
 
 echo "== ggml: $pin from source ($mode: ${settings[*]})"
