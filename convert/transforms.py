@@ -7,7 +7,7 @@ ref: spec §5.4 (A = -exp(A_log)), §5.6 (head striping, λ), §10 (de-interleav
 
 from __future__ import annotations
 
-import math
+import decimal
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -61,11 +61,42 @@ def count_nonfinite(arr: np.ndarray, gtype: GGMLQuantizationType) -> int:
 
 
 def neg_exp(a_log: np.ndarray) -> np.ndarray:
-    """Mamba's A = -exp(A_log), in float32 as the reference computes it at load time.
+    """Mamba's A = -exp(A_log) as float32: the correctly rounded value, so the same bytes on
+    every platform.
+
+    float32 ``np.exp`` is not correctly rounded, and its last bit differs between NumPy's x86
+    SIMD code and its aarch64 code. Here exp runs in float64 (a few float64 ulps of error, about
+    2^-29 of a float32 ulp on every platform) and is rounded once to float32. That is the
+    correctly rounded float32 unless the float64 value lies within 2^-40 (relative) of a point
+    halfway between two float32 values; those rare values are settled by Python's ``decimal``,
+    whose exp is correctly rounded and runs in software (exp of a non-zero float is never
+    exactly halfway).
 
     [Di, S] -> [Di, S] (ne [S, Di])
     """
-    return -np.exp(np.asarray(a_log, dtype=np.float32))
+    x = np.asarray(a_log, dtype=np.float32).astype(np.float64)
+    y = np.exp(x)
+    out = y.astype(np.float32)
+    lo = (y * (1.0 - _F32_TIE_WINDOW)).astype(np.float32)
+    hi = (y * (1.0 + _F32_TIE_WINDOW)).astype(np.float32)
+    for i in np.flatnonzero((lo != hi) & np.isfinite(lo) & np.isfinite(hi)):
+        out.flat[i] = _exp_nearer(float(x.flat[i]), lo.flat[i], hi.flat[i])
+    return -out
+
+
+# relative distance from a float32 rounding boundary inside which float64 exp cannot decide
+_F32_TIE_WINDOW = 2.0**-40
+
+
+def _exp_nearer(x: float, lo: np.float32, hi: np.float32) -> np.float32:
+    # exp(x) lies between the adjacent float32 values lo < hi: the one nearer to it. Decimal's
+    # constructor and comparisons are exact, and 120 digits put exp(x) far closer to its true
+    # value than to any float32 midpoint.
+    with decimal.localcontext() as ctx:
+        ctx.prec = 120
+        e = decimal.Decimal(x).exp()
+        mid = (decimal.Decimal(float(lo)) + decimal.Decimal(float(hi))) / 2
+    return hi if e > mid else lo
 
 
 def squeeze_conv(w: np.ndarray) -> np.ndarray:
@@ -110,16 +141,30 @@ def deinterleave_q(x: np.ndarray, n_head: int, head_dim: int) -> np.ndarray:
 
 def lambda_init(layer: int) -> float:
     """λ_init(l) = 0.8 - 0.6·exp(-0.3·l), l the global 0-based layer index."""
-    return 0.8 - 0.6 * math.exp(-0.3 * layer)
+    return float(_lambda_init(layer))
+
+
+def _lambda_init(layer: int) -> decimal.Decimal:
+    # in decimal (software arithmetic, correctly rounded exp): the same value on every platform,
+    # where math.exp may differ in the last bit between C libraries
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        return decimal.Decimal("0.8") - decimal.Decimal("0.6") * (decimal.Decimal("-0.3") * layer).exp()
 
 
 def fold_lambda(
     q1: np.ndarray, k1: np.ndarray, q2: np.ndarray, k2: np.ndarray, layer: int
 ) -> float:
-    """λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init(l), in float64 (the four vectors are [hd])."""
-    f64 = [np.asarray(v, dtype=np.float64).reshape(-1) for v in (q1, k1, q2, k2)]
-    return float(
-        math.exp(float(np.dot(f64[0], f64[1])))
-        - math.exp(float(np.dot(f64[2], f64[3])))
-        + lambda_init(layer)
-    )
+    """λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init(l) (the four vectors are [hd]).
+
+    The same value on every platform: the dot products and exps run in Python's ``decimal``
+    (software arithmetic, exp correctly rounded, no BLAS summation order), and the result is
+    rounded once to float64 (the GGUF stores it as float32).
+    """
+    vecs = [np.asarray(v, dtype=np.float64).reshape(-1).tolist() for v in (q1, k1, q2, k2)]
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        d = decimal.Decimal
+        dot1, dot2 = (sum((d(a) * d(b) for a, b in zip(u, w)), d(0))
+                      for u, w in ((vecs[0], vecs[1]), (vecs[2], vecs[3])))
+        return float(dot1.exp() - dot2.exp() + _lambda_init(layer))

@@ -1,5 +1,5 @@
-"""Shared pieces of the engine tests: tiny checkpoints converted to GGUF, the PyTorch
-reference, and a GGUF rewriter that makes deliberately broken or perturbed copies."""
+"""Shared pieces of the engine tests: tiny checkpoints converted to GGUF, the reference's
+logits, and a GGUF rewriter that makes deliberately broken or perturbed copies."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def make_gguf(root: Path, config: str, outtype: str, *, dtype: str = "float32", 
 
 
 def reference_logits(ref: Any, ids: Iterable[int]) -> np.ndarray:
-    """All-position logits of the PyTorch reference, float64 NumPy [T, vocab]."""
-    return ref.forward(list(int(i) for i in ids)).double().numpy()
+    """All-position logits of the reference (tests/numpy_reference.py), float64 [T, vocab]."""
+    return ref.forward(list(int(i) for i in ids))
 
 
 def _field_value(field: Any) -> tuple[Any, gguf.GGUFValueType, Optional[gguf.GGUFValueType]]:

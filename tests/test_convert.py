@@ -1,8 +1,10 @@
 """HF checkpoint -> GGUF (sambay.convert): every tensor and every metadata value, read back.
 
 The expected values are recomputed here from docs/gguf-format.md, independently of the
-converter's code: source tensors are read with safetensors + torch, head de-interleave uses
-explicit index lists, λ is recomputed in float64, dtype rounding comes from torch.
+converter's code: source tensors are read with the tests' own safetensors reader
+(tests/numpy_reference.py), head de-interleave uses explicit index lists, λ is recomputed in
+float64, F16 rounding is NumPy's IEEE cast and BF16 rounding is recomputed as round-to-nearest-
+even in float64 (no torch needed).
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
-from safetensors import safe_open
+from numpy_reference import read_safetensors_folder
 from sambay.convert import ConvertError, convert, tiny
 from tokenizers import Tokenizer
 
@@ -65,13 +66,8 @@ def ckpt(tmp_path_factory):
 
 
 def load_source(folder: Path) -> dict[str, np.ndarray]:
-    """Every checkpoint tensor as float32 (torch reads bf16)."""
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as g:
-            for k in g.keys():
-                out[k] = g.get_tensor(k).to(torch.float32).numpy()
-    return out
+    """Every checkpoint tensor as float32 (exact: the checkpoints hold F32 or BF16)."""
+    return {k: v.astype(np.float32) for k, v in read_safetensors_folder(folder).items()}
 
 
 def hparams_of(cfg: dict) -> dict:
@@ -149,13 +145,19 @@ def expected_tensors(src: dict[str, np.ndarray], cfg: dict, layer_types: list[in
 
 
 def stored_as(x: np.ndarray, outtype: str) -> np.ndarray:
-    """What x (float32) must look like in the GGUF, per torch's rounding."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    """What x (float32) must look like in the GGUF: F16 by IEEE rounding, BF16 bit patterns
+    of the nearer of its two bf16 neighbours (ties to even), decided in float64."""
     if outtype == "f32":
         return x
     if outtype == "f16":
-        return t.to(torch.float16).numpy()
-    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return np.ascontiguousarray(x).astype(np.float16)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    lo = bits & np.uint32(0xFFFF0000)  # toward zero
+    hi = lo + np.uint32(0x10000)  # one bf16 step away from zero
+    d_lo = np.abs(x.astype(np.float64) - lo.view(np.float32).astype(np.float64))
+    d_hi = np.abs(hi.view(np.float32).astype(np.float64) - x.astype(np.float64))
+    up = (d_hi < d_lo) | ((d_hi == d_lo) & ((lo >> 16) & 1 == 1))
+    return (np.where(up, hi, lo) >> 16).astype(np.uint16)
 
 
 def read_gguf(path: Path):

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from needs_torch import import_torch
 
-torch = pytest.importorskip("torch")
+torch = import_torch()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

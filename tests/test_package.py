@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import sambay
+import sambay._native
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -34,6 +39,35 @@ def test_runtime_ggml_is_the_pinned_one():
     assert importlib.metadata.version("libggml-python") == "0.20.2.post1"
     info = sambay.system_info()
     assert info["ggml_version"] == "0.20.2"
+
+
+def test_requires_python_is_the_pinned_ggmls():
+    # libggml-python 0.20.2.post1 has wheels for CPython 3.10-3.14 only: sambay must not
+    # promise a Python it cannot be installed on
+    ours = importlib.metadata.metadata("sambay")["Requires-Python"]
+    assert ours == importlib.metadata.metadata("libggml-python")["Requires-Python"] == ">=3.10"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks an ELF rpath (Linux)")
+@pytest.mark.parametrize("libdir", ["lib64", "lib"])
+def test_extension_finds_ggml_in_either_install_folder(tmp_path, libdir):
+    """The wheels install ggml into libggml/lib64, a source build of libggml-python into
+    libggml/lib: the extension's own rpath finds either, without _native.py's preload."""
+    import libggml
+
+    core = Path(sambay._native._core.__file__)
+    found = Path(libggml.__file__).parent
+    libs = next(found / d for d in ("lib64", "lib") if (found / d).is_dir())
+    (tmp_path / "sambay").mkdir()
+    shutil.copy(core, tmp_path / "sambay" / core.name)
+    (tmp_path / "libggml" / libdir).mkdir(parents=True)
+    for f in libs.glob("*.so*"):
+        shutil.copy(f, tmp_path / "libggml" / libdir / f.name)
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    code = f"import ctypes; ctypes.CDLL({str(tmp_path / 'sambay' / core.name)!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_system_info_reports_cpu_backend_and_features():

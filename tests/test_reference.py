@@ -3,8 +3,9 @@
 The reference is what every parity test trusts, so it is checked four ways:
 1. block functions against independent formulations (closed-form scan, per-head loops with the
    spec's original-numbering GQA map, explicit window bounds);
-2. the whole model against an independent token-at-a-time NumPy float64 implementation written
-   directly from the spec over the raw HF tensors;
+2. the whole model against the independent token-at-a-time NumPy float64 implementation written
+   directly from the spec over the raw HF tensors (tests/numpy_reference.py, which the engine's
+   parity tests use);
 3. the full path against the incremental path (decode, chunked prefill, many prompt lengths,
    greedy decoding), which exercises every cache;
 4. loading: config styles, bf16, sharding, defaults, the layer schedule and λ_init table.
@@ -17,9 +18,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from needs_torch import import_torch
 
-from reference_model import (
+torch = import_torch()
+
+from numpy_reference import NumpyReference  # noqa: E402
+from reference_model import (  # noqa: E402
     SambaYConfig,
     SambaYReference,
     diff_attention,
@@ -31,8 +35,8 @@ from reference_model import (
     selective_scan,
     window_mask,
 )
-from sambay.convert import tiny
-from sambay.convert.schedule import LayerKind, ScheduleError
+from sambay.convert import tiny  # noqa: E402
+from sambay.convert.schedule import LayerKind, ScheduleError  # noqa: E402
 
 F32_TOL = 1e-4
 F64_TOL = 1e-10
@@ -290,105 +294,14 @@ def test_swa_layer_sees_exactly_w_tokens(ckpt_dir):
 # 2. the whole model against an independent NumPy float64 implementation
 
 
-def _naive_numpy_logits(t, cfg, ids):
-    """Token-at-a-time SambaY from the spec, straight from HF tensors; no torch ops."""
-    t = {k: v.double().numpy() for k, v in t.items()}
-    N, H, Hkv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = cfg["hidden_size"]
-    hd, rep, eps = d // H, H // Hkv, cfg["layer_norm_eps"]
-    S, K = cfg.get("mamba_d_state", 16), cfg.get("mamba_d_conv", 4)
-    Di = cfg.get("mamba_expand", 2) * d
-    R = math.ceil(d / 16)
-    W = cfg["sliding_window"]
-    kind = ["M" if i % 2 == 0 else "S" for i in range(N // 2)] + ["M", "G"] + \
-        ["U" if i % 2 == 0 else "X" for i in range(N // 2 + 2, N)]
-
-    def ln(x, p):
-        mu = x.mean()
-        return (x - mu) / np.sqrt(((x - mu) ** 2).mean() + eps) * t[p + ".weight"] + t[p + ".bias"]
-
-    def silu(x):
-        return x / (1 + np.exp(-x))
-
-    xs_hist = {i: [] for i in range(N)}  # raw conv inputs
-    ssm = {i: np.zeros((Di, S)) for i in range(N)}
-    kv = {i: [] for i in range(N)}  # (k, v) per position
-    out = []
-    for pos, tok in enumerate(ids):
-        h = t["model.embed_tokens.weight"][tok].copy()
-        mem = None
-        for i in range(N):
-            p = f"model.layers.{i}."
-            a = ln(h, p + "input_layernorm")
-            if kind[i] == "M":
-                xz = t[p + "attn.in_proj.weight"] @ a
-                x, z = xz[:Di], xz[Di:]
-                xs_hist[i].append(x)
-                cw = t[p + "attn.conv1d.weight"]
-                xc = t[p + "attn.conv1d.bias"].copy()
-                for k in range(K):
-                    src = pos - (K - 1) + k
-                    if src >= 0:
-                        xc += cw[:, 0, k] * xs_hist[i][src]
-                u = silu(xc)
-                pr = t[p + "attn.x_proj.weight"] @ u
-                dt, Bv, Cv = pr[:R], pr[R:R + S], pr[R + S:]
-                dt_in = t[p + "attn.dt_proj.weight"] @ dt + t[p + "attn.dt_proj.bias"]
-                delta = np.logaddexp(0.0, dt_in)  # softplus
-                A = -np.exp(t[p + "attn.A_log"])
-                ssm[i] = np.exp(delta[:, None] * A) * ssm[i] + np.outer(delta * u, Bv)
-                y = ssm[i] @ Cv + t[p + "attn.D"] * u
-                if i == N // 2:
-                    mem = y
-                o = t[p + "attn.out_proj.weight"] @ (y * silu(z))
-            elif kind[i] == "U":
-                o = t[p + "attn.out_proj.weight"] @ (silu(t[p + "attn.in_proj.weight"] @ a) * mem)
-            else:
-                qkv = t[p + "attn.Wqkv.weight"] @ a + t[p + "attn.Wqkv.bias"]
-                q = qkv[:H * hd]
-                if kind[i] in "SG":
-                    kv[i].append((qkv[H * hd:H * hd + Hkv * hd], qkv[H * hd + Hkv * hd:]))
-                    cache = kv[i]
-                else:
-                    cache = kv[N // 2 + 1]
-                lo = max(0, pos - W + 1) if kind[i] == "S" else 0
-                heads = []
-                for hh in range(H):
-                    kh, pair = 2 * (hh // (2 * rep)) + hh % 2, hh // (2 * rep)
-                    js = range(lo, pos + 1)
-                    Km = np.stack([cache[j][0][kh * hd:(kh + 1) * hd] for j in js])
-                    Vm = np.stack([cache[j][1][2 * pair * hd:(2 * pair + 2) * hd] for j in js])
-                    s = Km @ q[hh * hd:(hh + 1) * hd] / math.sqrt(hd)
-                    e = np.exp(s - s.max())
-                    heads.append((e / e.sum()) @ Vm)
-                ic = p + "attn.inner_cross_attn."
-                li = 0.8 - 0.6 * math.exp(-0.3 * i)
-                lam = math.exp(t[ic + "lambda_q1"] @ t[ic + "lambda_k1"]) - \
-                    math.exp(t[ic + "lambda_q2"] @ t[ic + "lambda_k2"]) + li
-                flat = []
-                for pr_ in range(H // 2):
-                    dd = heads[2 * pr_] - lam * heads[2 * pr_ + 1]
-                    rms = np.sqrt((dd * dd).mean() + 1e-5)
-                    flat.append((1 - li) * t[ic + "subln.weight"] * dd / rms)
-                o = t[p + "attn.out_proj.weight"] @ np.concatenate(flat)
-                o = o + t[p + "attn.out_proj.bias"]
-            h = h + o
-            b = ln(h, p + "post_attention_layernorm")
-            f = t[p + "mlp.fc1.weight"] @ b
-            F_ = f.shape[0] // 2
-            h = h + t[p + "mlp.fc2.weight"] @ (silu(f[:F_]) * f[F_:])
-        out.append(t["model.embed_tokens.weight"] @ ln(h, "model.final_layernorm"))
-    return np.stack(out)
-
-
-@pytest.mark.parametrize("name,extra", [("tiny-8", 3), ("tiny-12", 5)])
-def test_reference_matches_independent_numpy(ckpt_dir, name, extra):
-    folder = ckpt_dir(name)
-    cfg = json.loads((folder / "config.json").read_text())
+@pytest.mark.parametrize("name,extra,dtype", [("tiny-8", 3, "float32"), ("tiny-12", 5, "float32"),
+                                              ("tiny-12", 5, "bfloat16")])
+def test_reference_matches_independent_numpy(ckpt_dir, name, extra, dtype):
+    folder = ckpt_dir(name, dtype=dtype)
     model = load_reference(folder, torch.float64)
     W = model.config.sliding_window
     ids = _ids(2 * W + extra, model.config.vocab_size, seed=11).tolist()
-    want = _naive_numpy_logits(load_safetensors_folder(folder), cfg, ids)
+    want = NumpyReference.from_folder(folder).forward(ids)
     got = model.forward(ids).numpy()
     assert np.abs(got - want).max() < F64_TOL
     assert np.abs(want).max() > 0.1  # not trivially small

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from safetensors import safe_open
+from needs_torch import import_torch
 
-from sambay.convert import tiny
-from sambay.convert.schedule import LayerKind, ScheduleError, layer_kinds
+torch = import_torch()
+
+from safetensors import safe_open  # noqa: E402
+from sambay.convert import tiny  # noqa: E402
+from sambay.convert.schedule import LayerKind, ScheduleError, layer_kinds  # noqa: E402
 
 
 def _load(folder):

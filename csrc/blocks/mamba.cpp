@@ -52,7 +52,9 @@ ggml_tensor * graph_builder::build_mamba(ggml_tensor * cur, int il) {
         ggml_tensor * B  = ggml_view_4d(ctx_, x_db, d_state, 1, n_t, n_s, d_state * es, x_db->nb[1], x_db->nb[2], dt_rank * es);
         ggml_tensor * C  = ggml_view_4d(ctx_, x_db, d_state, 1, n_t, n_s, d_state * es, x_db->nb[1], x_db->nb[2], (dt_rank + d_state) * es);
 
-        dt = ggml_mul_mat(ctx_, l.ssm_dt, dt);  // {dt_rank, d_inner} @ {dt_rank, n_t*n_s} => {d_inner, n_t*n_s}
+        // contiguous first: extra weight buffers (the CPU's AMX one) take contiguous inputs only,
+        // and model.cpp places weights by probing with one (a strided view would find no backend)
+        dt = ggml_mul_mat(ctx_, l.ssm_dt, ggml_cont(ctx_, dt));  // {dt_rank, d_inner} @ {dt_rank, n_t*n_s} => {d_inner, n_t*n_s}
         dt = ggml_add(ctx_, dt, l.ssm_dt_b);     // softplus is applied inside ssm_scan
         dt = ggml_reshape_3d(ctx_, dt, d_inner, n_t, n_s);
 

@@ -1,8 +1,9 @@
 """Imports the compiled engine, ``sambay._core``.
 
-The extension finds ggml through its rpath (``$ORIGIN/../libggml/lib64``). When sambay and
-libggml-python sit in different site directories (``pip install --target``), that rpath
-misses; then the ggml libraries are loaded by absolute path first, so the loader finds them.
+The extension finds ggml through its rpath (``$ORIGIN/../libggml/lib64`` and ``.../lib``: the
+Linux wheels' and a source build's folders). When sambay and libggml-python sit in different
+site directories (``pip install --target``), that rpath misses; then the ggml libraries are
+loaded by absolute path first, so the loader finds them.
 """
 
 from __future__ import annotations
