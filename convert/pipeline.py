@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -13,7 +14,7 @@ from gguf import GGMLQuantizationType
 from . import transforms
 from .errors import ConvertError
 from .hparams import SambayHParams, load_hparams
-from .metadata import ARCH, model_kvs
+from .metadata import ARCH, general_metadata, model_kvs
 from .safetensors_reader import FLOAT_DTYPES, TensorEntry, iter_rows, open_checkpoint, read_tensor
 from .schedule import LayerKind
 from .tensor_map import LM_HEAD, PlannedTensor, Store, Transform, apply, plan
@@ -157,6 +158,7 @@ def convert(
     outtype: str = "auto",
     allow_missing_tokenizer: bool = False,
     progress: bool = True,
+    repo_id: Optional[str] = None,
 ) -> Path:
     """Convert a Phi-4-mini-flash (SambaY) Hugging Face checkpoint folder to one GGUF file.
 
@@ -172,6 +174,8 @@ def convert(
         allow_missing_tokenizer: write a GGUF without tokenizer keys when no tokenizer files
             exist, instead of failing.
         progress: show a tqdm bar over the tensors.
+        repo_id: the hub repository the folder came from (``owner/name``): it names the
+            model in ``general.*`` and is recorded as ``general.source.repo_url``.
 
     Returns:
         The output path.
@@ -212,7 +216,6 @@ def convert(
 
     kvs = model_kvs(
         h,
-        name=src.resolve().name,
         outtype=gtype,
         diff_lambda=diff_lambda,
         diff_lambda_init=diff_lambda_init,
@@ -230,9 +233,12 @@ def convert(
         if t.gguf_name is not None
     ]
 
+    metadata = general_metadata(src, total_params=sum(math.prod(t.shape) for t in tensors),
+                                repo_id=repo_id)
+
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        write_gguf(tmp, ARCH, kvs, tensors, progress=progress)
+        write_gguf(tmp, ARCH, kvs, tensors, metadata=metadata, progress=progress)
         os.replace(tmp, out)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
