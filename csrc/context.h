@@ -18,7 +18,7 @@
 namespace sambay {
 
 struct context_params {
-    uint32_t  n_ctx           = 0;     // 0: min(context_length, 4096)
+    uint32_t  n_ctx           = 0;     // 0: the trained context (context_length)
     uint32_t  n_batch         = 512;   // micro-batch size
     int       n_threads       = 0;     // decode (1 token); 0: hardware concurrency
     int       n_threads_batch = 0;     // prefill; 0: n_threads

@@ -9,6 +9,7 @@ import traceback
 from typing import Any, Optional, Sequence
 
 from ._version import __version__
+from .sampling import SamplingParams, file_sampling
 
 # exit codes by exception type (never by message text)
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -41,7 +42,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     convert(args.hf_dir, args.output, outtype=args.outtype,
-            allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet)
+            allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet, repo_id=args.repo_id)
     if not args.quiet:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -81,10 +82,12 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
-            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
-            "presence_penalty": args.presence_penalty,
-            "frequency_penalty": args.frequency_penalty}
+    """The sampling options given on the command line (the rest take the Llama's defaults)."""
+    given = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+             "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+             "presence_penalty": args.presence_penalty,
+             "frequency_penalty": args.frequency_penalty}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _report_speed(llm: Any) -> None:
@@ -205,6 +208,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     est = estimate_memory(meta, n_ctx, kv_bytes=2)
     print(f"memory estimate at n_ctx={n_ctx} (f16 KV): " + ", ".join(
         f"{k} {v / 2**20:.1f} MiB" for k, v in est.items()))
+    given = file_sampling(meta)
+    params = SamplingParams.from_metadata(meta)
+    print("sampling defaults: " + ", ".join(
+        f"{name} {getattr(params, name)}" + (" (file)" if name in given else "")
+        for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")))
     tmpl = meta.get("tokenizer.chat_template")
     print(f"tokenizer: {meta.get('tokenizer.ggml.model', 'none')} / "
           f"{meta.get('tokenizer.ggml.pre', '-')}, {len(meta.get('tokenizer.ggml.tokens', []))} tokens, "
@@ -235,7 +243,8 @@ def estimate_memory(meta: dict[str, Any], n_ctx: int, *, kv_bytes: int = 2) -> d
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="a phi4flash GGUF file (default: the built-in demo model)")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (0: the model's)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096,
+                   help="context length (0: the model's trained context, 65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
     p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores)")
     p.add_argument("--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
@@ -243,13 +252,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
     p.add_argument("-n", "--n-predict", type=int, default=512, help="max tokens to generate (<= 0: until the context is full)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    # sampling: left out, the model file's recommended value (general.sampling.*), else the
+    # library's default (SamplingParams)
+    d = SamplingParams()
+    p.add_argument("--temp", type=float, default=None,
+                   help=f"temperature, 0: greedy (default: the model file's, else {d.temperature})")
+    p.add_argument("--top-k", type=int, default=None, help=f"(default: the file's, else {d.top_k})")
+    p.add_argument("--top-p", type=float, default=None, help=f"(default: the file's, else {d.top_p})")
+    p.add_argument("--min-p", type=float, default=None, help=f"(default: the file's, else {d.min_p})")
+    p.add_argument("--repeat-penalty", type=float, default=None,
+                   help=f"(default: the file's, else {d.repeat_penalty})")
+    p.add_argument("--presence-penalty", type=float, default=None, help=f"(default: {d.presence_penalty})")
+    p.add_argument("--frequency-penalty", type=float, default=None, help=f"(default: {d.frequency_penalty})")
     p.add_argument("--system", default=None, help="a system message")
 
 
@@ -274,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and SSM constants are always f32")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="convert even when the tokenizer files are missing (no vocabulary in the GGUF)")
+    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
+                   help="the Hugging Face repository the folder came from (names the model in "
+                        "general.* and is recorded as its source)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 

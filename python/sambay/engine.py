@@ -135,8 +135,8 @@ class Context:
 
     Args:
         model: the model.
-        n_ctx: the most positions this context holds (``0``: the smaller of the trained
-            context and 4096).
+        n_ctx: the most positions this context holds (``0``: the trained context,
+            ``Model.n_ctx_train``).
         n_batch: micro-batch size; longer evals are split, with results equal to one batch.
         n_threads: CPU threads for single-token decoding (``0``: all cores).
         n_threads_batch: CPU threads for multi-token batches (``0``: ``n_threads``).

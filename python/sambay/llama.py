@@ -59,7 +59,8 @@ class Llama:
 
     Args:
         model_path: a GGUF file from ``sambay convert`` (optionally ``sambay quantize``).
-        n_ctx: context length in tokens; 0 means the model's trained context.
+        n_ctx: context length in tokens; 0 means the model's trained context (65536 for
+            Phi-4-mini-flash-reasoning: see the README for what long contexts cost).
         n_batch: prompt tokens per engine step (micro-batch).
         n_threads: threads for single-token decoding (default: half the cores).
         n_threads_batch: threads for prompt processing (default: all cores).
@@ -77,6 +78,12 @@ class Llama:
         model: an already-loaded :class:`sambay.engine.Model` of ``model_path`` to share
             (its weights are not loaded again; ``device``, ``n_gpu_layers`` and ``use_mmap``
             are then the model's). See :meth:`from_model`.
+
+    Attributes:
+        sampling_defaults: the :class:`~sambay.sampling.SamplingParams` a call's sampling
+            arguments default to: the file's recommended settings (``general.sampling.*``,
+            e.g. temperature 0.6 and top_p 0.95 for Phi-4-mini-flash-reasoning) over the
+            library's defaults. An explicit argument always wins.
 
     Raises:
         sambay.LoadError: the file is missing, not a GGUF, or not a valid phi4flash model.
@@ -130,6 +137,8 @@ class Llama:
             n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type,
         )
         self.metadata: dict[str, Any] = dict(self._model.metadata())
+        # the file's recommended settings (general.sampling.*) over the library's defaults
+        self.sampling_defaults = SamplingParams.from_metadata(self.metadata)
         self._tokenizer: Optional[Tokenizer] = None
         self._chat: Optional[ChatFormatter] = None
         self._rng = make_rng(seed)
@@ -324,17 +333,15 @@ class Llama:
 
         Args:
             tokens: the prompt ids.
-            params: sampling parameters (keyword ``overrides`` replace single fields).
+            params: sampling parameters (default: :attr:`sampling_defaults`; keyword
+                ``overrides`` replace single fields).
             seed: a seed for this call (default: the Llama's generator).
             reset: accepted for llama-cpp-python compatibility; prefix reuse decides.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
             raise ValueError("the prompt is empty")
-        if params is None:
-            params = SamplingParams(**overrides)
-        elif overrides:
-            params = SamplingParams(**{**params.__dict__, **overrides})
+        params = (params or self.sampling_defaults).with_overrides(**overrides)
         rng = make_rng(seed) if seed is not None else self._rng
         self._ctx._c.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
@@ -471,16 +478,16 @@ class Llama:
         prompt: Prompt,
         suffix: Optional[str] = None,
         max_tokens: Optional[int] = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
         logprobs: Optional[int] = None,
         echo: bool = False,
         stop: Optional[Union[str, Sequence[str]]] = None,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        top_k: int = 40,
+        frequency_penalty: Optional[float] = None,
+        presence_penalty: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        top_k: Optional[int] = None,
         stream: bool = False,
         seed: Optional[int] = None,
         model: Optional[str] = None,
@@ -492,7 +499,8 @@ class Llama:
         ``choices[0].text`` are the new pieces (the last chunk carries ``finish_reason``).
         Generation stops at an end-of-generation token (``finish_reason`` "stop"), at a stop
         string (never shown, not even partly while streaming), or after ``max_tokens``
-        (``None`` or <= 0: until the context is full; "length").
+        (``None`` or <= 0: until the context is full; "length"). A sampling argument left
+        ``None`` takes :attr:`sampling_defaults` (the model file's recommended settings).
 
         Raises:
             ValueError: invalid arguments, invalid token ids, or a prompt longer than n_ctx.
@@ -504,9 +512,10 @@ class Llama:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
             raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+        params = self.sampling_defaults.with_overrides(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty)
         prompt_tokens = self._prompt_tokens(prompt, special=False)
         if not prompt_tokens:
             raise ValueError("the prompt is empty (it has no tokens)")
@@ -565,17 +574,17 @@ class Llama:
     def create_chat_completion(
         self,
         messages: Sequence[dict[str, Any]],
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        min_p: Optional[float] = None,
         stream: bool = False,
         stop: Optional[Union[str, Sequence[str]]] = None,
         seed: Optional[int] = None,
         max_tokens: Optional[int] = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
         logprobs: bool = False,
         top_logprobs: Optional[int] = None,
         tools: Optional[Sequence[Any]] = None,
@@ -585,7 +594,8 @@ class Llama:
 
         The GGUF's chat template renders ``messages`` (sandboxed Jinja, as transformers
         renders it) with the generation prompt; generation stops at the model's
-        end-of-generation tokens. With ``stream=True``, chunks carry ``delta`` =
+        end-of-generation tokens. Sampling arguments left ``None`` take
+        :attr:`sampling_defaults`. With ``stream=True``, chunks carry ``delta`` =
         ``{"role": "assistant"}`` first, then ``{"content": ...}`` pieces, then an empty delta
         with the ``finish_reason``.
 
@@ -597,9 +607,10 @@ class Llama:
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+        params = self.sampling_defaults.with_overrides(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty)
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
             logprobs=n_top, echo=False, prompt_text=prompt,
