@@ -90,6 +90,59 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+class _ReplyPrinter:
+    """Writes a streamed chat reply: the ``<think>`` trace dimmed on a terminal (between its
+    tags when the output is piped, so the text is the model's), or not at all; collects the
+    trace and the answer."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out: Any, *, show_thinking: bool) -> None:
+        from .reasoning import THINK_CLOSE, THINK_OPEN
+
+        self.out = out
+        self.show_thinking = show_thinking
+        tty = hasattr(out, "isatty") and out.isatty()
+        self.open, self.close = (self.DIM, self.RESET + "\n") if tty else (THINK_OPEN, THINK_CLOSE)
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self._in_trace = False
+
+    def write(self, delta: dict[str, Any]) -> None:
+        trace, answer = delta.get("reasoning_content"), delta.get("content")
+        if trace:
+            self.reasoning.append(trace)
+            if self.show_thinking:
+                if not self._in_trace:
+                    self.out.write(self.open)
+                    self._in_trace = True
+                self.out.write(trace)
+        if answer:
+            self._end_trace()
+            self.content.append(answer)
+            self.out.write(answer)
+        self.out.flush()
+
+    def _end_trace(self) -> None:
+        if self._in_trace:
+            self.out.write(self.close)
+            self._in_trace = False
+
+    def finish(self) -> None:
+        self._end_trace()
+        self.out.write("\n")
+        self.out.flush()
+
+    def history_text(self, keep_thinking: bool) -> str:
+        """The reply as the next turn's history: the answer, with the trace only if asked."""
+        from .reasoning import THINK_CLOSE, THINK_OPEN
+
+        answer = "".join(self.content)
+        if keep_thinking and self.reasoning:
+            return THINK_OPEN + "".join(self.reasoning) + THINK_CLOSE + answer
+        return answer
+
+
 def _report_speed(llm: Any) -> None:
     t = llm.last_timings
     pp = t.prompt_evaluated / t.prompt_seconds if t.prompt_seconds > 0 else float("nan")
@@ -110,15 +163,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        stream = llm.create_chat_completion(messages, **kw)
-        pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
+        printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
+        for chunk in llm.create_chat_completion(messages, **kw):
+            printer.write(chunk["choices"][0]["delta"])
+        printer.finish()
     else:
-        stream = llm.create_completion(prompt, **kw)
-        pieces = (c["choices"][0]["text"] for c in stream)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        for chunk in llm.create_completion(prompt, **kw):
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     if not args.quiet:
         _report_speed(llm)
     return 0
@@ -149,16 +202,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        reply = []
+        printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
         for chunk in llm.create_chat_completion(history, stream=True, max_tokens=args.n_predict,
                                                 **_sampling_kwargs(args)):
-            piece = chunk["choices"][0]["delta"].get("content", "")
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
+            printer.write(chunk["choices"][0]["delta"])
+        printer.finish()
+        # the trace stays out of the next turn's prompt unless --keep-thinking
+        history.append({"role": "assistant", "content": printer.history_text(args.keep_thinking)})
         if args.verbose_speed:
             _report_speed(llm)
     return 0
@@ -265,6 +315,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=None, help=f"(default: {d.presence_penalty})")
     p.add_argument("--frequency-penalty", type=float, default=None, help=f"(default: {d.frequency_penalty})")
     p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--hide-thinking", action="store_true",
+                   help="do not show the <think> trace (shown dimmed on a terminal otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  printf 'hi\\nwhat is 2+2?\\n' | sambay chat -m model.gguf --temp 0")
     _add_model_args(p)
     p.add_argument("--verbose-speed", action="store_true", help="print speeds after each reply")
+    p.add_argument("--keep-thinking", action="store_true",
+                   help="keep each reply's <think> trace in the history of the next turns "
+                        "(default: only the answers)")
     p.set_defaults(func=_cmd_chat)
 
     from .server.settings import add_arguments as add_server_arguments

@@ -18,6 +18,7 @@ from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .engine import AbortedError, Context, LoadError, Model
+from .reasoning import ReasoningSplitter, check_reasoning_format, prompt_opens_trace
 from .sampling import SamplingParams, log_softmax, make_rng, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -589,6 +590,7 @@ class Llama:
         top_logprobs: Optional[int] = None,
         tools: Optional[Sequence[Any]] = None,
         model: Optional[str] = None,
+        reasoning_format: str = "deepseek",
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
@@ -596,14 +598,27 @@ class Llama:
         renders it) with the generation prompt; generation stops at the model's
         end-of-generation tokens. Sampling arguments left ``None`` take
         :attr:`sampling_defaults`. With ``stream=True``, chunks carry ``delta`` =
-        ``{"role": "assistant"}`` first, then ``{"content": ...}`` pieces, then an empty delta
-        with the ``finish_reason``.
+        ``{"role": "assistant"}`` first, then ``{"reasoning_content": ...}`` and
+        ``{"content": ...}`` pieces, then an empty delta with the ``finish_reason``.
+
+        Args:
+            reasoning_format: ``"deepseek"``: the ``<think>`` trace goes to
+                ``message.reasoning_content`` (``delta.reasoning_content`` when streaming) and
+                only the answer to ``content``; a trace cut by ``max_tokens`` is still
+                reasoning (``finish_reason`` "length"). ``"none"``: the text as the model
+                wrote it, all in ``content``.
+
+        A ``reasoning_content`` in the given assistant messages is never rendered into the
+        prompt (the template sees ``content`` only).
 
         Raises:
             sambay.ChatTemplateError: bad messages or a failing template.
             ValueError: invalid arguments or a conversation longer than n_ctx.
         """
-        prompt = self.chat_formatter.render(messages, add_generation_prompt=True, tools=tools)
+        check_reasoning_format(reasoning_format)
+        history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
+                   for m in messages]
+        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -611,10 +626,22 @@ class Llama:
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty)
+        split = reasoning_format == "deepseek"
+        splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
             logprobs=n_top, echo=False, prompt_text=prompt,
         )
+
+        def parts() -> Iterator[tuple[str, str, Optional[dict[str, Any]], Optional[str]]]:
+            """(reasoning, content, logprobs, finish_reason) per piece."""
+            for text, lp, reason in pieces:
+                r, c = splitter.feed(text)
+                if reason is not None:
+                    r2, c2 = splitter.flush()
+                    r, c = r + r2, c + c2
+                yield (r, c, lp, reason) if split else ("", text, lp, reason)
+
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model or self.model_path
@@ -632,26 +659,33 @@ class Llama:
                 base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
                 yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
                                             "logprobs": None, "finish_reason": None}]}
-                for text, lp, reason in pieces:
-                    if text:
-                        yield {**base, "choices": [{"index": 0, "delta": {"content": text},
-                                                    "logprobs": ({"content": lp_content(lp)} if lp else None),
+                for r, c, lp, reason in parts():
+                    deltas = ([{"reasoning_content": r}] if r else []) + ([{"content": c}] if c else [])
+                    for i, delta in enumerate(deltas):
+                        last = i == len(deltas) - 1  # a piece's logprobs go with its last delta
+                        yield {**base, "choices": [{"index": 0, "delta": delta,
+                                                    "logprobs": ({"content": lp_content(lp)} if lp and last else None),
                                                     "finish_reason": None}]}
                     if reason is not None:
                         yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                     "finish_reason": reason}]}
             return chunks()
 
+        reasoning: list[str] = []
         texts: list[str] = []
         content_lp: list[dict[str, Any]] = []
         reason: Optional[str] = None
-        for text, lp, reason in pieces:
-            texts.append(text)
+        for r, c, lp, reason in parts():
+            reasoning.append(r)
+            texts.append(c)
             content_lp.extend(lp_content(lp) or [])
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+        if split and splitter.reasoning_seen:
+            message["reasoning_content"] = "".join(reasoning)
         n_gen = self.last_timings.generated_tokens
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": content_lp} if logprobs else None,
                          "finish_reason": reason}],
             "usage": {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_gen,

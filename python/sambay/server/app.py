@@ -198,7 +198,8 @@ def _with_usage(chunks: Iterator[dict[str, Any]], llm: SlotLlama, include_usage:
 
 
 def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = None,
-               max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20) -> FastAPI:
+               max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20,
+               reasoning_format: str = "deepseek") -> FastAPI:
     """The OpenAI-compatible app over ``pool`` (which the app closes at shutdown).
 
     Args:
@@ -207,6 +208,8 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         api_key: require ``Authorization: Bearer <api_key>`` on every request.
         max_tokens: the largest ``max_tokens`` a request may ask for (default: ``n_ctx``).
         max_body_bytes: the largest request body accepted.
+        reasoning_format: how chat replies carry the ``<think>`` trace when a request does not
+            say (``"deepseek"``: in ``reasoning_content``; ``"none"``: inside ``content``).
     """
     n_ctx = pool.llamas[0].n_ctx()
     token_limit = min(max_tokens or n_ctx, n_ctx)
@@ -352,6 +355,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         """OpenAI's chat completion, streaming with ``stream: true``."""
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
         kw = body.llama_kwargs()
+        kw.setdefault("reasoning_format", reasoning_format)
         check_max_tokens(kw, default_to_limit=True)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         messages = [m.to_template() for m in body.messages]
