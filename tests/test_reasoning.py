@@ -1,5 +1,5 @@
-"""The ``<think>`` trace kept apart from the answer (``reasoning_content``), in the splitter
-itself, the Python API, the server and the CLI. The built-in demo model
+"""The ``<think>`` trace kept apart from the answer (``reasoning_content``) and the reasoning
+budget, in the splitter itself, the Python API, the server and the CLI. The built-in demo model
 answers ``<think>TRACE</think>The answer is N.`` (greedy at temperature 0)."""
 
 from __future__ import annotations
@@ -68,7 +68,16 @@ def test_prompt_that_opens_the_trace():
     assert not reasoning.prompt_opens_trace("<|assistant|>")
 
 
-def test_formats_are_checked():
+def test_budgets_and_formats_are_checked():
+    assert reasoning.resolve_budget(None, None) is None
+    assert reasoning.resolve_budget(5, "high") == 5  # an explicit budget wins
+    assert reasoning.resolve_budget(None, "low") == reasoning.EFFORT_BUDGETS["low"]
+    assert reasoning.EFFORT_BUDGETS["low"] < reasoning.EFFORT_BUDGETS["medium"] < reasoning.EFFORT_BUDGETS["high"]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="reasoning_budget"):
+            reasoning.resolve_budget(bad, None)
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        reasoning.resolve_budget(None, "extreme")
     with pytest.raises(ValueError, match="reasoning_format"):
         reasoning.check_reasoning_format("raw")
 
@@ -139,6 +148,41 @@ def test_a_trace_in_the_history_is_not_rendered(llm):
     assert with_trace["choices"][0]["message"] == plain["choices"][0]["message"]
 
 
+def trace_token_pieces(llm) -> list[str]:
+    """The text of each generated token of the trace (after the three tokens of <think>)."""
+    out = chat(llm, logprobs=True)["choices"][0]
+    pieces = [t["token"] for t in out["logprobs"]["content"]]
+    assert "".join(pieces[:3]) == "<think>"
+    return pieces[3:]
+
+
+@pytest.mark.parametrize("budget", [0, 7, 40])
+def test_reasoning_budget_forces_the_close_tag(llm, budget):
+    pieces = trace_token_pieces(llm)
+    out = chat(llm, reasoning_budget=budget)["choices"][0]
+    assert out["message"]["reasoning_content"] == "".join(pieces[:budget])
+    # what follows the forced </think> is the answer; the tiny demo model, never trained on a
+    # cut trace, answers well only when little of the trace is missing
+    assert out["message"]["content"] and out["finish_reason"] == "stop"
+    if budget == 40:
+        assert out["message"]["content"].startswith("The answer is ")
+    r, c, _, _ = streamed(llm, reasoning_budget=budget)
+    assert (r, c) == (out["message"]["reasoning_content"], out["message"]["content"])
+
+
+def test_a_budget_longer_than_the_trace_changes_nothing(llm):
+    assert chat(llm, reasoning_budget=1000)["choices"][0]["message"] == chat(llm)["choices"][0]["message"]
+
+
+def test_reasoning_effort_maps_to_budgets(llm, monkeypatch):
+    monkeypatch.setitem(reasoning.EFFORT_BUDGETS, "low", 7)
+    want = chat(llm, reasoning_budget=7)["choices"][0]["message"]
+    assert chat(llm, reasoning_effort="low")["choices"][0]["message"] == want
+    assert chat(llm, reasoning_effort="low", reasoning_budget=1000)["choices"][0]["message"] == chat(llm)["choices"][0]["message"]
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        chat(llm, reasoning_effort="extreme")
+
+
 # ---------------------------------------------------------------------------------------------
 # the server
 
@@ -192,7 +236,7 @@ def test_server_reasoning_content(client):
         b = c.post("/v1/chat/completions", json={"messages": follow, "temperature": 0, "max_tokens": 60})
         assert a.status_code == b.status_code == 200
         assert a.json()["choices"] == b.json()["choices"] and a.json()["usage"] == b.json()["usage"]
-        for bad in ({"reasoning_format": "raw"},):
+        for bad in ({"reasoning_format": "raw"}, {"reasoning_effort": "extreme"}, {"reasoning_budget": -1}):
             r = post(c, **bad)
             assert r.status_code == 422 and next(iter(bad)) in r.text, r.text
 
@@ -203,6 +247,20 @@ def test_server_default_format(client):
             "role": "assistant", "content": f"<think>{TRACE}</think>{ANSWER}"}
         # a request's own format wins over the server's
         msg = post(c, reasoning_format="deepseek").json()["choices"][0]["message"]
+        assert msg == {"role": "assistant", "content": ANSWER, "reasoning_content": TRACE}
+
+
+def test_server_budget(client, llm, monkeypatch):
+    want = chat(llm, reasoning_budget=7)["choices"][0]["message"]
+    monkeypatch.setitem(reasoning.EFFORT_BUDGETS, "low", 7)
+    with client() as c:
+        assert post(c, reasoning_budget=7).json()["choices"][0]["message"] == want
+        assert post(c, reasoning_effort="low").json()["choices"][0]["message"] == want
+    with client(reasoning_format="none", reasoning_budget=7) as c:
+        assert post(c).json()["choices"][0]["message"]["content"] == (
+            f"<think>{want['reasoning_content']}</think>{want['content']}")
+        # a request's own settings win over the server's
+        msg = post(c, reasoning_format="deepseek", reasoning_budget=1000).json()["choices"][0]["message"]
         assert msg == {"role": "assistant", "content": ANSWER, "reasoning_content": TRACE}
 
 
@@ -221,6 +279,14 @@ RUN = ("run", "-p", "What is 457 - 286?", "--temp", "0", "-t", "1", "-q")
 def test_cli_run_shows_or_hides_the_trace():
     assert sambay(*RUN).stdout == f"<think>{TRACE}</think>{ANSWER}\n"  # piped: the model's text
     assert sambay(*RUN, "--hide-thinking").stdout == f"{ANSWER}\n"
+
+
+def test_cli_reasoning_budget():
+    out = sambay(*RUN, "--reasoning-budget", "40")
+    assert out.returncode == 0, out.stderr
+    trace, answer = out.stdout.removeprefix("<think>").split("</think>")
+    assert TRACE.startswith(trace) and len(trace) < len(TRACE)
+    assert answer.startswith("The answer is ")
 
 
 def test_cli_run_dims_the_trace_on_a_terminal():

@@ -164,7 +164,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
         printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
-        for chunk in llm.create_chat_completion(messages, **kw):
+        for chunk in llm.create_chat_completion(messages, reasoning_budget=args.reasoning_budget, **kw):
             printer.write(chunk["choices"][0]["delta"])
         printer.finish()
     else:
@@ -204,6 +204,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
         for chunk in llm.create_chat_completion(history, stream=True, max_tokens=args.n_predict,
+                                                reasoning_budget=args.reasoning_budget,
                                                 **_sampling_kwargs(args)):
             printer.write(chunk["choices"][0]["delta"])
         printer.finish()
@@ -317,6 +318,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--hide-thinking", action="store_true",
                    help="do not show the <think> trace (shown dimmed on a terminal otherwise)")
+    p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
+                   help="end the trace after N tokens by forcing </think> (default: unlimited)")
 
 
 def build_parser() -> argparse.ArgumentParser:

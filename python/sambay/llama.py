@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,7 +18,8 @@ from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .engine import AbortedError, Context, LoadError, Model
-from .reasoning import ReasoningSplitter, check_reasoning_format, prompt_opens_trace
+from .reasoning import (FORCED_CLOSE, ReasoningBudget, ReasoningSplitter, check_reasoning_format,
+                        prompt_opens_trace, resolve_budget)
 from .sampling import SamplingParams, log_softmax, make_rng, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -325,6 +326,7 @@ class Llama:
         params: Optional[SamplingParams] = None,
         seed: Optional[int] = None,
         reset: bool = True,
+        force: Optional[Callable[[], Optional[int]]] = None,
         **overrides: Any,
     ) -> Iterator[int]:
         """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
@@ -338,6 +340,8 @@ class Llama:
                 ``overrides`` replace single fields).
             seed: a seed for this call (default: the Llama's generator).
             reset: accepted for llama-cpp-python compatibility; prefix reuse decides.
+            force: called before each token is sampled; a token id it returns is taken
+                instead of sampling (how a reasoning budget forces the trace's close tag).
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
@@ -353,7 +357,8 @@ class Llama:
         t1 = time.perf_counter()
         while True:
             assert self._last_logits is not None
-            token = sample(self._last_logits, params, rng, self._input_ids)
+            forced = force() if force is not None else None
+            token = forced if forced is not None else sample(self._last_logits, params, rng, self._input_ids)
             self.last_timings.generated_tokens += 1
             self.last_timings.generate_seconds = time.perf_counter() - t1
             yield token
@@ -396,6 +401,7 @@ class Llama:
         logprobs: Optional[int],
         echo: bool,
         prompt_text: str,
+        force: Optional[Callable[[], Optional[int]]] = None,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
         n_ctx = self.n_ctx()
@@ -419,7 +425,7 @@ class Llama:
                 lp = self._prompt_logprobs(prompt_tokens, logprobs)
             yield prompt_text, lp, None
         count = 0
-        for token in self.generate(prompt_tokens, params=params, seed=seed):
+        for token in self.generate(prompt_tokens, params=params, seed=seed, force=force):
             if token in tok.eog_ids:
                 yield stops.feed(decoder.flush()) + stops.flush(), None, "stop"
                 return
@@ -591,6 +597,8 @@ class Llama:
         tools: Optional[Sequence[Any]] = None,
         model: Optional[str] = None,
         reasoning_format: str = "deepseek",
+        reasoning_budget: Optional[int] = None,
+        reasoning_effort: Optional[str] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
@@ -607,6 +615,10 @@ class Llama:
                 only the answer to ``content``; a trace cut by ``max_tokens`` is still
                 reasoning (``finish_reason`` "length"). ``"none"``: the text as the model
                 wrote it, all in ``content``.
+            reasoning_budget: end the trace after this many tokens by forcing ``</think>``,
+                so the answer still comes (None: unlimited; 0: close it at once).
+            reasoning_effort: OpenAI's ``"low"``, ``"medium"`` or ``"high"``, mapped to
+                budgets (:data:`sambay.reasoning.EFFORT_BUDGETS`); ``reasoning_budget`` wins.
 
         A ``reasoning_content`` in the given assistant messages is never rendered into the
         prompt (the template sees ``content`` only).
@@ -616,6 +628,7 @@ class Llama:
             ValueError: invalid arguments or a conversation longer than n_ctx.
         """
         check_reasoning_format(reasoning_format)
+        budget = resolve_budget(reasoning_budget, reasoning_effort)
         history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
                    for m in messages]
         prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
@@ -628,13 +641,17 @@ class Llama:
             frequency_penalty=frequency_penalty)
         split = reasoning_format == "deepseek"
         splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
+        force = None
+        if budget is not None:
+            force = ReasoningBudget(budget, splitter, self.tokenize(FORCED_CLOSE, special=True)).next_forced
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
-            logprobs=n_top, echo=False, prompt_text=prompt,
+            logprobs=n_top, echo=False, prompt_text=prompt, force=force,
         )
 
         def parts() -> Iterator[tuple[str, str, Optional[dict[str, Any]], Optional[str]]]:
-            """(reasoning, content, logprobs, finish_reason) per piece."""
+            """(reasoning, content, logprobs, finish_reason) per piece; the splitter always
+            runs (a budget needs to know when the trace is open)."""
             for text, lp, reason in pieces:
                 r, c = splitter.feed(text)
                 if reason is not None:

@@ -95,7 +95,8 @@ def serve(settings: ServerSettings) -> int:
     print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
     app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
                      max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes,
-                     reasoning_format=settings.reasoning_format)
+                     reasoning_format=settings.reasoning_format,
+                     reasoning_budget=settings.reasoning_budget)
     auth = "API key required" if settings.api_key else "no API key"
     print(f"sambay serve: OpenAI API at http://{settings.host}:{settings.port}/v1 ({auth}, "
           f"{pool.n_slots} slot(s), queue of {pool.max_queue})", file=sys.stderr, flush=True)

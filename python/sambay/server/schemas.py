@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..reasoning import check_reasoning_format
+from ..reasoning import check_reasoning_format, resolve_budget
 
 
 class _Request(BaseModel):
@@ -202,8 +202,16 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
-    # the <think> trace: llama-server's reasoning format
+    # the <think> trace: OpenAI's effort, llama-server's format, and a budget in tokens
+    reasoning_effort: Optional[str] = None
     reasoning_format: Optional[str] = None
+    reasoning_budget: Optional[int] = Field(None, ge=0)
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _effort(cls, v: Optional[str]) -> Optional[str]:
+        resolve_budget(None, v)
+        return v
 
     @field_validator("reasoning_format")
     @classmethod
@@ -240,7 +248,7 @@ class ChatCompletionRequest(_Sampling):
             kw["top_logprobs"] = self.top_logprobs or 0
         if self.tools and self.tool_choice != "none":
             kw["tools"] = self.tools
-        kw.update(self.model_dump(include={"reasoning_format"},
+        kw.update(self.model_dump(include={"reasoning_effort", "reasoning_format", "reasoning_budget"},
                                   exclude_none=True))
         return kw
 

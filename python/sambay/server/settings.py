@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..reasoning import REASONING_FORMATS, check_reasoning_format
+from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
@@ -30,6 +30,7 @@ class ServerSettings:
         max_body_bytes: the largest request body accepted (413 beyond).
         reasoning_format: ``"deepseek"`` (the ``<think>`` trace in ``reasoning_content``) or
             ``"none"`` (left in ``content``), for chat requests that do not say.
+        reasoning_budget: trace budget in tokens for chat requests that give none.
     """
 
     model: str
@@ -50,6 +51,7 @@ class ServerSettings:
     seed: Optional[int] = None
     log_level: str = "info"
     reasoning_format: str = "deepseek"
+    reasoning_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
@@ -62,6 +64,7 @@ class ServerSettings:
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
         check_reasoning_format(self.reasoning_format)
+        resolve_budget(self.reasoning_budget, None)
 
     @property
     def alias(self) -> str:
@@ -99,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek",
                    help="chat replies: the <think> trace in message.reasoning_content (deepseek) "
                         "or left inside content (none); a request's reasoning_format wins")
+    p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
+                   help="end the trace after N tokens by forcing </think> (default: unlimited); "
+                        "a request's reasoning_budget or reasoning_effort wins")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -110,5 +116,5 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         device="cpu" if args.cpu else "auto", parallel=args.parallel, max_queue=args.max_queue,
         api_key=args.api_key or None, model_alias=args.model_alias, max_tokens=args.max_tokens,
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
-        reasoning_format=args.reasoning_format,
+        reasoning_format=args.reasoning_format, reasoning_budget=args.reasoning_budget,
     )
