@@ -53,6 +53,15 @@ def test_llama_takes_the_files_sampling(files):
                         ["choices"][0]["message"]["content"]}
 
 
+def test_a_bad_recommended_setting_is_a_load_error(files, tmp_path):
+    from sambay import LoadError
+
+    plain, _ = files
+    bad = rewrite_gguf(plain, tmp_path / "bad.gguf", set_kv={"general.sampling.top_p": lambda v: 5.0})
+    with pytest.raises(LoadError, match="general.sampling.*top_p must be in"):
+        Llama(bad, n_ctx=64, n_threads=1, verbose=False)
+
+
 def test_n_ctx_0_is_the_trained_context(files):
     _, greedy = files
     m = Model(greedy)

@@ -140,7 +140,10 @@ class Llama:
         )
         self.metadata: dict[str, Any] = dict(self._model.metadata())
         # the file's recommended settings (general.sampling.*) over the library's defaults
-        self.sampling_defaults = SamplingParams.from_metadata(self.metadata)
+        try:
+            self.sampling_defaults = SamplingParams.from_metadata(self.metadata)
+        except ValueError as err:
+            raise LoadError(f"{path}: {err}") from None
         self._tokenizer: Optional[Tokenizer] = None
         self._chat: Optional[ChatFormatter] = None
         self._rng = make_rng(seed)

@@ -71,10 +71,19 @@ class SamplingParams:
             ValueError: the file's values are out of range.
         """
         kinds = {f.name: f.type for f in fields(cls)}
-        # GGUF floats are F32: the shortest decimal that reads back as that F32 (0.95, not
-        # 0.949999988...)
-        return cls(**{name: (int(v) if kinds[name] in ("int", int) else float(str(np.float32(v))))
-                      for name, v in file_sampling(metadata).items()})
+        keys = {name: key for key, name in FILE_KEYS.items()}
+        values = {}
+        for name, v in file_sampling(metadata).items():
+            try:
+                # GGUF floats are F32: the shortest decimal that reads back as that F32 (0.95,
+                # not 0.949999988...)
+                values[name] = int(v) if kinds[name] in ("int", int) else float(str(np.float32(v)))
+            except (TypeError, ValueError):
+                raise ValueError(f"{keys[name]}: not a number: {v!r}") from None
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"the file's recommended sampling (general.sampling.*): {err}") from None
 
     def with_overrides(self, **overrides: Any) -> "SamplingParams":
         """A copy with the given fields replaced; ``None`` values are left out (so an argument
