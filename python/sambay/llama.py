@@ -632,8 +632,10 @@ class Llama:
         """
         check_reasoning_format(reasoning_format)
         budget = resolve_budget(reasoning_budget, reasoning_effort)
-        history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
-                   for m in messages]
+        history = messages  # the template's checks report anything that is not a message list
+        if isinstance(messages, (list, tuple)):
+            history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
+                       for m in messages]
         prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
