@@ -1,10 +1,15 @@
-"""The model metadata KV pairs of docs/gguf-format.md ("Metadata"); tokenizer keys: vocab.py."""
+"""The model metadata KV pairs of docs/gguf-format.md ("Metadata"); tokenizer keys: vocab.py.
+
+The ``general.*`` authorship keys and the recommended sampling settings (``general.sampling.*``)
+come from gguf-py's :class:`gguf.Metadata` helpers, as llama.cpp's converter fills them.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, Metadata, size_label
 
 from .hparams import SambayHParams
 from .writer import KV
@@ -22,18 +27,55 @@ _U32, _F32, _I32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.IN
 _STR, _BOOL, _ARR = GGUFValueType.STRING, GGUFValueType.BOOL, GGUFValueType.ARRAY
 
 
+# The sampling the model card recommends for Phi-4-mini-flash-reasoning (its generate() example:
+# temperature 0.6, top_p 0.95); used where generation_config.json gives no value (the real one
+# gives none). Fields of gguf.Metadata.
+MODEL_CARD_SAMPLING = {"sampling_temp": 0.6, "sampling_top_p": 0.95}
+
+
+def general_metadata(src: Path, *, total_params: int, repo_id: Optional[str] = None) -> Metadata:
+    """The ``general.*`` keys of a checkpoint folder, filled by gguf-py's :class:`gguf.Metadata`.
+
+    Reads the model card's YAML header (README.md: license, base model, tags, ...), config.json's
+    ``_name_or_path`` and generation_config.json's sampling values, then the folder name.
+
+    Args:
+        src: the Hugging Face checkpoint folder.
+        total_params: the parameter count (for ``general.size_label``).
+        repo_id: the hub repository the folder came from (``owner/name``): it names the model
+            and becomes ``general.source.repo_url``.
+    """
+    meta = Metadata.load(None, src, None, total_params)
+    if repo_id:
+        full, org, basename, finetune, version, size = Metadata.get_model_id_components(repo_id, total_params)
+        meta.name = Metadata.id_to_title(full) if full else meta.name
+        meta.organization = Metadata.id_to_title(org) if org else meta.organization
+        meta.basename = basename or meta.basename
+        meta.finetune = finetune or meta.finetune
+        meta.version = version or meta.version
+        meta.size_label = size or meta.size_label
+        meta.source_repo_url = f"https://huggingface.co/{repo_id}"
+    if meta.name is None:
+        meta.name = src.resolve().name
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = size_label(total_params, 0, 0, 0)
+    for field, value in MODEL_CARD_SAMPLING.items():
+        if getattr(meta, field) is None:
+            setattr(meta, field, value)
+    return meta
+
+
 def model_kvs(
     h: SambayHParams,
     *,
-    name: str,
     outtype: GGMLQuantizationType,
     diff_lambda: Sequence[float],
     diff_lambda_init: Sequence[float],
 ) -> list[KV]:
-    """general.* and phi4flash.* keys (general.architecture is added by the writer)."""
+    """general.file_type and phi4flash.* keys (general.architecture is added by the writer,
+    the other general.* keys come from :func:`general_metadata`)."""
     a = ARCH
     return [
-        KV("general.name", name, _STR),
         KV("general.file_type", int(FILE_TYPES[outtype]), _U32),
         KV("general.quantization_version", 2, _U32),
         KV(f"{a}.context_length", h.n_ctx_train, _U32),

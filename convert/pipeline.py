@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -15,7 +16,7 @@ from . import transforms
 from .._output import atomic_output, resolve_output
 from .errors import ConvertError, ConvertWarning
 from .hparams import SambayHParams, load_hparams
-from .metadata import ARCH, model_kvs
+from .metadata import ARCH, general_metadata, model_kvs
 from .safetensors_reader import FLOAT_DTYPES, TensorEntry, iter_rows, open_checkpoint, read_tensor
 from .schedule import LayerKind
 from .tensor_map import LM_HEAD, PlannedTensor, Store, Transform, apply, plan
@@ -222,6 +223,7 @@ def convert(
     allow_missing_tokenizer: bool = False,
     progress: bool = True,
     strict: bool = False,
+    repo_id: Optional[str] = None,
 ) -> Path:
     """Convert a Phi-4-mini-flash (SambaY) Hugging Face checkpoint folder to one GGUF file.
 
@@ -241,6 +243,8 @@ def convert(
         progress: show a tqdm bar over the tensors.
         strict: refuse (ConvertError) a checkpoint with NaN or Inf weights, or with values the
             output type cannot hold (F16 beyond +-65504), instead of warning.
+        repo_id: the hub repository the folder came from (``owner/name``): it names the
+            model in ``general.*`` and is recorded as ``general.source.repo_url``.
 
     Returns:
         The output path.
@@ -283,7 +287,6 @@ def convert(
 
     kvs = model_kvs(
         h,
-        name=src.resolve().name,
         outtype=gtype,
         diff_lambda=diff_lambda,
         diff_lambda_init=diff_lambda_init,
@@ -302,8 +305,11 @@ def convert(
         for t in planned
         if t.gguf_name is not None
     ]
+    metadata = general_metadata(src, total_params=sum(math.prod(t.shape) for t in tensors),
+                                repo_id=repo_id)
 
     with atomic_output(target, ConvertError) as tmp:
-        write_gguf(tmp, ARCH, kvs, tensors, progress=progress)
+        write_gguf(tmp, ARCH, kvs, tensors, metadata=metadata, progress=progress)
     check.warn()
+
     return out

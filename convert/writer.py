@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Metadata
 
 # numpy dtype of each storage type's array (BF16 travels as uint16 bit patterns)
 NP_DTYPES: dict[GGMLQuantizationType, np.dtype] = {
@@ -53,15 +53,20 @@ def write_gguf(
     kvs: Sequence[KV],
     tensors: Sequence[TensorOut],
     *,
+    metadata: Optional[Metadata] = None,
     progress: bool = False,
 ) -> None:
     """Write a GGUF file at ``path`` (created or truncated; the caller syncs and renames it).
+
+    ``metadata`` (gguf-py's) writes the ``general.*`` authorship and sampling keys first.
 
     Raises:
         RuntimeError: a chunk stream produced the wrong dtype or byte count (a converter bug).
         Whatever the chunk functions raise (e.g. ConvertError on a truncated source).
     """
     w = GGUFWriter(path, arch)  # adds general.architecture
+    if metadata is not None:
+        metadata.set_gguf_meta_model(w)
     for kv in kvs:
         w.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)
     for t in tensors:

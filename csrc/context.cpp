@@ -16,7 +16,7 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     : model_(std::move(m)), params_(params) {
     const hparams & hp = model_->hp();
     if (params_.n_ctx == 0) {
-        params_.n_ctx = std::min<uint32_t>(hp.n_ctx_train, 4096);
+        params_.n_ctx = hp.n_ctx_train;
     }
     if (params_.n_ctx > (1u << 24)) {
         throw std::invalid_argument("n_ctx " + std::to_string(params_.n_ctx) + " is absurdly large (max 16777216)");

@@ -19,7 +19,7 @@
 namespace sambay {
 
 struct context_params {
-    uint32_t  n_ctx           = 0;     // 0: min(context_length, 4096)
+    uint32_t  n_ctx           = 0;     // 0: the trained context (context_length), per sequence
     uint32_t  n_batch         = 512;   // micro-batch size (rows of all sequences together)
     uint32_t  n_seq_max       = 1;     // sequences (slots 0 .. n_seq_max-1), each of n_ctx positions
     int       n_threads       = 0;     // decode (1 token); 0: hardware concurrency

@@ -236,7 +236,8 @@ def test_round_trip(ckpt, tmp_path, config, dtype, sharded, style, outtype, bulk
     eos = tok.token_to_id("<|endoftext|>")
     want_meta = {
         "general.architecture": ("phi4flash", STR),
-        "general.name": (folder.name, STR),
+        "general.sampling.temp": (np.float32(0.6), F32),  # the model card's (no generation_config value)
+        "general.sampling.top_p": (np.float32(0.95), F32),
         "general.file_type": (FILE_TYPE[bulk], U32),
         "general.quantization_version": (2, U32),
         "phi4flash.context_length": (
@@ -282,7 +283,12 @@ def test_round_trip(ckpt, tmp_path, config, dtype, sharded, style, outtype, bulk
         ),
     }
     list_keys = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
-    assert set(fields) == set(want_meta) | list_keys
+    # names gguf-py's Metadata derives from the (temporary) folder name; checked in
+    # test_general_metadata_from_card_generation_config_and_repo
+    named = {k for k in fields if k in ("general.name", "general.basename", "general.size_label",
+                                        "general.finetune", "general.version")}
+    assert "general.name" in named
+    assert set(fields) - named == set(want_meta) | list_keys
     for key, (value, vtype) in want_meta.items():
         f = fields[key]
         if isinstance(value, list):
@@ -359,6 +365,53 @@ def add_tensor(folder: Path, name: str, value: np.ndarray) -> None:
     tensors = load_file(str(folder / "model.safetensors"))
     tensors[name] = value
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+MODEL_CARD = """---
+license: mit
+language:
+- en
+pipeline_tag: text-generation
+tags:
+- math
+base_model: microsoft/Phi-4-mini-instruct
+---
+# Phi-4-mini-flash-reasoning
+"""
+
+
+def test_general_metadata_from_card_generation_config_and_repo(ckpt, tmp_path):
+    folder = tmp_path / "Phi-4-mini-flash-reasoning"
+    shutil.copytree(ckpt("tiny-8", "bfloat16"), folder)
+    (folder / "README.md").write_text(MODEL_CARD)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.7, "top_k": 20}))
+    _, fields, _ = read_gguf(convert(folder, tmp_path / "m.gguf", progress=False,
+                                     repo_id="microsoft/Phi-4-mini-flash-reasoning"))
+    got = {k: f.contents() for k, f in fields.items() if k.startswith("general.")}
+    # generation_config.json wins over the model card's recommendation; top_p stays the card's
+    assert got["general.sampling.temp"] == pytest.approx(0.7)
+    assert got["general.sampling.top_k"] == 20
+    assert got["general.sampling.top_p"] == pytest.approx(0.95)
+    assert got["general.name"] == "Phi 4 Mini Flash Reasoning"
+    assert got["general.organization"] == "Microsoft"
+    assert got["general.basename"] == "Phi-4"
+    assert got["general.source.repo_url"] == "https://huggingface.co/microsoft/Phi-4-mini-flash-reasoning"
+    assert got["general.license"] == "mit"
+    assert got["general.languages"] == ["en"]
+    assert "math" in got["general.tags"]
+    assert got["general.base_model.count"] == 1
+    assert got["general.base_model.0.name"] == "Phi 4 Mini Instruct"
+    assert got["general.base_model.0.repo_url"] == "https://huggingface.co/microsoft/Phi-4-mini-instruct"
+
+
+def test_size_label_counts_the_written_parameters(ckpt, tmp_path):
+    folder = tmp_path / "plain"
+    shutil.copytree(ckpt("tiny-8", "bfloat16"), folder)
+    _, fields, tensors = read_gguf(convert(folder, tmp_path / "m.gguf", progress=False))
+    n = sum(int(np.prod(shape)) for _, shape, _ in tensors.values())
+    assert fields["general.size_label"].contents() == gguf.size_label(n, 0, 0, 0)
+    assert fields["general.name"].contents() == "Plain"
 
 
 @pytest.mark.parametrize("max_len,expected", [(1024, 1024), (10**30, 2048), (None, 2048)])

@@ -9,6 +9,7 @@ import traceback
 from typing import Any, Optional, Sequence
 
 from ._version import __version__
+from .sampling import SamplingParams, file_sampling
 
 # exit codes by exception type (never by message text); a closed stdout (`| head`) ends the
 # command quietly with the status a SIGPIPE death gives
@@ -56,7 +57,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         warnings.showwarning = one_line
         convert(args.hf_dir, args.output, outtype=args.outtype,
                 allow_missing_tokenizer=args.no_tokenizer, progress=not args.quiet,
-                strict=args.strict)
+                strict=args.strict, repo_id=args.repo_id)
     if not args.quiet:
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -96,10 +97,65 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
-            "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
-            "presence_penalty": args.presence_penalty,
-            "frequency_penalty": args.frequency_penalty}
+    """The sampling options given on the command line (the rest take the Llama's defaults)."""
+    given = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
+             "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+             "presence_penalty": args.presence_penalty,
+             "frequency_penalty": args.frequency_penalty}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+class _ReplyPrinter:
+    """Writes a streamed chat reply: the ``<think>`` trace dimmed on a terminal (between its
+    tags when the output is piped, so the text is the model's), or not at all; collects the
+    trace and the answer."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out: Any, *, show_thinking: bool) -> None:
+        from .reasoning import THINK_CLOSE, THINK_OPEN
+
+        self.out = out
+        self.show_thinking = show_thinking
+        tty = hasattr(out, "isatty") and out.isatty()
+        self.open, self.close = (self.DIM, self.RESET + "\n") if tty else (THINK_OPEN, THINK_CLOSE)
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self._in_trace = False
+
+    def write(self, delta: dict[str, Any]) -> None:
+        trace, answer = delta.get("reasoning_content"), delta.get("content")
+        if trace:
+            self.reasoning.append(trace)
+            if self.show_thinking:
+                if not self._in_trace:
+                    self.out.write(self.open)
+                    self._in_trace = True
+                self.out.write(trace)
+        if answer:
+            self._end_trace()
+            self.content.append(answer)
+            self.out.write(answer)
+        self.out.flush()
+
+    def _end_trace(self) -> None:
+        if self._in_trace:
+            self.out.write(self.close)
+            self._in_trace = False
+
+    def finish(self) -> None:
+        self._end_trace()
+        self.out.write("\n")
+        self.out.flush()
+
+    def history_text(self, keep_thinking: bool) -> str:
+        """The reply as the next turn's history: the answer, with the trace only if asked."""
+        from .reasoning import THINK_CLOSE, THINK_OPEN
+
+        answer = "".join(self.content)
+        if keep_thinking and self.reasoning:
+            return THINK_OPEN + "".join(self.reasoning) + THINK_CLOSE + answer
+        return answer
 
 
 def _report_speed(llm: Any) -> None:
@@ -133,15 +189,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        stream = llm.create_chat_completion(messages, **kw)
-        pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
+        printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
+        for chunk in llm.create_chat_completion(messages, reasoning_budget=args.reasoning_budget, **kw):
+            printer.write(chunk["choices"][0]["delta"])
+        printer.finish()
     else:
-        stream = llm.create_completion(prompt, **kw)
-        pieces = (c["choices"][0]["text"] for c in stream)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        for chunk in llm.create_completion(prompt, **kw):
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     if not args.quiet:
         _report_speed(llm)
     return 0
@@ -172,16 +228,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        reply = []
+        printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
         for chunk in llm.create_chat_completion(history, stream=True, max_tokens=args.n_predict,
+                                                reasoning_budget=args.reasoning_budget,
                                                 **_sampling_kwargs(args)):
-            piece = chunk["choices"][0]["delta"].get("content", "")
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
+            printer.write(chunk["choices"][0]["delta"])
+        printer.finish()
+        # the trace stays out of the next turn's prompt unless --keep-thinking
+        history.append({"role": "assistant", "content": printer.history_text(args.keep_thinking)})
         if args.verbose_speed:
             _report_speed(llm)
     return 0
@@ -231,6 +285,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     est = estimate_memory(meta, n_ctx, kv_bytes=2)
     print(f"memory estimate at n_ctx={n_ctx} (f16 KV): " + ", ".join(
         f"{k} {v / 2**20:.1f} MiB" for k, v in est.items()))
+    given = file_sampling(meta)
+    params = SamplingParams.from_metadata(meta)
+    print("sampling defaults: " + ", ".join(
+        f"{name} {getattr(params, name)}" + (" (file)" if name in given else "")
+        for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")))
     tmpl = meta.get("tokenizer.chat_template")
     print(f"tokenizer: {meta.get('tokenizer.ggml.model', 'none')} / "
           f"{meta.get('tokenizer.ggml.pre', '-')}, {len(meta.get('tokenizer.ggml.tokens', []))} tokens, "
@@ -261,7 +320,8 @@ def estimate_memory(meta: dict[str, Any], n_ctx: int, *, kv_bytes: int = 2) -> d
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="a phi4flash GGUF file (default: the built-in demo model)")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context length (0: the model's)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096,
+                   help="context length (0: the model's trained context, 65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
     p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores; 0: all)")
     p.add_argument("--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
@@ -269,14 +329,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
     p.add_argument("-n", "--n-predict", type=int, default=512, help="max tokens to generate (<= 0: until the context is full)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    # sampling: left out, the model file's recommended value (general.sampling.*), else the
+    # library's default (SamplingParams)
+    d = SamplingParams()
+    p.add_argument("--temp", type=float, default=None,
+                   help=f"temperature, 0: greedy (default: the model file's, else {d.temperature})")
+    p.add_argument("--top-k", type=int, default=None, help=f"(default: the file's, else {d.top_k})")
+    p.add_argument("--top-p", type=float, default=None, help=f"(default: the file's, else {d.top_p})")
+    p.add_argument("--min-p", type=float, default=None, help=f"(default: the file's, else {d.min_p})")
+    p.add_argument("--repeat-penalty", type=float, default=None,
+                   help=f"(default: the file's, else {d.repeat_penalty})")
+    p.add_argument("--presence-penalty", type=float, default=None, help=f"(default: {d.presence_penalty})")
+    p.add_argument("--frequency-penalty", type=float, default=None, help=f"(default: {d.frequency_penalty})")
     p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--hide-thinking", action="store_true",
+                   help="do not show the <think> trace (shown dimmed on a terminal otherwise)")
+    p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
+                   help="end the trace after N tokens by forcing </think> (default: unlimited)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -310,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="refuse a checkpoint with NaN/Inf weights or values the output type "
                         "cannot hold (F16 beyond 65504); without it they are written with a warning")
+    p.add_argument("--repo-id", default=None, metavar="OWNER/NAME",
+                   help="the Hugging Face repository the folder came from (names the model in "
+                        "general.* and is recorded as its source)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
@@ -344,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  printf 'hi\\nwhat is 2+2?\\n' | sambay chat -m model.gguf --temp 0")
     _add_model_args(p)
     p.add_argument("--verbose-speed", action="store_true", help="print speeds after each reply")
+    p.add_argument("--keep-thinking", action="store_true",
+                   help="keep each reply's <think> trace in the history of the next turns "
+                        "(default: only the answers)")
     p.set_defaults(func=_cmd_chat)
 
     from .server.settings import add_arguments as add_server_arguments

@@ -141,8 +141,8 @@ class Context:
 
     Args:
         model: the model.
-        n_ctx: the most positions each sequence holds (``0``: the smaller of the trained
-            context and 4096).
+        n_ctx: the most positions each sequence holds (``0``: the trained context,
+            ``Model.n_ctx_train``).
         n_batch: micro-batch size (rows of all sequences together); longer evals are split,
             with results equal to one batch.
         n_seq_max: number of sequences (ids ``0 .. n_seq_max-1``); each has its own Mamba

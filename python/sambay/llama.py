@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
+from .reasoning import (FORCED_CLOSE, ReasoningBudget, ReasoningSplitter, check_reasoning_format,
+                        prompt_opens_trace, resolve_budget)
 from .sampling import SamplingParams, log_softmax, make_rng, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -82,7 +84,8 @@ class Llama:
 
     Args:
         model_path: a GGUF file from ``sambay convert`` (optionally ``sambay quantize``).
-        n_ctx: context length in tokens; 0 means the model's trained context.
+        n_ctx: context length in tokens; 0 means the model's trained context (65536 for
+            Phi-4-mini-flash-reasoning: see the README for what long contexts cost).
         n_batch: prompt tokens per engine step (micro-batch).
         n_threads: threads for single-token decoding (default: half the cores; 0: all cores).
         n_threads_batch: threads for prompt processing (default and 0: all cores).
@@ -100,6 +103,12 @@ class Llama:
         model: an already-loaded :class:`sambay.engine.Model` of ``model_path`` to share
             (its weights are not loaded again; ``device``, ``n_gpu_layers`` and ``use_mmap``
             are then the model's). See :meth:`from_model`.
+
+    Attributes:
+        sampling_defaults: the :class:`~sambay.sampling.SamplingParams` a call's sampling
+            arguments default to: the file's recommended settings (``general.sampling.*``,
+            e.g. temperature 0.6 and top_p 0.95 for Phi-4-mini-flash-reasoning) over the
+            library's defaults. An explicit argument always wins.
 
     Raises:
         sambay.LoadError: the file is missing, not a GGUF, or not a valid phi4flash model.
@@ -154,6 +163,11 @@ class Llama:
             n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type,
         )
         self.metadata: dict[str, Any] = dict(self._model.metadata())
+        # the file's recommended settings (general.sampling.*) over the library's defaults
+        try:
+            self.sampling_defaults = SamplingParams.from_metadata(self.metadata)
+        except ValueError as err:
+            raise LoadError(f"{path}: {err}") from None
         self._tokenizer: Optional[Tokenizer] = None
         self._chat: Optional[ChatFormatter] = None
         self._rng = make_rng(seed)
@@ -337,6 +351,7 @@ class Llama:
         params: Optional[SamplingParams] = None,
         seed: Optional[int] = None,
         reset: bool = True,
+        force: Optional[Callable[[], Optional[int]]] = None,
         **overrides: Any,
     ) -> Iterator[int]:
         """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
@@ -346,17 +361,17 @@ class Llama:
 
         Args:
             tokens: the prompt ids.
-            params: sampling parameters (keyword ``overrides`` replace single fields).
+            params: sampling parameters (default: :attr:`sampling_defaults`; keyword
+                ``overrides`` replace single fields).
             seed: a seed for this call (default: the Llama's generator).
             reset: accepted for llama-cpp-python compatibility; prefix reuse decides.
+            force: called before each token is sampled; a token id it returns is taken
+                instead of sampling (how a reasoning budget forces the trace's close tag).
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
             raise ValueError("the prompt is empty")
-        if params is None:
-            params = SamplingParams(**overrides)
-        elif overrides:
-            params = SamplingParams(**{**params.__dict__, **overrides})
+        params = (params or self.sampling_defaults).with_overrides(**overrides)
         rng = make_rng(seed) if seed is not None else self._rng
         self._ctx._c.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
@@ -367,7 +382,8 @@ class Llama:
         t1 = time.perf_counter()
         while True:
             assert self._last_logits is not None
-            token = sample(self._last_logits, params, rng, self._input_ids)
+            forced = force() if force is not None else None
+            token = forced if forced is not None else sample(self._last_logits, params, rng, self._input_ids)
             self.last_timings.generated_tokens += 1
             self.last_timings.generate_seconds = time.perf_counter() - t1
             yield token
@@ -410,6 +426,7 @@ class Llama:
         logprobs: Optional[int],
         echo: bool,
         prompt_text: str,
+        force: Optional[Callable[[], Optional[int]]] = None,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
         self._ctx.check_fits(len(prompt_tokens))
@@ -431,7 +448,7 @@ class Llama:
                 lp = self._prompt_logprobs(prompt_tokens, logprobs)
             yield prompt_text, lp, None
         count = 0
-        for token in self.generate(prompt_tokens, params=params, seed=seed):
+        for token in self.generate(prompt_tokens, params=params, seed=seed, force=force):
             if token in tok.eog_ids:
                 yield stops.feed(decoder.flush()) + stops.flush(), None, "stop"
                 return
@@ -491,16 +508,16 @@ class Llama:
         prompt: Prompt,
         suffix: Optional[str] = None,
         max_tokens: Optional[int] = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        min_p: Optional[float] = None,
         logprobs: Optional[int] = None,
         echo: bool = False,
         stop: Optional[Union[str, Sequence[str]]] = None,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        top_k: int = 40,
+        frequency_penalty: Optional[float] = None,
+        presence_penalty: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
+        top_k: Optional[int] = None,
         stream: bool = False,
         seed: Optional[int] = None,
         model: Optional[str] = None,
@@ -512,7 +529,8 @@ class Llama:
         ``choices[0].text`` are the new pieces (the last chunk carries ``finish_reason``).
         Generation stops at an end-of-generation token (``finish_reason`` "stop"), at a stop
         string (never shown, not even partly while streaming), or after ``max_tokens``
-        (``None`` or <= 0: until the context is full; "length").
+        (``None`` or <= 0: until the context is full; "length"). A sampling argument left
+        ``None`` takes :attr:`sampling_defaults` (the model file's recommended settings).
 
         Raises:
             ValueError: invalid arguments or invalid token ids.
@@ -525,9 +543,10 @@ class Llama:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
             raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
         stops = _stop_strings(stop)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+        params = self.sampling_defaults.with_overrides(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty)
         prompt_tokens = self._prompt_tokens(prompt, special=False)
         if not prompt_tokens:
             raise ValueError("the prompt is empty (it has no tokens)")
@@ -586,46 +605,87 @@ class Llama:
     def create_chat_completion(
         self,
         messages: Sequence[dict[str, Any]],
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        top_k: Optional[int] = None,
+        min_p: Optional[float] = None,
         stream: bool = False,
         stop: Optional[Union[str, Sequence[str]]] = None,
         seed: Optional[int] = None,
         max_tokens: Optional[int] = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        repeat_penalty: Optional[float] = None,
         logprobs: bool = False,
         top_logprobs: Optional[int] = None,
         tools: Optional[Sequence[Any]] = None,
         model: Optional[str] = None,
+        reasoning_format: str = "deepseek",
+        reasoning_budget: Optional[int] = None,
+        reasoning_effort: Optional[str] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
         The GGUF's chat template renders ``messages`` (sandboxed Jinja, as transformers
         renders it) with the generation prompt; generation stops at the model's
-        end-of-generation tokens. With ``stream=True``, chunks carry ``delta`` =
-        ``{"role": "assistant"}`` first, then ``{"content": ...}`` pieces, then an empty delta
-        with the ``finish_reason``.
+        end-of-generation tokens. Sampling arguments left ``None`` take
+        :attr:`sampling_defaults`. With ``stream=True``, chunks carry ``delta`` =
+        ``{"role": "assistant"}`` first, then ``{"reasoning_content": ...}`` and
+        ``{"content": ...}`` pieces, then an empty delta with the ``finish_reason``.
+
+        Args:
+            reasoning_format: ``"deepseek"``: the ``<think>`` trace goes to
+                ``message.reasoning_content`` (``delta.reasoning_content`` when streaming) and
+                only the answer to ``content``; a trace cut by ``max_tokens`` is still
+                reasoning (``finish_reason`` "length"). ``"none"``: the text as the model
+                wrote it, all in ``content``.
+            reasoning_budget: end the trace after this many tokens by forcing ``</think>``,
+                so the answer still comes (None: unlimited; 0: close it at once).
+            reasoning_effort: OpenAI's ``"low"``, ``"medium"`` or ``"high"``, mapped to
+                budgets (:data:`sambay.reasoning.EFFORT_BUDGETS`); ``reasoning_budget`` wins.
+
+        A ``reasoning_content`` in the given assistant messages is never rendered into the
+        prompt (the template sees ``content`` only).
 
         Raises:
             sambay.ChatTemplateError: bad messages or a failing template.
             ValueError: invalid arguments.
             ContextFullError: a conversation longer than n_ctx (also a ValueError).
         """
-        prompt = self.chat_formatter.render(messages, add_generation_prompt=True, tools=tools)
+        check_reasoning_format(reasoning_format)
+        budget = resolve_budget(reasoning_budget, reasoning_effort)
+        history = messages  # the template's checks report anything that is not a message list
+        if isinstance(messages, (list, tuple)):
+            history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
+                       for m in messages]
+        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
         stops = _stop_strings(stop)
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+        params = self.sampling_defaults.with_overrides(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty)
+        split = reasoning_format == "deepseek"
+        splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
+        force = None
+        if budget is not None:
+            force = ReasoningBudget(budget, splitter, self.tokenize(FORCED_CLOSE, special=True)).next_forced
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
-            logprobs=n_top, echo=False, prompt_text=prompt,
+            logprobs=n_top, echo=False, prompt_text=prompt, force=force,
         )
+
+        def parts() -> Iterator[tuple[str, str, Optional[dict[str, Any]], Optional[str]]]:
+            """(reasoning, content, logprobs, finish_reason) per piece; the splitter always
+            runs (a budget needs to know when the trace is open)."""
+            for text, lp, reason in pieces:
+                r, c = splitter.feed(text)
+                if reason is not None:
+                    r2, c2 = splitter.flush()
+                    r, c = r + r2, c + c2
+                yield (r, c, lp, reason) if split else ("", text, lp, reason)
+
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model or self.model_path
@@ -643,26 +703,33 @@ class Llama:
                 base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name}
                 yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
                                             "logprobs": None, "finish_reason": None}]}
-                for text, lp, reason in pieces:
-                    if text:
-                        yield {**base, "choices": [{"index": 0, "delta": {"content": text},
-                                                    "logprobs": ({"content": lp_content(lp)} if lp else None),
+                for r, c, lp, reason in parts():
+                    deltas = ([{"reasoning_content": r}] if r else []) + ([{"content": c}] if c else [])
+                    for i, delta in enumerate(deltas):
+                        last = i == len(deltas) - 1  # a piece's logprobs go with its last delta
+                        yield {**base, "choices": [{"index": 0, "delta": delta,
+                                                    "logprobs": ({"content": lp_content(lp)} if lp and last else None),
                                                     "finish_reason": None}]}
                     if reason is not None:
                         yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                     "finish_reason": reason}]}
             return chunks()
 
+        reasoning: list[str] = []
         texts: list[str] = []
         content_lp: list[dict[str, Any]] = []
         reason: Optional[str] = None
-        for text, lp, reason in pieces:
-            texts.append(text)
+        for r, c, lp, reason in parts():
+            reasoning.append(r)
+            texts.append(c)
             content_lp.extend(lp_content(lp) or [])
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+        if split and splitter.reasoning_seen:
+            message["reasoning_content"] = "".join(reasoning)
         n_gen = self.last_timings.generated_tokens
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": content_lp} if logprobs else None,
                          "finish_reason": reason}],
             "usage": {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_gen,

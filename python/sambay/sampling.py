@@ -9,15 +9,27 @@ the penalties).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 
+# a GGUF's recommended settings (gguf-py's ``general.sampling.*`` keys) -> SamplingParams fields
+FILE_KEYS: dict[str, str] = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repeat_penalty",
+    "general.sampling.penalty_last_n": "penalty_last_n",
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Every sampling knob, defined once (defaults as in llama-cpp-python's completion)."""
+    """Every sampling knob, defined once (defaults as in llama-cpp-python's completion; a
+    model file's recommended settings replace them: :meth:`from_metadata`)."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -50,6 +62,39 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> "SamplingParams":
+        """The defaults with a GGUF's ``general.sampling.*`` values (:data:`FILE_KEYS`) put in.
+
+        Raises:
+            ValueError: the file's values are out of range.
+        """
+        kinds = {f.name: f.type for f in fields(cls)}
+        keys = {name: key for key, name in FILE_KEYS.items()}
+        values = {}
+        for name, v in file_sampling(metadata).items():
+            try:
+                # GGUF floats are F32: the shortest decimal that reads back as that F32 (0.95,
+                # not 0.949999988...)
+                values[name] = int(v) if kinds[name] in ("int", int) else float(str(np.float32(v)))
+            except (TypeError, ValueError):
+                raise ValueError(f"{keys[name]}: not a number: {v!r}") from None
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"the file's recommended sampling (general.sampling.*): {err}") from None
+
+    def with_overrides(self, **overrides: Any) -> "SamplingParams":
+        """A copy with the given fields replaced; ``None`` values are left out (so an argument
+        nobody gave keeps the default, and one that was given always wins)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given) if given else self
+
+
+def file_sampling(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling fields a GGUF's metadata recommends (``{"temperature": 0.6, ...}``)."""
+    return {name: metadata[key] for key, name in FILE_KEYS.items() if key in metadata}
 
 
 def apply_penalties(logits: np.ndarray, recent: Sequence[int], params: SamplingParams) -> np.ndarray:

@@ -102,7 +102,9 @@ def serve(settings: ServerSettings) -> int:
         pool = load_pool(settings)
         print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
         app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
-                         max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes)
+                         max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes,
+                         reasoning_format=settings.reasoning_format,
+                         reasoning_budget=settings.reasoning_budget)
         port = sock.getsockname()[1]
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         auth = "API key required" if settings.api_key else "no API key"

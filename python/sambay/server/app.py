@@ -201,7 +201,8 @@ def _with_usage(chunks: Iterator[dict[str, Any]], llm: SlotLlama, include_usage:
 
 
 def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = None,
-               max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20) -> FastAPI:
+               max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20,
+               reasoning_format: str = "deepseek", reasoning_budget: Optional[int] = None) -> FastAPI:
     """The OpenAI-compatible app over ``pool`` (which the app closes at shutdown).
 
     Args:
@@ -210,6 +211,10 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         api_key: require ``Authorization: Bearer <api_key>`` on every request.
         max_tokens: the largest ``max_tokens`` a request may ask for (default: ``n_ctx``).
         max_body_bytes: the largest request body accepted.
+        reasoning_format: how chat replies carry the ``<think>`` trace when a request does not
+            say (``"deepseek"``: in ``reasoning_content``; ``"none"``: inside ``content``).
+        reasoning_budget: the trace budget in tokens for requests that give neither
+            ``reasoning_budget`` nor ``reasoning_effort`` (None: unlimited).
     """
     n_ctx = pool.llamas[0].n_ctx()
     token_limit = min(max_tokens or n_ctx, n_ctx)
@@ -355,6 +360,9 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         """OpenAI's chat completion, streaming with ``stream: true``."""
         body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
         kw = body.llama_kwargs()
+        kw.setdefault("reasoning_format", reasoning_format)
+        if reasoning_budget is not None and "reasoning_budget" not in kw and "reasoning_effort" not in kw:
+            kw["reasoning_budget"] = reasoning_budget
         check_max_tokens(kw, default_to_limit=True)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         messages = [m.to_template() for m in body.messages]

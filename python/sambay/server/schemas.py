@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..reasoning import check_reasoning_format, resolve_budget
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -181,11 +183,12 @@ class ChatMessage(_Request):
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
     refusal: Optional[str] = None
+    reasoning_content: Optional[str] = None  # a reply sent back as history: never rendered
 
     def to_template(self) -> dict[str, Any]:
         """The message as :meth:`sambay.Llama.create_chat_completion` takes it (the same
         function joins text parts, so the HTTP and Python paths render alike)."""
-        return self.model_dump(exclude_none=True, exclude={"refusal"})
+        return self.model_dump(exclude_none=True, exclude={"refusal", "reasoning_content"})
 
 
 class ChatCompletionRequest(_Sampling):
@@ -199,6 +202,21 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
+    # the <think> trace: OpenAI's effort, llama-server's format, and a budget in tokens
+    reasoning_effort: Optional[str] = None
+    reasoning_format: Optional[str] = None
+    reasoning_budget: Optional[int] = Field(None, ge=0)
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _effort(cls, v: Optional[str]) -> Optional[str]:
+        resolve_budget(None, v)
+        return v
+
+    @field_validator("reasoning_format")
+    @classmethod
+    def _format(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_reasoning_format(v)
 
     @field_validator("tool_choice")
     @classmethod
@@ -230,6 +248,8 @@ class ChatCompletionRequest(_Sampling):
             kw["top_logprobs"] = self.top_logprobs or 0
         if self.tools and self.tool_choice != "none":
             kw["tools"] = self.tools
+        kw.update(self.model_dump(include={"reasoning_effort", "reasoning_format", "reasoning_budget"},
+                                  exclude_none=True))
         return kw
 
 
@@ -250,6 +270,7 @@ class ChatLogprobs(_Response):
 class ChatResponseMessage(_Response):
     role: Literal["assistant"]
     content: Optional[str]
+    reasoning_content: Optional[str] = None
 
 
 class ChatChoice(_Response):
@@ -271,6 +292,7 @@ class ChatCompletion(_Response):
 class ChatDelta(_Response):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
 
 
 class ChatChunkChoice(_Response):

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
+
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
@@ -26,6 +28,9 @@ class ServerSettings:
             (default: the file name).
         max_tokens: the largest ``max_tokens`` a request may ask for (default: ``n_ctx``).
         max_body_bytes: the largest request body accepted (413 beyond).
+        reasoning_format: ``"deepseek"`` (the ``<think>`` trace in ``reasoning_content``) or
+            ``"none"`` (left in ``content``), for chat requests that do not say.
+        reasoning_budget: trace budget in tokens for chat requests that give none.
     """
 
     model: str
@@ -45,6 +50,8 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     seed: Optional[int] = None
     log_level: str = "info"
+    reasoning_format: str = "deepseek"
+    reasoning_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
@@ -56,6 +63,8 @@ class ServerSettings:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        check_reasoning_format(self.reasoning_format)
+        resolve_budget(self.reasoning_budget, None)
 
     @property
     def alias(self) -> str:
@@ -68,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=4096,
-                   help="context length of each slot (0: the model's)")
+                   help="context length of each slot (0: the model's trained context, 65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
     p.add_argument("-np", "--parallel", type=int, default=1,
                    help="requests generated at once: contexts sharing one copy of the weights")
@@ -90,6 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the samplers for requests that give none (slot i: SEED + i)")
+    p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek",
+                   help="chat replies: the <think> trace in message.reasoning_content (deepseek) "
+                        "or left inside content (none); a request's reasoning_format wins")
+    p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
+                   help="end the trace after N tokens by forcing </think> (default: unlimited); "
+                        "a request's reasoning_budget or reasoning_effort wins")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -101,4 +116,5 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         device="cpu" if args.cpu else "auto", parallel=args.parallel, max_queue=args.max_queue,
         api_key=args.api_key or None, model_alias=args.model_alias, max_tokens=args.max_tokens,
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
+        reasoning_format=args.reasoning_format, reasoning_budget=args.reasoning_budget,
     )
