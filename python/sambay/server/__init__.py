@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from ..errors import MissingDependencyError
 from .settings import ServerSettings, add_arguments, from_args
 
 __all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_args", "load_pool",
@@ -22,10 +23,6 @@ __all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_ar
 log = logging.getLogger("sambay.server")
 
 _REQUIRED = ("fastapi", "uvicorn", "pydantic")
-
-
-class MissingDependencyError(RuntimeError):
-    """The ``server`` extra is not installed."""
 
 
 def require_dependencies() -> None:
