@@ -31,6 +31,7 @@ class StandInHub:
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> sha -> files
         self.refs: dict[str, dict[str, str]] = {}  # repo -> branch -> sha
         self.requests: list[tuple[str, str, Optional[str]]] = []  # method, path, Range
+        self.authorization: list[Optional[str]] = []  # the Authorization header of each
         self.faults: dict[str, str] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -109,6 +110,7 @@ def _handler(hub: StandInHub) -> type:
         def _serve(self, head: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             hub.requests.append((self.command, path, self.headers.get("Range")))
+            hub.authorization.append(self.headers.get("Authorization"))
             parts = path.strip("/").split("/")
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
                 repo = "/".join(parts[2:4])

@@ -19,7 +19,7 @@ from hub_stand_in import StandInHub  # noqa: E402
 from sambay import cache, hub as sambay_hub  # noqa: E402
 from sambay.cli import main  # noqa: E402
 from sambay.convert import convert, tiny  # noqa: E402
-from sambay.errors import PullError  # noqa: E402
+from sambay.errors import MissingDependencyError, PullError  # noqa: E402
 from sambay.gguf_metadata import read_metadata  # noqa: E402
 
 REPO = sambay_hub.DEFAULT_REPO
@@ -125,6 +125,33 @@ def test_failed_pull_leaves_no_entry_and_the_rerun_resumes(hub, sharded, tmp_pat
     assert entry.ref == "phi4-flash:q8_0"
 
 
+def test_interrupted_pull_leaves_no_entry(hub, checkpoint, tmp_path, monkeypatch):
+    import sambay.convert
+
+    hub.add_folder(REPO, checkpoint)
+    dead = tmp_path / "sambay" / "staging" / "999999999-0dead000"  # a killed pull's leftovers
+    dead.mkdir(parents=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sambay.convert, "convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sambay_hub.pull(progress=False)
+    assert cache.list_entries() == [] and _staging_empty(tmp_path)
+
+
+def test_token_and_missing_extra(hub, checkpoint, monkeypatch):
+    hub.add_folder(REPO, checkpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+    sambay_hub.pull(quant="Q8_0", progress=False)
+    assert hub.authorization and set(hub.authorization) == {"Bearer hf_stand_in"}
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r'pip install "sambay\[hub\]"'):
+        sambay_hub.pull(progress=False)
+
+
 def test_clear_errors(hub, checkpoint, tmp_path):
     hub.add_folder(REPO, checkpoint)
     hub.add_repo("someone/no-weights", {"config.json": b"{}", "README.md": b"hi"})
@@ -209,7 +236,7 @@ def test_from_pretrained(hub, checkpoint):
 
 
 def test_the_readme_commands_end_to_end(hub, checkpoint, tmp_path):
-    """`sambay pull` then `sambay run -m phi4-flash:q4_k_m`, as typed, in fresh processes."""
+    """The README's "Get the model" commands as typed, in fresh processes."""
     hub.add_folder(REPO, checkpoint)
 
     def sambay(*args: str) -> subprocess.CompletedProcess:
@@ -219,8 +246,9 @@ def test_the_readme_commands_end_to_end(hub, checkpoint, tmp_path):
     out = sambay("pull")
     assert out.returncode == 0, out.stderr
     assert "phi4-flash:q4_k_m" in out.stdout
-    out = sambay("run", "-m", "phi4-flash:q4_k_m", "-p", "What is 2 + 2?", "-n", "4",
-                 "-c", "64", "-t", "1")
+    out = sambay("run", "-m", "phi4-flash:q4_k_m", "-p", "What is 17 * 23?", "-n", "4")
     assert out.returncode == 0, out.stderr
     out = sambay("list")
-    assert out.returncode == 0 and "phi4-flash:q4_k_m" in out.stdout
+    assert out.returncode == 0 and "phi4-flash:q4_k_m" in out.stdout and REPO in out.stdout
+    assert sambay("rm", "phi4-flash:q4_k_m").returncode == 0
+    assert "no models" in sambay("list").stderr

@@ -11,7 +11,7 @@ from ._system import system_info
 from ._version import __version__
 from .demo import demo_model_path
 from .errors import (AbortedError, ChatTemplateError, ContextFullError, GGUFMetadataError, LoadError,
-                     QuantizeError, StateError, TokenizerError)
+                     MissingDependencyError, PullError, QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
 from .quantization import QUANT_TYPES, quantize
 from .sampling import SamplingParams
@@ -24,6 +24,8 @@ __all__ = [
     "Llama",
     "LlamaState",
     "LoadError",
+    "MissingDependencyError",
+    "PullError",
     "QUANT_TYPES",
     "QuantizeError",
     "SamplingParams",
