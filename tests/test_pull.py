@@ -203,9 +203,11 @@ def test_gguf_repo_with_file(hub, checkpoint, tmp_path):
     assert cache.resolve_model("someone/flash-GGUF:Q8_0") == str(entry.path)
     other = sambay_hub.ensure("someone/flash-GGUF", quant="F32", progress=False)
     assert other.ref == "flash-gguf:f32"
+    with pytest.raises(ValueError, match="several variants.*flash-gguf:f32, flash-gguf:q8_0"):
+        cache.resolve_model("flash-gguf")
 
 
-def test_cli_list_rm_and_run_hf(hub, checkpoint, tmp_path, capsys):
+def test_cli_list_rm_and_run_hf(hub, checkpoint, tmp_path, capsys, monkeypatch):
     hub.add_folder("someone/flash", checkpoint)
     assert main(["run", "-hf", "someone/flash:Q8_0", "-p", "1 + 2 =", "-n", "3", "--temp", "0",
                  "-c", "64", "-t", "1", "-q"]) == 0
@@ -213,6 +215,13 @@ def test_cli_list_rm_and_run_hf(hub, checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "flash:q8_0" in out and "someone/flash" in out and "Q8_0" in out
     assert main(["info", "-m", "flash:q8_0"]) == 0
+    import sambay.server
+
+    served = []
+    monkeypatch.setattr(sambay.server, "serve", lambda settings: served.append(settings) or 0)
+    assert main(["serve", "-m", "flash:q8_0"]) == 0
+    assert served[0].model == str(cache.find_entry("flash:q8_0").path)
+    assert served[0].alias == "flash:q8_0"  # not the cache's file name
     assert main(["rm", "flash:q8_0"]) == 0
     assert cache.list_entries() == []
     assert main(["rm", "flash:q8_0"]) == 1

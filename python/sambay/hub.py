@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -167,6 +166,46 @@ def _gguf_tag(path: Path, fallback: str) -> tuple[str, str]:
     return stem, f"file_type {ftype}"
 
 
+def _choose_files(files: dict[str, Optional[int]], quant: str, file: Optional[str],
+                  where: str) -> tuple[list[str], bool]:
+    """(the files to download, whether that is one GGUF file) of a repository's ``files``."""
+    ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
+    if file is None and not any(f.endswith(".safetensors") for f in files):
+        # a repository of GGUF files: like llama.cpp's -hf REPO:QUANT, take the one file named
+        # after the quant type
+        named = [f for f in ggufs if quant.lower() in os.path.basename(f).lower()]
+        if len(named) != 1:
+            hint = (f"; it has GGUF files, pick one with --file (e.g. --file '{ggufs[0]}')"
+                    if ggufs else "")
+            raise PullError(f"{where}: no *.safetensors checkpoint{hint}")
+        file = named[0]
+    if file is not None:
+        return [_pick_gguf(ggufs, file, where)], True
+    # the small files first: a broken config or tokenizer shows before the big downloads
+    wanted = sorted((f for f in files if any(fnmatch.fnmatch(f, p) for p in CHECKPOINT_PATTERNS)),
+                    key=lambda f: (f.endswith(".safetensors"), f))
+    if "config.json" not in wanted:
+        raise PullError(f"{where}: no config.json")
+    return wanted, False
+
+
+def _space_needed(files: dict[str, Optional[int]], wanted: list[str], cached_before: set[str],
+                  qtype: Optional[str], hf_cache: Optional[str]) -> dict[str, int]:
+    """Bytes per folder a pull writes: the downloads (the Hugging Face cache) and the model
+    being built (sambay's cache); ``qtype`` None for a GGUF taken as is."""
+    from huggingface_hub import constants
+
+    download = sum(files.get(f) or 0 for f in wanted if f not in cached_before)
+    weights = sum(files.get(f) or 0 for f in wanted if f.endswith((".safetensors", ".gguf")))
+    if qtype is None:
+        building = weights  # the GGUF itself
+    elif qtype.lower() in ("f32", "f16", "bf16"):
+        building = _gguf_bytes(weights, qtype)
+    else:  # the converted GGUF (the checkpoint's own type) next to the quantized one
+        building = weights + _gguf_bytes(weights, qtype)
+    return {hf_cache or str(constants.HF_HUB_CACHE): download, str(cache.cache_root()): building}
+
+
 def pull(repo: str = DEFAULT_REPO, *, quant: str = DEFAULT_QUANT, revision: Optional[str] = None,
          file: Optional[str] = None, name: Optional[str] = None, keep_hf: bool = False,
          progress: bool = True) -> cache.CacheEntry:
@@ -206,39 +245,11 @@ def pull(repo: str = DEFAULT_REPO, *, quant: str = DEFAULT_QUANT, revision: Opti
         info = hf.HfApi(endpoint=endpoint).model_info(repo, revision=revision, files_metadata=True)
     sha = info.sha
     files = {s.rfilename: s.size for s in (info.siblings or [])}
-    ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
-    if file is None and not any(f.endswith(".safetensors") for f in files):
-        # a repository of GGUF files: like llama.cpp's -hf REPO:QUANT, take the one file named
-        # after the quant type
-        named = [f for f in ggufs if quant.lower() in os.path.basename(f).lower()]
-        if len(named) != 1:
-            hint = (f"; it has GGUF files, pick one with --file (e.g. --file '{ggufs[0]}')"
-                    if ggufs else "")
-            raise PullError(f"{where}: no *.safetensors checkpoint{hint}")
-        file = named[0]
-    if file is not None:
-        wanted = [_pick_gguf(ggufs, file, where)]
-    else:
-        # the small files first: a broken config or tokenizer shows before the big downloads
-        wanted = sorted((f for f in files if any(fnmatch.fnmatch(f, p) for p in CHECKPOINT_PATTERNS)),
-                        key=lambda f: (f.endswith(".safetensors"), f))
-        if "config.json" not in wanted:
-            raise PullError(f"{where}: no config.json")
-
+    wanted, is_gguf = _choose_files(files, quant, file, where)
     cached_before = {f for f in wanted if isinstance(
         hf.try_to_load_from_cache(repo, f, cache_dir=hf_cache, revision=sha), str)}
-    download = sum(files.get(f) or 0 for f in wanted if f not in cached_before)
-    weights = sum(files.get(f) or 0 for f in wanted if f.endswith((".safetensors", ".gguf")))
-    from huggingface_hub import constants
-
-    hf_dir = hf_cache or str(constants.HF_HUB_CACHE)
-    if file is not None:
-        building = weights  # the GGUF itself
-    elif (qtype or "").lower() in ("f32", "f16", "bf16"):
-        building = _gguf_bytes(weights, qtype or "")
-    else:  # the converted GGUF (the checkpoint's own type) next to the quantized one
-        building = weights + _gguf_bytes(weights, qtype or "")
-    _check_disk({hf_dir: download, str(cache.cache_root()): building})
+    _check_disk(_space_needed(files, wanted, cached_before, qtype if not is_gguf else None,
+                              hf_cache))
 
     tqdm_class = _tqdm_class(progress)
     local: dict[str, Path] = {}
@@ -249,7 +260,7 @@ def pull(repo: str = DEFAULT_REPO, *, quant: str = DEFAULT_QUANT, revision: Opti
 
     with cache.staging() as stage:
         out = stage / cache.MODEL_FILE
-        if file is not None:
+        if is_gguf:
             tag, type_name = _gguf_tag(local[wanted[0]], wanted[0])
             if keep_hf or wanted[0] in cached_before:
                 shutil.copyfile(local[wanted[0]], out)
@@ -259,7 +270,7 @@ def pull(repo: str = DEFAULT_REPO, *, quant: str = DEFAULT_QUANT, revision: Opti
             tag, type_name = _build(local["config.json"].parent, stage, qtype or DEFAULT_QUANT,
                                     progress)
         entry = cache.commit(stage, name=name, tag=tag, type_name=type_name, repo=repo,
-                             revision=sha or "", hf_file=wanted[0] if file else None)
+                             revision=sha or "", hf_file=wanted[0] if is_gguf else None)
     if not keep_hf:
         _forget_downloads([local[f] for f in wanted if f not in cached_before])
     return entry
@@ -325,5 +336,5 @@ def ensure(repo: str, *, quant: str = DEFAULT_QUANT, file: Optional[str] = None,
         return entry
     if not download:
         raise PullError(f"{repo} is not in the cache: sambay pull {repo}")
-    print(f"sambay: {repo} is not in the cache, pulling it", file=sys.stderr)
+    log.info("%s is not in the cache, pulling it", repo)
     return pull(repo, quant=quant, file=file, revision=revision, progress=progress)
