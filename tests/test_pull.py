@@ -11,16 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hub_stand_in import StandInHub
 
-pytest.importorskip("huggingface_hub")  # the test extra installs it
-
-from hub_stand_in import StandInHub  # noqa: E402
-
-from sambay import cache, hub as sambay_hub  # noqa: E402
-from sambay.cli import main  # noqa: E402
-from sambay.convert import convert, tiny  # noqa: E402
-from sambay.errors import MissingDependencyError, PullError  # noqa: E402
-from sambay.gguf_metadata import read_metadata  # noqa: E402
+from sambay import cache, hub as sambay_hub
+from sambay.cli import main
+from sambay.convert import convert, tiny
+from sambay.errors import MissingDependencyError, PullError
+from sambay.gguf_metadata import read_metadata
 
 REPO = sambay_hub.DEFAULT_REPO
 
@@ -44,6 +41,7 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setenv("SAMBAY_HOME", str(tmp_path / "sambay"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # never send a real token, even to loopback
     yield server
     server.stop()
 
