@@ -11,7 +11,7 @@ from ._system import system_info
 from ._version import __version__
 from .demo import demo_model_path
 from .errors import (AbortedError, ChatTemplateError, ComputeError, ContextFullError, GGUFMetadataError,
-                     LoadError, QuantizeError, StateError, TokenizerError)
+                     LoadError, MissingDependencyError, PullError, QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
 from .quantization import QUANT_TYPES, quantize
 from .sampling import SamplingParams
@@ -25,6 +25,8 @@ __all__ = [
     "Llama",
     "LlamaState",
     "LoadError",
+    "MissingDependencyError",
+    "PullError",
     "QUANT_TYPES",
     "QuantizeError",
     "SamplingParams",

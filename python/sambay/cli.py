@@ -1,4 +1,5 @@
-"""The ``sambay`` command line: convert, quantize, run, chat, serve, info, system-info."""
+"""The ``sambay`` command line: pull, list, rm, convert, quantize, run, chat, serve, info,
+system-info."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 def _known_errors() -> tuple[type, ...]:
     from .chat import ChatTemplateError
     from .convert import ConvertError
-    from .errors import ComputeError, ContextFullError, LoadError, QuantizeError, StateError
+    from .errors import ComputeError, ContextFullError, LoadError, PullError, QuantizeError, StateError
     from .gguf_metadata import GGUFMetadataError
     from .server import MissingDependencyError
     from .tokenizer import TokenizerError
 
-    return (MissingDependencyError, ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
+    return (MissingDependencyError, PullError, ConvertError, LoadError, QuantizeError, StateError, ContextFullError,
             ComputeError, ChatTemplateError, GGUFMetadataError, TokenizerError, ValueError, OSError)
 
 
@@ -75,10 +76,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve(spec: str) -> str:
+    """A -m value (a file, a cache name, or a Hugging Face repo id pulled on first use)."""
+    from .cache import resolve_model
+
+    return resolve_model(spec)
+
+
 def _model_path(args: argparse.Namespace) -> str:
-    """The -m file, or the built-in demo model (announced in one line on stderr)."""
+    """The -m model, -hf's, or the built-in demo model (announced in one line on stderr)."""
+    if args.hf_repo is not None:
+        from .hub import DEFAULT_QUANT, ensure
+
+        repo, _, quant = args.hf_repo.partition(":")
+        return str(ensure(repo, quant=quant or DEFAULT_QUANT, file=args.hf_file).path)
     if args.model is not None:
-        return args.model
+        return _resolve(args.model)
     from .demo import demo_model_path
 
     path = demo_model_path()
@@ -244,7 +257,47 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import from_args, serve
 
+    spec, args.model = args.model, _resolve(args.model)
+    if args.model_alias is None and args.model != spec:
+        args.model_alias = spec  # a cache name or repo id, not the cache's file name
     return serve(from_args(args))
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+
+    entry = pull(args.repo, quant=args.quant, revision=args.revision, file=args.file,
+                 name=args.name, keep_hf=args.keep_hf, progress=not args.quiet)
+    print(entry.ref)
+    if not args.quiet:
+        print(f"sambay pull: {entry.repo}@{entry.revision[:10]} -> {entry.path} "
+              f"({entry.size / 2**20:.1f} MiB); run it with: sambay run -m {entry.ref} -p ...",
+              file=sys.stderr)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .cache import cache_root, list_entries
+
+    rows = [(e.ref, e.type, f"{e.size / 2**20:.1f} MiB", e.repo, e.revision[:10], e.created[:10])
+            for e in list_entries()]
+    if not rows:
+        print(f"no models in {cache_root()} (get one with: sambay pull)", file=sys.stderr)
+        return 0
+    head = ("NAME", "TYPE", "SIZE", "SOURCE", "REVISION", "DATE")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from .cache import remove_entry
+
+    for ref in args.names:
+        entry = remove_entry(ref)
+        print(f"removed {entry.ref} ({entry.size / 2**20:.1f} MiB)", file=sys.stderr)
+    return 0
 
 
 _KIND_NAMES = {0: "mamba", 1: "attn_swa", 2: "attn_full", 3: "gmu", 4: "attn_cross"}
@@ -255,6 +308,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from .gguf_metadata import GGUFMetadataError, read_metadata
 
+    args.model = _resolve(args.model)
     meta = read_metadata(args.model)
     arch = meta.get("general.architecture")
     print(f"file: {args.model} ({os.path.getsize(args.model) / 2**20:.1f} MiB)")
@@ -319,7 +373,13 @@ def estimate_memory(meta: dict[str, Any], n_ctx: int, *, kv_bytes: int = 2) -> d
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
-                   help="a phi4flash GGUF file (default: the built-in demo model)")
+                   help="a phi4flash GGUF file, a cached model (phi4-flash:q4_k_m) or a Hugging "
+                        "Face repo id OWNER/NAME[:QUANT], pulled on first use (default: the "
+                        "built-in demo model)")
+    p.add_argument("-hf", "--hf-repo", default=None, metavar="REPO[:QUANT]",
+                   help="a Hugging Face repo id, pulled into the cache on first use")
+    p.add_argument("--hf-file", default=None, metavar="PATTERN",
+                   help="with -hf: the GGUF file of a repository of GGUF files")
     p.add_argument("-c", "--ctx-size", type=int, default=4096,
                    help="context length (0: the model's trained context, 65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
@@ -388,6 +448,35 @@ def build_parser() -> argparse.ArgumentParser:
     from ._native import _core
 
     types = [name for name, _, _ in _core.quantize_ftypes()]
+    from .hub import DEFAULT_QUANT, DEFAULT_REPO
+
+    p = sub.add_parser("pull", help="download, convert and quantize a model into the cache (needs sambay[hub])",
+                       formatter_class=ex,
+                       epilog="examples:\n  sambay pull                       (" + DEFAULT_REPO + ", "
+                              + DEFAULT_QUANT + ")\n  sambay pull --quant Q8_0\n"
+                              "  sambay pull OWNER/NAME-GGUF --file '*Q4_K_M.gguf'\n"
+                              "then: sambay run -m phi4-flash:q4_k_m -p \"What is 17 * 23?\"")
+    p.add_argument("repo", nargs="?", default=DEFAULT_REPO, help=f"a Hugging Face repo id (default: {DEFAULT_REPO})")
+    p.add_argument("--quant", default=DEFAULT_QUANT, metavar="TYPE",
+                   help="the cached type, one of: " + ", ".join(types) + f" (default: {DEFAULT_QUANT})")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: the default branch)")
+    p.add_argument("--file", default=None, metavar="PATTERN",
+                   help="a repository of GGUF files: the file to take (name or glob)")
+    p.add_argument("--name", default=None, help="the cache name (default: phi4-flash for the official "
+                                                "repository, else the repository's name)")
+    p.add_argument("--keep-hf", action="store_true",
+                   help="keep the downloaded checkpoint in the Hugging Face cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pull)
+
+    p = sub.add_parser("list", help="the models in the cache", formatter_class=ex,
+                       epilog="example:\n  sambay list")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("rm", help="remove models from the cache", formatter_class=ex,
+                       epilog="example:\n  sambay rm phi4-flash:q4_k_m")
+    p.add_argument("names", nargs="+", metavar="NAME", help="NAME:TAG as `sambay list` shows it")
+    p.set_defaults(func=_cmd_rm)
     p = sub.add_parser("quantize", help="quantize a GGUF file", formatter_class=ex,
                        epilog="example:\n  sambay quantize phi4-flash-bf16.gguf phi4-flash-q4_k_m.gguf Q4_K_M")
     p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
@@ -433,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="metadata, layer schedule, tensor types, memory estimate",
                        formatter_class=ex, epilog="example:\n  sambay info -m model.gguf -c 32768")
-    p.add_argument("-m", "--model", required=True, help="a GGUF file")
+    p.add_argument("-m", "--model", required=True,
+                   help="a GGUF file, a cached model or a Hugging Face repo id")
     p.add_argument("-c", "--ctx-size", type=_non_negative_int, default=0,
                    help="context for the memory estimate (0: trained)")
     p.set_defaults(func=_cmd_info)

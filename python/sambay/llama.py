@@ -192,6 +192,33 @@ class Llama:
         """
         return cls(model.path, model=model, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, *, quant: str = "Q4_K_M", filename: Optional[str] = None,
+                        revision: Optional[str] = None, progress: bool = True,
+                        **kwargs: Any) -> "Llama":
+        """Load a model from the Hugging Face Hub through sambay's model cache: pulled
+        (downloaded, converted, quantized; see ``sambay pull``) the first time, from the
+        cache afterwards. Needs ``pip install "sambay[hub]"``.
+
+        Args:
+            repo_id: a checkpoint repository (``microsoft/Phi-4-mini-flash-reasoning``) or a
+                repository of phi4flash GGUF files.
+            quant: the type to quantize to (a GGUF repository: the file named after it).
+            filename: a GGUF repository's file name or pattern (``*Q4_K_M.gguf``).
+            revision: branch, tag or commit.
+            progress: download and conversion progress bars on stderr.
+            **kwargs: the constructor's keywords (``n_ctx``, ``n_threads``, ``seed``, ...).
+
+        Raises:
+            PullError: the pull failed (no such repository or revision, no weights, no disk
+                space).
+            MissingDependencyError: huggingface_hub is not installed.
+        """
+        from .hub import ensure
+
+        entry = ensure(repo_id, quant=quant, file=filename, revision=revision, progress=progress)
+        return cls(entry.path, **kwargs)
+
     @property
     def model(self) -> Model:
         """The loaded :class:`sambay.engine.Model` (shareable with :meth:`from_model`)."""

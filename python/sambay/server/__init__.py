@@ -15,6 +15,7 @@ import socket
 import sys
 from typing import Any
 
+from ..errors import MissingDependencyError
 from .settings import ServerSettings, add_arguments, from_args
 
 __all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_args", "listen_socket",
@@ -23,10 +24,6 @@ __all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_ar
 log = logging.getLogger("sambay.server")
 
 _REQUIRED = ("fastapi", "uvicorn", "pydantic")
-
-
-class MissingDependencyError(RuntimeError):
-    """The ``server`` extra is not installed."""
 
 
 def require_dependencies() -> None:

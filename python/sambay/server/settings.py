@@ -73,7 +73,9 @@ class ServerSettings:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``sambay serve`` (and ``python -m sambay.server``)."""
-    p.add_argument("-m", "--model", required=True, help="a phi4flash GGUF file (fixed for the server's lifetime)")
+    p.add_argument("-m", "--model", required=True,
+                   help="a phi4flash GGUF file, a cached model (phi4-flash:q4_k_m) or a Hugging "
+                        "Face repo id pulled on first use (fixed for the server's lifetime)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=4096,
