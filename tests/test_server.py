@@ -97,9 +97,11 @@ class Server:
 @contextlib.contextmanager
 def serving(model: Model, *, parallel: int = 1, max_queue: int = 16, n_ctx: int = N_CTX,
             **app_kw: Any) -> Iterator[Server]:
-    llamas = [SlotLlama.from_model(model, n_ctx=n_ctx, n_threads=1, n_threads_batch=1, verbose=False)
-              for _ in range(parallel)]
-    server = Server(create_app(SlotPool(llamas, max_queue=max_queue), model_alias="tiny-model", **app_kw))
+    # what `sambay serve --parallel N` makes: one context of N sequences, a slot for each
+    base = SlotLlama.from_model(model, n_ctx=n_ctx, n_threads=1, n_threads_batch=1, n_seq_max=parallel,
+                                verbose=False)
+    server = Server(create_app(SlotPool.of_sequences(base, max_queue=max_queue), model_alias="tiny-model",
+                               **app_kw))
     try:
         yield server
     finally:
@@ -463,6 +465,37 @@ def test_load_32_concurrent_streams(model):
         assert s.client().completions.create(model="m", prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_eight_streams_at_once_each_get_their_text_alone(model, ref):
+    prompts = [f"Compute {a} + {b} =" for a, b in ((12, 34), (5, 7), (100, 23), (9, 9), (41, 1), (3, 30),
+                                                   (77, 8), (60, 6))]
+    want = [ref.create_completion(p, max_tokens=24, temperature=0)["choices"][0]["text"] for p in prompts]
+    with serving(model, parallel=8) as s:
+        shared = s.pool.llamas[0]._shared
+        steps0, rows0 = shared.steps, shared.rows
+
+        async def one(client: Any, prompt: str) -> str:
+            body = {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                text = (await r.aread()).decode()
+            assert r.status_code == 200, text
+            events = sse_events(text)
+            assert events[-1] == "[DONE]"
+            return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
+
+        async def main() -> list[str]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=TIMEOUT) as client:
+                return await asyncio.wait_for(asyncio.gather(*(one(client, p) for p in prompts)), timeout=120)
+
+        got = asyncio.run(main())
+        assert got == want
+        # they were decoded together: several sequences per engine step on average
+        steps, rows = shared.steps - steps0, shared.rows - rows0
+        assert rows / steps > 2, f"{rows} sequence entries in {steps} steps"
+        # and through the official client, while the others are idle
+        assert s.client().completions.create(model="m", prompt=prompts[0], max_tokens=24,
+                                             temperature=0).choices[0].text == want[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 
@@ -485,7 +518,7 @@ def test_sambay_serve_command(gguf_path):
             line = proc.stderr.readline()
             assert line, "".join(lines)
             lines.append(line)
-        assert "weights" in lines[0] and "2 context(s) x n_ctx 128" in lines[0] and "one copy" in lines[0]
+        assert "weights" in lines[0] and "2 sequence(s) x n_ctx 128" in lines[0] and "compute" in lines[0]
         assert f"http://127.0.0.1:{port}/v1 (API key required, 2 slot(s)" in lines[1]
         headers = {"Authorization": "Bearer k"}
         deadline = time.monotonic() + TIMEOUT

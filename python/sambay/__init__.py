@@ -13,6 +13,7 @@ from .demo import demo_model_path
 from .errors import (AbortedError, ChatTemplateError, ComputeError, ContextFullError, GGUFMetadataError,
                      LoadError, MissingDependencyError, PullError, QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
+from .llm import LLM, CompletionOutput, GenerationParams, RequestOutput
 from .quantization import QUANT_TYPES, quantize
 from .sampling import SamplingParams
 
@@ -22,6 +23,9 @@ __all__ = [
     "ComputeError",
     "ContextFullError",
     "GGUFMetadataError",
+    "CompletionOutput",
+    "GenerationParams",
+    "LLM",
     "Llama",
     "LlamaState",
     "LoadError",
@@ -29,6 +33,7 @@ __all__ = [
     "PullError",
     "QUANT_TYPES",
     "QuantizeError",
+    "RequestOutput",
     "SamplingParams",
     "StateError",
     "TokenizerError",

@@ -241,11 +241,11 @@ class Context:
         """
         return self._c.decode([(int(s), t) for s, t in batch])
 
-    def check_fits(self, n_positions: int) -> None:
-        """Raises :class:`ContextFullError` when a sequence of ``n_positions`` positions would
-        not fit in this context: the check :meth:`eval` makes, for callers that evaluate one
-        sequence in several calls and must know before the first."""
-        self._c.check_fits(int(n_positions))
+    def check_fits(self, n_positions: int, seq: int = 0) -> None:
+        """Raises :class:`ContextFullError` when ``n_positions`` positions would not fit in
+        sequence ``seq``: the check :meth:`eval` makes, for callers that evaluate one sequence
+        in several calls and must know before the first."""
+        self._c.check_fits(int(n_positions), int(seq))
 
     @property
     def n_past(self) -> int:

@@ -6,6 +6,7 @@ chunks from it, and the non-streaming calls drain the same stream, so the two ca
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import uuid
@@ -17,6 +18,7 @@ import numpy as np
 from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
+from .batch import SharedContext
 from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
 from .reasoning import (FORCED_CLOSE, ReasoningBudget, ReasoningSplitter, check_reasoning_format,
@@ -99,6 +101,10 @@ class Llama:
         kv_type: ``"f16"`` (default), ``"bf16"`` or ``"f32"`` for the attention caches.
         device: ``"auto"`` (a GPU when present), ``"cpu"``, or a ggml device name.
         max_snapshots: how many prompt-end state snapshots to keep for prefix reuse.
+        n_seq_max: sequences the context holds (each of ``n_ctx`` positions). With more than
+            one, :meth:`sequence` gives a Llama for each, to use from its own thread: their
+            evaluations run together, one engine step for all of them (continuous batching;
+            :class:`sambay.LLM` does this for a list of prompts).
         verbose: log load details to the ``sambay`` logger.
         model: an already-loaded :class:`sambay.engine.Model` of ``model_path`` to share
             (its weights are not loaded again; ``device``, ``n_gpu_layers`` and ``use_mmap``
@@ -131,6 +137,7 @@ class Llama:
         device: str = "auto",
         use_mmap: bool = True,
         max_snapshots: int = 4,
+        n_seq_max: int = 1,
         verbose: bool = True,
         model: Optional[Model] = None,
     ) -> None:
@@ -142,6 +149,7 @@ class Llama:
         n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 0) or cpus
                            if n_threads_batch is not None else cpus)
         _check_int("max_snapshots", max_snapshots, 0)
+        _check_int("n_seq_max", n_seq_max, 1)
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise ValueError(f"n_gpu_layers must be an integer, got {n_gpu_layers!r}")
         path = os.fspath(model_path)
@@ -158,10 +166,14 @@ class Llama:
         self.chat_format = chat_format
         self._model = model if model is not None else Model(
             path, device=device, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
-        self._ctx = Context(
+        ctx = Context(
             self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type,
+            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type, n_seq_max=n_seq_max,
         )
+        # several sequences: every one (this Llama's own is sequence 0) goes through the
+        # scheduler that batches their evaluations
+        self._shared: Optional[SharedContext] = SharedContext(ctx) if n_seq_max > 1 else None
+        self._ctx: Any = self._shared.sequence(0) if self._shared is not None else ctx
         self.metadata: dict[str, Any] = dict(self._model.metadata())
         # the file's recommended settings (general.sampling.*) over the library's defaults
         try:
@@ -191,6 +203,33 @@ class Llama:
             **kwargs: the constructor's keywords (``n_ctx``, ``n_threads``, ``seed``, ...).
         """
         return cls(model.path, model=model, **kwargs)
+
+    @property
+    def n_seq_max(self) -> int:
+        """Sequences of this Llama's context (see :meth:`sequence`)."""
+        return self._shared.n_seq_max if self._shared is not None else 1
+
+    def sequence(self, seq: int, *, seed: Optional[int] = None) -> "Llama":
+        """A Llama on sequence ``seq`` of this one's context (``0 .. n_seq_max-1``; 0 is this
+        Llama's own). It shares the model, tokenizer and settings and has its own tokens,
+        snapshots and random generator (seeded with ``seed``). Use each sequence from one thread at a time; the
+        evaluations of sequences used from different threads at once run as one engine step.
+
+        Raises:
+            ValueError: ``seq`` out of range, or this Llama has one sequence (``n_seq_max=1``).
+        """
+        if self._shared is None:
+            raise ValueError("this Llama has one sequence: create it with n_seq_max > 1")
+        view = copy.copy(self)
+        view._ctx = self._shared.sequence(seq)
+        view._rng = make_rng(seed)
+        view._input_ids = []
+        view._last_logits = None
+        view._all_logits = []
+        view._snapshots = []
+        view.last_timings = Timings()
+        view.n_tokens_evaluated = 0
+        return view
 
     @classmethod
     def from_pretrained(cls, repo_id: str, *, quant: str = "Q4_K_M", filename: Optional[str] = None,
@@ -316,7 +355,7 @@ class Llama:
             try:
                 logits = self._ctx.eval(np.asarray(chunk, dtype=np.int64))
             except AbortedError:
-                if self._ctx._c.needs_reset:
+                if self._ctx.needs_reset:
                     # cancelled inside a graph: the caches are half-written; start afresh (the
                     # snapshots still serve prefix reuse)
                     self._ctx.reset()
@@ -337,7 +376,7 @@ class Llama:
         the engine stops at its next graph node and the call raises :class:`sambay.AbortedError`.
         The Llama stays usable: tokens evaluated before stay, and a micro-batch cut in the middle
         resets the context (the next call re-evaluates its prompt, reusing snapshots)."""
-        self._ctx._c.cancel()
+        self._ctx.cancel()
 
     def _prepare(self, tokens: list[int]) -> int:
         """Bring the context to the state after ``tokens[:-1]`` ... or all of ``tokens``.
@@ -400,23 +439,27 @@ class Llama:
             raise ValueError("the prompt is empty")
         params = (params or self.sampling_defaults).with_overrides(**overrides)
         rng = make_rng(seed) if seed is not None else self._rng
-        self._ctx._c.clear_cancel()  # a cancel() that came after the previous call ended
+        self._ctx.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
         evaluated = self._prepare(tokens)
         self._snapshot()
         self.last_timings = Timings(prompt_tokens=len(tokens), prompt_evaluated=evaluated,
                                     prompt_seconds=time.perf_counter() - t0)
         t1 = time.perf_counter()
-        while True:
-            assert self._last_logits is not None
-            forced = force() if force is not None else None
-            token = forced if forced is not None else sample(self._last_logits, params, rng, self._input_ids)
-            self.last_timings.generated_tokens += 1
-            self.last_timings.generate_seconds = time.perf_counter() - t1
-            yield token
-            if len(self._input_ids) >= self.n_ctx():
-                return
-            self.eval([token])
+        try:
+            while True:
+                assert self._last_logits is not None
+                forced = force() if force is not None else None
+                token = forced if forced is not None else sample(self._last_logits, params, rng, self._input_ids)
+                self.last_timings.generated_tokens += 1
+                self.last_timings.generate_seconds = time.perf_counter() - t1
+                yield token
+                if len(self._input_ids) >= self.n_ctx():
+                    return
+                self.eval([token])
+        finally:
+            if self._shared is not None:
+                self._ctx.idle()  # the batched steps stop waiting for this sequence
 
     # ------------------------------------------------------------------ state
 

@@ -39,7 +39,9 @@ def require_dependencies() -> None:
 
 
 def load_pool(settings: ServerSettings) -> Any:
-    """Loads the model once and makes ``settings.parallel`` contexts over it.
+    """Loads the model and makes one context of ``settings.parallel`` sequences, one slot
+    per sequence: their decode steps run as one batch (continuous batching, see
+    :mod:`sambay.batch`).
 
     Returns:
         a :class:`sambay.server.pool.SlotPool`.
@@ -47,36 +49,32 @@ def load_pool(settings: ServerSettings) -> Any:
     Raises:
         sambay.LoadError: the model file is missing or invalid.
     """
-    from ..engine import LoadError, Model
+    from ..engine import LoadError
     from ..gguf_metadata import check_model_file
     from .pool import SlotLlama, SlotPool
 
     check_model_file(settings.model, LoadError)
     cpus = os.cpu_count() or 1
     n = settings.parallel
-    model = Model(settings.model, device=settings.device, n_gpu_layers=settings.n_gpu_layers)
-    llamas = [
-        SlotLlama.from_model(
-            model, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-            n_threads=settings.n_threads or max(1, cpus // (2 * n)),
-            n_threads_batch=settings.n_threads_batch or max(1, cpus // n),
-            seed=None if settings.seed is None else settings.seed + i, verbose=False)
-        for i in range(n)
-    ]
-    return SlotPool(llamas, max_queue=settings.max_queue)
+    base = SlotLlama(settings.model, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+                     n_threads=settings.n_threads or max(1, cpus // 2),
+                     n_threads_batch=settings.n_threads_batch or cpus, device=settings.device,
+                     n_gpu_layers=settings.n_gpu_layers, n_seq_max=n, seed=settings.seed, verbose=False)
+    return SlotPool.of_sequences(base, max_queue=settings.max_queue, seed=settings.seed)
 
 
 def memory_report(pool: Any) -> str:
-    """One line: the weights (loaded once) and each context's caches."""
+    """One line: the weights (loaded once) and the caches of the sequences."""
     mib = 2**20
     llm = pool.llamas[0]
-    parts = {k: v for k, v in llm.memory_breakdown().items() if k != "weights"}
-    per_ctx = sum(parts.values())
+    parts = llm.memory_breakdown()
+    caches = {k: parts[k] for k in ("mamba_conv", "mamba_ssm", "swa_kv", "full_kv")}
     weights = llm.model.weights_bytes
-    detail = ", ".join(f"{k} {v / mib:.1f}" for k, v in parts.items())
-    return (f"{os.path.basename(llm.model_path)} on {llm.device}: weights {weights / mib:.1f} MiB "
-            f"(one copy), {pool.n_slots} context(s) x n_ctx {llm.n_ctx()}: {per_ctx / mib:.1f} MiB each "
-            f"({detail} MiB); {(weights + pool.n_slots * per_ctx) / mib:.1f} MiB in all")
+    detail = ", ".join(f"{k} {v / mib:.1f}" for k, v in caches.items())
+    total = weights + sum(caches.values()) + parts["compute"]
+    return (f"{os.path.basename(llm.model_path)} on {llm.device}: weights {weights / mib:.1f} MiB, "
+            f"{pool.n_slots} sequence(s) x n_ctx {llm.n_ctx()}: {parts['per_sequence'] / mib:.1f} MiB each "
+            f"({detail} MiB in all), compute {parts['compute'] / mib:.1f} MiB; {total / mib:.1f} MiB in all")
 
 
 def serve(settings: ServerSettings) -> int:

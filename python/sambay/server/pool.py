@@ -1,4 +1,5 @@
-"""Slots: N contexts over one loaded model, a bounded wait queue, and generation in threads.
+"""Slots: the N sequences of one context (continuous batching: their evaluations run as one
+engine step, see :mod:`sambay.batch`), a bounded wait queue, and generation in threads.
 
 The event loop never runs the engine. A request takes a free slot (or waits in a queue of at
 most ``max_queue`` requests; beyond that :class:`QueueFull`), then its work runs in that slot's
@@ -184,6 +185,17 @@ class SlotPool:
         self.shutting_down = False
         self.n_rejected = 0
         self.n_cancelled = 0
+
+    @classmethod
+    def of_sequences(cls, base: SlotLlama, *, max_queue: int, seed: Optional[int] = None) -> "SlotPool":
+        """One slot per sequence of ``base``'s context (``base.n_seq_max`` of them): the
+        slots' evaluations run as one engine step (continuous batching). ``seed``: slot i's
+        sampler gets ``seed + i``."""
+        n = base.n_seq_max
+        if n == 1:
+            return cls([base], max_queue=max_queue)
+        return cls([base.sequence(i, seed=None if seed is None else seed + i) for i in range(n)],
+                   max_queue=max_queue)
 
     # counters, read by /health and the tests
     @property

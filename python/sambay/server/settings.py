@@ -21,7 +21,7 @@ class ServerSettings:
         model: the GGUF file (the only file the server ever loads).
         host, port: where to listen (loopback by default: nothing else can reach it).
         n_ctx: context length of each slot.
-        parallel: slots, i.e. independent contexts over one copy of the weights.
+        parallel: slots, i.e. sequences of one context whose decode steps run together.
         max_queue: requests that may wait for a free slot; more are answered 503.
         api_key: when set, every request must carry ``Authorization: Bearer <key>``.
         model_alias: the model name reported by ``/v1/models`` and in responses
@@ -79,10 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=4096,
-                   help="context length of each slot (0: the model's trained context, 65536 for the real model)")
+                   help="context length of each slot, i.e. each sequence (0: the model's trained context, "
+                        "65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
     p.add_argument("-np", "--parallel", type=int, default=1,
-                   help="requests generated at once: contexts sharing one copy of the weights")
+                   help="requests generated at once: sequences of one context, decoded together "
+                        "(continuous batching)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for a free slot; beyond that the server answers 503")
     p.add_argument("--api-key", default=os.environ.get("SAMBAY_API_KEY"),
@@ -94,9 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="the largest request body accepted")
     p.add_argument("-t", "--threads", type=int, default=None,
-                   help="decode threads per slot (default: half the cores / parallel)")
+                   help="threads for steps of one token (default: half the cores)")
     p.add_argument("--threads-batch", type=int, default=None,
-                   help="prompt threads per slot (default: the cores / parallel)")
+                   help="threads for steps of several tokens: prompts, or several sequences (default: the cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
     p.add_argument("--seed", type=int, default=None,
