@@ -496,6 +496,26 @@ def test_eight_streams_at_once_each_get_their_text_alone(model, ref):
                                              temperature=0).choices[0].text == want[0]
 
 
+def test_next_turn_lands_on_the_slot_holding_the_conversation(model, ref):
+    with serving(model, parallel=4) as s:
+        client = s.client()
+        first = [{"role": "user", "content": "Compute 12 + 34."}]
+        r1 = client.chat.completions.create(model="m", messages=first, max_tokens=12, temperature=0)
+        # other requests in between use other slots' state
+        for q in ("x", "y"):
+            client.completions.create(model="m", prompt=q, max_tokens=2, temperature=0)
+        second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                          {"role": "user", "content": "And 5 + 6?"}]
+        n_prompt = len(ref.chat_prompt(second)[1])
+        before = s.pool.tokens_evaluated
+        r2 = client.chat.completions.create(model="m", messages=second, max_tokens=4, temperature=0)
+        evaluated = s.pool.tokens_evaluated - before
+        assert r2.usage.prompt_tokens == n_prompt
+        # the first turn's prompt is not evaluated again (only the rest, and the decode steps)
+        n_first = len(ref.chat_prompt(first)[1])
+        assert evaluated <= n_prompt - n_first + 4, (evaluated, n_prompt, n_first)
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 

@@ -378,27 +378,38 @@ class Llama:
         resets the context (the next call re-evaluates its prompt, reusing snapshots)."""
         self._ctx.cancel()
 
-    def _prepare(self, tokens: list[int]) -> int:
-        """Bring the context to the state after ``tokens[:-1]`` ... or all of ``tokens``.
-
-        Reuses what is evaluated when it is a prefix, else the longest snapshot that is one
-        (Mamba state cannot rewind, so a shorter match means restoring a snapshot). Returns
-        how many tokens were evaluated.
-        """
-        n_before = self.n_tokens_evaluated
+    def _reusable(self, tokens: Sequence[int]) -> Union[None, "LlamaState", list[int]]:
+        """What a prompt of ``tokens`` can start from: the evaluated tokens when they are a
+        prefix (``self._input_ids``), else the longest snapshot that is one, else None (Mamba
+        state cannot rewind, so a shorter match means restoring a snapshot)."""
         cur = self._input_ids
-        if not (len(cur) <= len(tokens) and tokens[: len(cur)] == cur and
+        if (len(cur) <= len(tokens) and list(tokens[: len(cur)]) == cur and
                 (self._last_logits is not None or not cur)):
-            best: Optional[LlamaState] = None
-            for snap in self._snapshots:
-                n = snap.n_tokens
-                if n <= len(tokens) and list(snap.input_ids) == tokens[:n] and (
-                        best is None or n > best.n_tokens):
-                    best = snap
-            if best is not None:
-                self.load_state(best)
-            else:
-                self.reset()
+            return cur
+        best: Optional[LlamaState] = None
+        for snap in self._snapshots:
+            n = snap.n_tokens
+            if n <= len(tokens) and list(snap.input_ids) == list(tokens[:n]) and (
+                    best is None or n > best.n_tokens):
+                best = snap
+        return best
+
+    def cached_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of the prompt ``tokens`` this Llama would not evaluate
+        again (what it holds, or a snapshot): a server puts a request on the slot where this
+        is largest."""
+        start = self._reusable(tokens)
+        return 0 if start is None else len(start) if isinstance(start, list) else start.n_tokens
+
+    def _prepare(self, tokens: list[int]) -> int:
+        """Bring the context to the state after ``tokens`` from what :meth:`_reusable` finds,
+        evaluating the rest. Returns how many tokens were evaluated."""
+        n_before = self.n_tokens_evaluated
+        start = self._reusable(tokens)
+        if isinstance(start, LlamaState):
+            self.load_state(start)
+        elif start is None:
+            self.reset()
         self.eval(tokens[len(self._input_ids):])
         return self.n_tokens_evaluated - n_before
 
@@ -672,6 +683,22 @@ class Llama:
             self._chat = ChatFormatter(template, eos_token=text(tok.eos_id), bos_token=text(tok.bos_id))
         return self._chat
 
+    def chat_prompt(self, messages: Sequence[dict[str, Any]],
+                    tools: Optional[Sequence[Any]] = None) -> tuple[str, list[int]]:
+        """The prompt text and tokens a conversation is answered from (the GGUF's chat
+        template with the generation prompt; a ``reasoning_content`` sent back in the history
+        is never rendered).
+
+        Raises:
+            sambay.ChatTemplateError: bad messages or a failing template.
+        """
+        history = messages  # the template's checks report anything that is not a message list
+        if isinstance(messages, (list, tuple)):
+            history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
+                       for m in messages]
+        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
+        return prompt, self.tokenize(prompt, special=True)
+
     def create_chat_completion(
         self,
         messages: Sequence[dict[str, Any]],
@@ -724,12 +751,7 @@ class Llama:
         """
         check_reasoning_format(reasoning_format)
         budget = resolve_budget(reasoning_budget, reasoning_effort)
-        history = messages  # the template's checks report anything that is not a message list
-        if isinstance(messages, (list, tuple)):
-            history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
-                       for m in messages]
-        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
-        prompt_tokens = self.tokenize(prompt, special=True)
+        prompt, prompt_tokens = self.chat_prompt(messages, tools=tools)
         n_top = (top_logprobs or 0) if logprobs else None
         stops = _stop_strings(stop)
         params = self.sampling_defaults.with_overrides(

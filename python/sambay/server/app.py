@@ -275,8 +275,18 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         if n is None and default_to_limit and token_limit < n_ctx:
             kw["max_tokens"] = token_limit
 
+    async def prompt_of(make: Callable[[], list[int]]) -> Optional[list[int]]:
+        """The request's prompt tokens, to pick the slot holding most of them (None when there
+        is no choice to make, or the prompt is bad: the work reports that)."""
+        if pool.n_slots == 1:
+            return None
+        try:
+            return await run_in_threadpool(make)
+        except Exception:  # noqa: BLE001
+            return None
+
     async def run(request: Request, work: Callable[[SlotLlama], Any], *, stream: bool,
-                  schema: type) -> Any:
+                  schema: type, prompt_tokens: Optional[list[int]] = None) -> Any:
         """Acquire a slot, run ``work`` there, answer JSON or an event stream."""
         gone = asyncio.Event()
         job_box: list[Any] = []
@@ -292,7 +302,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         handed_over = False
         try:
             try:
-                llm = await pool.acquire(gone)
+                llm = await pool.acquire(gone, prompt_tokens)
             except GenerationCancelled:
                 return error_response(499, "client closed the request", code="client_closed")
             except (QueueFull, ShuttingDown) as err:
@@ -352,7 +362,9 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
                                    llm, include_usage)
             return llm.create_completion(prompt, model=model_alias, **kw)
 
-        return await run(request, work, stream=body.stream, schema=Completion)
+        tokens = await prompt_of(lambda: pool.llamas[0].tokenize(prompt) if isinstance(prompt, str)
+                                 else list(prompt))
+        return await run(request, work, stream=body.stream, schema=Completion, prompt_tokens=tokens)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_unset=True,
               responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -373,7 +385,8 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
                                    llm, include_usage)
             return llm.create_chat_completion(messages, model=model_alias, **kw)
 
-        return await run(request, work, stream=body.stream, schema=ChatCompletionChunk)
+        tokens = await prompt_of(lambda: pool.llamas[0].chat_prompt(messages)[1])
+        return await run(request, work, stream=body.stream, schema=ChatCompletionChunk, prompt_tokens=tokens)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> Any:

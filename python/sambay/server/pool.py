@@ -215,8 +215,11 @@ class SlotPool:
         """Tokens every context has run through the engine (prompt and decode steps)."""
         return sum(llm.n_tokens_evaluated for llm in self.llamas)
 
-    async def acquire(self, gone: Optional[asyncio.Event] = None) -> SlotLlama:
-        """A free slot, after waiting in the queue if need be.
+    async def acquire(self, gone: Optional[asyncio.Event] = None,
+                      prompt_tokens: Optional[Sequence[int]] = None) -> SlotLlama:
+        """A free slot, after waiting in the queue if need be. With ``prompt_tokens``, the
+        free slot that already holds the longest part of that prompt (a conversation's next
+        turn lands where its history is).
 
         Raises:
             QueueFull: no slot is free and ``max_queue`` requests already wait.
@@ -227,6 +230,10 @@ class SlotPool:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
         if self._free:
+            if prompt_tokens is not None and len(self._free) > 1:
+                best = max(self._free, key=lambda llm: llm.cached_prefix(prompt_tokens))
+                self._free.remove(best)
+                return best
             return self._free.popleft()
         if self.n_waiting >= self.max_queue:
             self.n_rejected += 1
