@@ -128,3 +128,48 @@ def test_cancel_one_sequence_leaves_the_other():
     # the cancelled sequence is usable again
     assert a.create_completion("7*8=", max_tokens=8, temperature=0)["choices"][0]["text"] == \
         single.create_completion("7*8=", max_tokens=8, temperature=0)["choices"][0]["text"]
+
+
+def test_one_llama_refuses_a_second_generation_at_the_same_time():
+    llm = Llama(demo_model_path(), **KW)
+    want = llm.create_completion("12+34=", max_tokens=12, temperature=0)["choices"][0]["text"]
+    # two interleaved streams: the second one raises when it starts, the first is unharmed
+    a = llm.create_completion("12+34=", max_tokens=12, temperature=0, stream=True)
+    first = next(a)["choices"][0]["text"]
+    b = llm.create_completion("7*8=", max_tokens=12, temperature=0, stream=True)
+    with pytest.raises(RuntimeError, match="already generating"):
+        next(b)
+    rest = "".join(c["choices"][0]["text"] for c in a)
+    assert first + rest == want
+    # a stream left open and then dropped does not block the next call
+    c = llm.create_completion("7*8=", max_tokens=12, temperature=0, stream=True)
+    next(c)
+    del c
+    assert llm.create_completion("12+34=", max_tokens=12, temperature=0)["choices"][0]["text"] == want
+
+
+def test_one_llama_in_two_threads_raises_instead_of_corrupting():
+    llm = Llama(demo_model_path(), **KW)
+    single = Llama(demo_model_path(), **KW)
+    prompts = ["12+34=", "7*8="]
+    want = {p: single.create_completion(p, max_tokens=30, temperature=0)["choices"][0]["text"] for p in prompts}
+    barrier = threading.Barrier(2)
+    got: dict[str, object] = {}
+
+    def run(p: str) -> None:
+        barrier.wait()
+        try:
+            for _ in range(20):
+                got[p] = llm.create_completion(p, max_tokens=30, temperature=0)["choices"][0]["text"]
+                assert got[p] == want[p]
+        except RuntimeError as err:
+            got[p] = err
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    # every completed text is right; a clash shows up as a clear error, never as wrong text
+    for p in prompts:
+        assert got[p] == want[p] or ("already generating" in str(got[p]) or "another thread" in str(got[p]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ def _stop_strings(stop: Any) -> list[str]:
             isinstance(s, str) for s in stop):
         return list(stop)
     raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+_GUARD = threading.Lock()  # makes "is it generating? then it is" one step
 
 
 class _Closed:
@@ -191,6 +195,9 @@ class Llama:
         self._snapshots: list[LlamaState] = []
         self.last_timings = Timings()
         self.n_tokens_evaluated = 0  # total tokens run through the engine (prefix-reuse tests)
+        # one generation and one evaluation at a time: a second one raises (never corrupts)
+        self._generating = False
+        self._evaluating = threading.Lock()
 
     @classmethod
     def from_model(cls, model: Model, **kwargs: Any) -> "Llama":
@@ -229,6 +236,8 @@ class Llama:
         view._snapshots = []
         view.last_timings = Timings()
         view.n_tokens_evaluated = 0
+        view._generating = False
+        view._evaluating = threading.Lock()
         return view
 
     @classmethod
@@ -344,6 +353,15 @@ class Llama:
         tokens = self._check_tokens(tokens)
         if not tokens:
             return
+        if not self._evaluating.acquire(blocking=False):
+            raise RuntimeError("this Llama is evaluating in another thread: use one Llama per thread "
+                               "(Llama(n_seq_max=N).sequence(i) shares one context among threads)")
+        try:
+            self._eval(tokens)
+        finally:
+            self._evaluating.release()
+
+    def _eval(self, tokens: list[int]) -> None:
         self._ctx.check_fits(len(self._input_ids) + len(tokens))
         # one micro-batch per engine call: a KeyboardInterrupt (Ctrl-C) or cancel() lands
         # between two of them, with the state consistent; the engine splits the same way, so
@@ -449,6 +467,20 @@ class Llama:
         if not tokens:
             raise ValueError("the prompt is empty")
         params = (params or self.sampling_defaults).with_overrides(**overrides)
+        with _GUARD:
+            if self._generating:
+                raise RuntimeError(
+                    "this Llama is already generating (an unfinished stream, or another thread): finish or "
+                    "close() that stream first; for work at the same time use Llama(n_seq_max=N).sequence(i) "
+                    "or another Llama")
+            self._generating = True
+        try:
+            yield from self._generate(tokens, params, seed, force)
+        finally:
+            self._generating = False
+
+    def _generate(self, tokens: list[int], params: SamplingParams, seed: Optional[int],
+                  force: Optional[Callable[[], Optional[int]]]) -> Iterator[int]:
         rng = make_rng(seed) if seed is not None else self._rng
         self._ctx.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
