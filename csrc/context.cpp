@@ -46,7 +46,7 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
 
     mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.n_seq_max, params_.kv_type,
                                     /*v_trans*/ !params_.flash_attn);
-    n_past_.assign(params_.n_seq_max, 0);
+    history_.assign(params_.n_seq_max, seq_history{});
     poisoned_.assign(params_.n_seq_max, 0);
 
     for (ggml_backend_dev_t dev : model_->devices()) {
@@ -146,7 +146,7 @@ void context::check_seq(uint32_t seq) const {
 
 uint32_t context::n_past(uint32_t seq) const {
     check_seq(seq);
-    return n_past_[seq];  // (read without the lock: a plain value)
+    return history_[seq].n_past;  // (read without the lock: a plain value)
 }
 
 bool context::needs_reset(uint32_t seq) const {
@@ -177,7 +177,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
                                             std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
             }
         }
-        check_fits((uint64_t) n_past_[b.seq] + b.n_tokens, b.seq);
+        check_fits((uint64_t) history_[b.seq].n_past + b.n_tokens, b.seq);
         if (poisoned_[b.seq]) {
             throw state_error("sequence " + std::to_string(b.seq) + " was cancelled in the middle of a computation: "
                               "reset it or load_state() a saved state before evaluating more tokens");
@@ -211,7 +211,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
             size_t n_done = 0, n_all = 0;
             for (size_t e = 0; e < batch.size(); ++e) { n_done += done[e]; n_all += batch[e].n_tokens; }
             throw aborted_error("evaluation cancelled after " + std::to_string(n_done) + " of " + std::to_string(n_all) +
-                                " tokens (" + (batch.size() == 1 ? "n_past is " + std::to_string(n_past_[batch[0].seq])
+                                " tokens (" + (batch.size() == 1 ? "n_past is " + std::to_string(history_[batch[0].seq].n_past)
                                                                  : std::string("each sequence keeps what it evaluated")) + ")");
         }
         // equal lengths adjacent (the Mamba groups)
@@ -222,7 +222,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         for (const auto & [e, take] : picks) {
             const seq_tokens & b = batch[e];
             ubatch_seq us;
-            us.seq = b.seq; us.pos0 = n_past_[b.seq]; us.n_tokens = take; us.row0 = (uint32_t) tokens.size();
+            us.seq = b.seq; us.pos0 = history_[b.seq].n_past; us.n_tokens = take; us.row0 = (uint32_t) tokens.size();
             us.n_out = params_.logits_all ? take : (done[e] + take == b.n_tokens ? 1 : 0);
             tokens.insert(tokens.end(), b.tokens + done[e], b.tokens + done[e] + take);
             ub.seqs.push_back(us);
@@ -249,8 +249,9 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         }
         ggml_free(ctx);
         for (size_t i = 0; i < picks.size(); ++i) {
-            n_past_[ub.seqs[i].seq] += picks[i].second;
-            done[picks[i].first] += picks[i].second;
+            const size_t e = picks[i].first;
+            history_[batch[e].seq].add(batch[e].tokens + done[e], picks[i].second);
+            done[e] += picks[i].second;
         }
     }
 }
@@ -287,7 +288,7 @@ ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
 void context::reset() {
     std::lock_guard<std::mutex> lock(mutex_);
     mem_->clear();
-    std::fill(n_past_.begin(), n_past_.end(), 0);
+    std::fill(history_.begin(), history_.end(), seq_history{});
     std::fill(poisoned_.begin(), poisoned_.end(), 0);
 }
 
@@ -295,20 +296,22 @@ void context::reset_seq(uint32_t seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
     mem_->clear_seq(seq);
-    n_past_[seq] = 0;
+    history_[seq] = seq_history{};
     poisoned_[seq] = 0;
 }
 
 std::vector<uint8_t> context::save_state(uint32_t seq) const {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
-    return mem_->save(seq, n_past_[seq]);
+    return mem_->save(seq, history_[seq]);
 }
 
-void context::load_state(const std::vector<uint8_t> & data, uint32_t seq) {
+void context::load_state(const std::vector<uint8_t> & data, uint32_t seq, const std::vector<int32_t> * tokens) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
-    n_past_[seq] = mem_->load(seq, data);
+    seq_history claimed;
+    if (tokens) claimed.add(tokens->data(), tokens->size());
+    history_[seq] = mem_->load(seq, data, tokens ? &claimed : nullptr);
     poisoned_[seq] = 0;
 }
 

@@ -73,9 +73,11 @@ public:
     void     clear_cancel() { abort_.store(false); }
     bool     cancel_requested() const { return abort_.load(); }
     bool     needs_reset(uint32_t seq = 0) const;
-    // one sequence's state; loads into any sequence of a context of the same model and KV type
+    // one sequence's state; loads into any sequence of a context of the same model and KV type.
+    // With tokens, the state must have been saved after exactly those tokens (state_error else).
     std::vector<uint8_t> save_state(uint32_t seq = 0) const;
-    void                 load_state(const std::vector<uint8_t> & data, uint32_t seq = 0);
+    void                 load_state(const std::vector<uint8_t> & data, uint32_t seq = 0,
+                                    const std::vector<int32_t> * tokens = nullptr);
 
     std::map<std::string, size_t> memory_breakdown() const;
     const context_params & params() const { return params_; }
@@ -96,7 +98,7 @@ private:
     ggml_backend_sched_t           sched_ = nullptr;
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
-    std::vector<uint32_t>          n_past_;    // per sequence
+    std::vector<seq_history>       history_;   // per sequence: n_past and its tokens' hash
     std::atomic<bool>              abort_{false};
     std::vector<uint8_t>           poisoned_;  // per sequence: an aborted compute left its memory half-written
     mutable std::mutex             mutex_;  // one eval/state call at a time (the GIL is released)

@@ -1,6 +1,7 @@
 #include "memory.h"
 
 #include "errors.h"
+#include "hash.h"
 #include "model.h"
 
 #include "ggml-alloc.h"
@@ -106,17 +107,18 @@ std::map<std::string, size_t> memory::breakdown() const {
 // ---------------------------------------------------------------------------------------------
 // state
 //
-// Layout (version 2): magic, version, n_past, 7 shape words (n_layer, n_embd_kv, d_inner,
-// d_state, d_conv, n_swa, kv_type), then per layer in order: Mamba conv and SSM states (raw F32);
-// attention K rows then V rows (n_embd_kv values each, the cache type) of the positions the
-// layer can still see (the last min(W, n_past) for SWA, all n_past for the full layer), oldest
-// first. Independent of n_ctx, n_batch and the V layout; reading/writing touches only those
-// positions, so a snapshot costs O(n_past), not O(n_ctx).
+// Layout (version 3): magic, version, n_past, 7 shape words (n_layer, n_embd_kv, d_inner,
+// d_state, d_conv, n_swa, kv_type), the model's fingerprint (u64), the token-history hash (u64),
+// the model's label (u32 length, bytes; for messages), then per layer in order: Mamba conv and
+// SSM states (raw F32); attention K rows then V rows (n_embd_kv values each, the cache type) of
+// the positions the layer can still see (the last min(W, n_past) for SWA, all n_past for the
+// full layer), oldest first. Independent of n_ctx, n_batch and the V layout; reading/writing
+// touches only those positions, so a snapshot costs O(n_past), not O(n_ctx).
 
 namespace {
 
 constexpr uint32_t STATE_MAGIC   = 0x53594253;  // "SBYS"
-constexpr uint32_t STATE_VERSION = 2;
+constexpr uint32_t STATE_VERSION = 3;
 
 struct writer {
     std::vector<uint8_t> & out;
@@ -186,8 +188,16 @@ void vt_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t 
 
 } // namespace
 
-std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
+void seq_history::add(const int32_t * tokens, size_t n) {
+    fnv1a f{tokens_hash};
+    f.add(tokens, n * sizeof(int32_t));
+    tokens_hash = f.h;
+    n_past += (uint32_t) n;
+}
+
+std::vector<uint8_t> memory::save(uint32_t s, const seq_history & h) const {
     const hparams & hp = model_.hp();
+    const uint32_t n_past = h.n_past;
     std::vector<uint8_t> out;
     writer w{out};
     w.put(STATE_MAGIC); w.put(STATE_VERSION);
@@ -195,6 +205,10 @@ std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
     for (uint32_t v : { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa, (uint32_t) kv_type_ }) {
         w.put(v);
     }
+    w.put(model_.fingerprint());
+    w.put(h.tokens_hash);
+    w.put((uint32_t) model_.label().size());
+    w.put(model_.label().data(), model_.label().size());
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (lm.conv) {
@@ -212,21 +226,49 @@ std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
     return out;
 }
 
-uint32_t memory::load(uint32_t s, const std::vector<uint8_t> & data) {
+seq_history memory::load(uint32_t s, const std::vector<uint8_t> & data, const seq_history * expect) {
     const hparams & hp = model_.hp();
     reader r{data};
-    if (r.get<uint32_t>() != STATE_MAGIC || r.get<uint32_t>() != STATE_VERSION) {
-        throw state_error("not a sambay state (bad magic or version)");
+    if (data.size() < 8 || r.get<uint32_t>() != STATE_MAGIC) {
+        throw state_error("not a sambay state (bad magic)");
     }
-    const uint32_t n_past = r.get<uint32_t>();
-    const uint32_t want[] = { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa, (uint32_t) kv_type_ };
-    const char * names[] = { "n_layer", "n_embd_kv", "d_inner", "d_state", "d_conv", "n_swa", "kv_type" };
-    for (size_t i = 0; i < 7; ++i) {
-        const uint32_t got = r.get<uint32_t>();
-        if (got != want[i]) {
-            throw state_error(std::string("state does not fit this context: ") + names[i] + " is " +
-                              std::to_string(got) + " in the state, " + std::to_string(want[i]) + " here");
+    if (const uint32_t version = r.get<uint32_t>(); version != STATE_VERSION) {
+        throw state_error("the state has format version " + std::to_string(version) + ", this sambay reads version " +
+                          std::to_string(STATE_VERSION) + " (save it again with this version)");
+    }
+    seq_history h;
+    h.n_past = r.get<uint32_t>();
+    const uint32_t n_past = h.n_past;
+    uint32_t got[7];
+    for (uint32_t & v : got) v = r.get<uint32_t>();
+    const uint64_t fingerprint = r.get<uint64_t>();
+    h.tokens_hash = r.get<uint64_t>();
+    const uint32_t label_len = r.get<uint32_t>();
+    const char * label = (const char *) r.take(label_len);
+    if (fingerprint != model_.fingerprint()) {
+        throw state_error("the state was saved from a different model (" + std::string(label, label_len) +
+                          ") than this context runs (" + model_.label() + ")");
+    }
+    if (got[6] != (uint32_t) kv_type_) {
+        const char * saved = got[6] < GGML_TYPE_COUNT ? ggml_type_name((ggml_type) got[6]) : "unknown";
+        throw state_error(std::string("the state does not fit this context: kv_type is ") + saved +
+                          " in the state, " + ggml_type_name(kv_type_) + " here");
+    }
+    const uint32_t want[] = { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa };
+    const char * names[] = { "n_layer", "n_embd_kv", "d_inner", "d_state", "d_conv", "n_swa" };
+    for (size_t i = 0; i < 6; ++i) {
+        if (got[i] != want[i]) {
+            throw state_error(std::string("the state does not fit this context: ") + names[i] + " is " +
+                              std::to_string(got[i]) + " in the state, " + std::to_string(want[i]) + " here");
         }
+    }
+    if (expect && expect->n_past != n_past) {
+        throw state_error("the state holds " + std::to_string(n_past) + " positions, but its token history has " +
+                          std::to_string(expect->n_past) + " tokens");
+    }
+    if (expect && expect->tokens_hash != h.tokens_hash) {
+        throw state_error("the state's token history does not match the tokens given with it (same count, " +
+                          std::to_string(n_past) + ", other tokens)");
     }
     if (n_past > n_ctx_) {
         throw context_full_error(n_past, n_ctx_);
@@ -266,7 +308,7 @@ uint32_t memory::load(uint32_t s, const std::vector<uint8_t> & data) {
             else          rows_io(lm.v, s, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
         }
     }
-    return n_past;
+    return h;
 }
 
 } // namespace sambay

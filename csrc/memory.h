@@ -29,6 +29,14 @@ namespace sambay {
 
 class model;
 
+// what a sequence has evaluated: n_past positions, and a hash of their token ids in order
+// (seq_history::add; zero positions hash to fnv1a's initial value)
+struct seq_history {
+    uint32_t n_past = 0;
+    uint64_t tokens_hash = 0xcbf29ce484222325ull;
+    void add(const int32_t * tokens, size_t n);
+};
+
 struct layer_memory {
     ggml_tensor * conv = nullptr;  // mamba: F32 [d_conv-1, d_inner, n_seq]
     ggml_tensor * ssm  = nullptr;  // mamba: F32 [d_state, d_inner, n_seq]
@@ -60,9 +68,13 @@ public:
 
     // state (de)serialisation of the first n_past positions of sequence s; the layout is
     // independent of n_ctx, n_batch, n_seq, the slot and v_trans, so a state moves between
-    // sequences and contexts of the same model and KV type
-    std::vector<uint8_t> save(uint32_t s, uint32_t n_past) const;
-    uint32_t load(uint32_t s, const std::vector<uint8_t> & data);  // returns n_past; throws state_error
+    // sequences and contexts of the same model (model::fingerprint) and KV type. The state
+    // carries the sequence's history (n_past and a hash of its tokens, kept by the context).
+    std::vector<uint8_t> save(uint32_t s, const seq_history & h) const;
+    // Returns the state's history. Throws state_error (another model, KV type or layout,
+    // corrupt data, or a history other than *expect when given) or context_full_error before
+    // touching the memory, so a rejected state leaves sequence s as it was.
+    seq_history load(uint32_t s, const std::vector<uint8_t> & data, const seq_history * expect = nullptr);
 
 private:
     const model &                      model_;

@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "errors.h"
+#include "hash.h"
 #include "log.h"
 
 #include "ggml.h"
@@ -18,6 +19,7 @@ model::model(const std::string & path, const model_params & params) {
     hparams_ = hparams::from_gguf(file_->gguf());
     select_devices(params);
     create_tensors();
+    compute_fingerprint();
     log_scope quiet(log_scope::mode::quiet);  // backends log every repacked tensor at info level
     load_data(params.use_mmap);
 }
@@ -95,6 +97,43 @@ size_t model::weights_bytes() const {
     size_t n = 0;
     for (const auto & [t, d] : tensors_) n += ggml_nbytes(t);
     return n;
+}
+
+void model::compute_fingerprint() {
+    const hparams & hp = hparams_;
+    fnv1a f;
+    for (uint32_t v : { hp.n_vocab, hp.n_ctx_train, hp.n_embd, hp.n_layer, hp.n_ff, hp.n_head, hp.n_head_kv,
+                        hp.n_embd_head, hp.n_swa, hp.d_conv, hp.d_inner, hp.d_state, hp.dt_rank,
+                        hp.memory_layer, hp.kv_shared_layer }) {
+        f.add(v);
+    }
+    f.add(hp.norm_eps); f.add(hp.sub_norm_eps);
+    f.add(hp.kinds.data(), hp.kinds.size() * sizeof(layer_kind));
+    f.add(hp.lambda.data(), hp.lambda.size() * sizeof(float));
+    f.add(hp.lambda_init.data(), hp.lambda_init.size() * sizeof(float));
+    // three 32-byte windows of each tensor's data: O(n_tensors) small reads, whatever the size
+    constexpr size_t window = 32;
+    uint8_t buf[window];
+    for (const auto & [t, dev] : tensors_) {
+        f.add(std::string(ggml_get_name(t)));
+        f.add((int32_t) t->type);
+        f.add(t->ne, sizeof(t->ne));
+        const size_t n = ggml_nbytes(t);
+        const size_t base = file_->data_offset(t);
+        for (size_t off : { (size_t) 0, n / 2, n > window ? n - window : 0 }) {
+            const size_t m = std::min(window, n - std::min(off, n));
+            file_->read(base + off, buf, m);
+            f.add(buf, m);
+        }
+    }
+    fingerprint_ = f.h;
+
+    const std::string & path = file_->path();
+    label_ = "'" + path.substr(path.find_last_of('/') + 1) + "'";
+    std::string name;
+    if (gguf_get_string(file_->gguf(), "general.name", name) && !name.empty()) {
+        label_ += " (general.name '" + name + "')";
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

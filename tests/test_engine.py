@@ -254,6 +254,55 @@ def test_load_state_rejects_foreign_states(tiny12):
     assert ctx.n_past == 3  # a failed load leaves the context as it was
 
 
+def test_load_state_rejects_a_state_of_another_model_with_the_same_shapes(root, tiny12):
+    # another seed: every layer shape and type is the same, only the weights differ
+    _, path, model, _ = tiny12
+    _, other_path = make_gguf(root, "tiny-12", "f32", seed=1)
+    other = Model(other_path)
+    shapes = lambda m: {k: v for k, v in m.hparams().items() if k != "diff_lambda"}  # noqa: E731 (λ are weights)
+    assert shapes(other) == shapes(model)
+    assert other.fingerprint != model.fingerprint
+    ctx = _ctx(model)
+    ctx.eval([1, 2, 3])
+    state = ctx.save_state()
+    foreign = _ctx(other)
+    with pytest.raises(StateError, match="different model") as err:
+        foreign.load_state(state)
+    # the message names both files, never a bare number
+    assert path.name in str(err.value) and other_path.name in str(err.value)
+    assert foreign.n_past == 0
+    _ctx(Model(path)).load_state(state)  # the same file loaded again has the same fingerprint
+
+
+def test_load_state_names_kv_types(tiny12):
+    _, _, model, _ = tiny12
+    ctx = _ctx(model)
+    ctx.eval([1, 2, 3])
+    with pytest.raises(StateError, match="kv_type is f32 in the state, f16 here"):
+        _ctx(model, kv_type="f16").load_state(ctx.save_state())
+
+
+def test_load_state_checks_the_claimed_token_history(tiny12):
+    _, _, model, _ = tiny12
+    ctx = _ctx(model)
+    ctx.eval([5, 6, 7])
+    state = ctx.save_state()
+    fresh = _ctx(model)
+    with pytest.raises(StateError, match="3 positions.*2 tokens"):
+        fresh.load_state(state, tokens=[5, 6])
+    with pytest.raises(StateError, match="token history"):
+        fresh.load_state(state, tokens=[5, 6, 8])
+    assert fresh.n_past == 0
+    fresh.load_state(state, tokens=[5, 6, 7])
+    assert fresh.n_past == 3
+    fresh.eval([9])
+    fresh.load_state(fresh.save_state(), tokens=[5, 6, 7, 9])  # the history follows evals
+    fresh.reset()
+    fresh.eval([9])
+    with pytest.raises(StateError, match="token history"):
+        _ctx(model).load_state(fresh.save_state(), tokens=[5])  # and restarts with reset()
+
+
 def test_reset_gives_a_fresh_sequence(tiny12):
     _, _, model, _ = tiny12
     ids = _ids(30, model.n_vocab, seed=4)

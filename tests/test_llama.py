@@ -168,6 +168,19 @@ def test_save_and_load_state(llm, gguf_path):
         np.testing.assert_array_equal(other._last_logits, after)
 
 
+def test_load_state_rejects_a_token_history_that_does_not_match(llm):
+    llm.eval(llm.tokenize(PROMPT))
+    state = llm.save_state()
+    before = llm.input_ids
+    lie = sambay.LlamaState(state.input_ids[:-1] + (state.input_ids[-1] ^ 1,), state.last_logits, state.engine_state)
+    with pytest.raises(sambay.StateError, match="token history"):
+        llm.load_state(lie)
+    short = sambay.LlamaState(state.input_ids[:-1], state.last_logits, state.engine_state)
+    with pytest.raises(sambay.StateError, match="positions"):
+        llm.load_state(short)
+    assert llm.input_ids == before  # a rejected state changes nothing
+
+
 def test_logprobs(gguf_path):
     with Llama(gguf_path, n_ctx=128, logits_all=True, verbose=False) as m:
         out = m(PROMPT, max_tokens=4, temperature=0, logprobs=3)

@@ -7,6 +7,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -129,12 +130,12 @@ void register_context(py::module_ & m) {
             }
             return py::bytes((const char *) s.data(), s.size());
         }, py::arg("seq") = 0)
-        .def("load_state", [](context & c, py::bytes data, uint32_t seq) {
+        .def("load_state", [](context & c, py::bytes data, uint32_t seq, std::optional<std::vector<int32_t>> tokens) {
             std::string_view sv = data;
             std::vector<uint8_t> s(sv.begin(), sv.end());
             py::gil_scoped_release release;
-            c.load_state(s, seq);
-        }, py::arg("state"), py::arg("seq") = 0)
+            c.load_state(s, seq, tokens ? &*tokens : nullptr);
+        }, py::arg("state"), py::arg("seq") = 0, py::kw_only(), py::arg("tokens") = py::none())
         .def("memory_breakdown", [](const context & c) {
             std::map<std::string, size_t> out;
             {

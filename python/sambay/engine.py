@@ -20,7 +20,7 @@ Errors:
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -117,6 +117,12 @@ class Model:
     def weights_bytes(self) -> int:
         """Bytes of all weight tensors."""
         return self._m.weights_bytes
+
+    @property
+    def fingerprint(self) -> str:
+        """The weights' identity (hex): a hash of the hparams, every tensor's name, type and
+        shape and a sample of its bytes, computed at load. Saved states carry it."""
+        return self._m.fingerprint
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters the engine runs with (layer kinds by name, folded λ arrays)."""
@@ -333,15 +339,21 @@ class Context:
         """One sequence's caches and states plus its position, as bytes (see :meth:`load_state`)."""
         return self._c.save_state(int(seq))
 
-    def load_state(self, state: bytes, seq: int = 0) -> None:
+    def load_state(self, state: bytes, seq: int = 0, *, tokens: Optional[Sequence[int]] = None) -> None:
         """Restores a state saved by a context of the same model and KV type into sequence
         ``seq`` (any sequence of any such context: prefix reuse across sequences).
 
+        A state names the model it was saved from (:attr:`Model.fingerprint`) and the tokens
+        its sequence had evaluated (their count and a hash); with ``tokens``, the state must
+        have been saved after exactly those tokens.
+
         Raises:
-            StateError: the state belongs to another model or KV type, or is corrupt.
+            StateError: the state belongs to another model or KV type, does not hold
+                ``tokens``, or is corrupt; the sequence is left as it was.
             ContextFullError: the state holds more positions than this context's ``n_ctx``.
         """
-        self._c.load_state(bytes(state), int(seq))
+        claimed = None if tokens is None else [int(t) for t in tokens]
+        self._c.load_state(bytes(state), int(seq), tokens=claimed)
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes per part, all sequences: mamba_conv, mamba_ssm, swa_kv, full_kv, compute,
