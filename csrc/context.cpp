@@ -12,6 +12,10 @@
 
 namespace sambay {
 
+void threadpool_deleter::operator()(ggml_threadpool * tp) const {
+    ggml_threadpool_free(tp);
+}
+
 context::context(std::shared_ptr<const model> m, const context_params & params)
     : model_(std::move(m)), params_(params) {
     const hparams & hp = model_->hp();
@@ -50,11 +54,11 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     poisoned_.assign(params_.n_seq_max, 0);
 
     for (ggml_backend_dev_t dev : model_->devices()) {
-        ggml_backend_t b = ggml_backend_dev_init(dev, nullptr);
+        backends_.emplace_back(ggml_backend_dev_init(dev, nullptr));
+        ggml_backend_t b = backends_.back().get();
         if (!b) {
             throw compute_error(std::string("cannot initialise the backend of device ") + ggml_backend_dev_name(dev));
         }
-        backends_.push_back(b);
         // cancel(): the backend checks the flag between graph nodes
         ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
         auto set_abort = reg ? (ggml_backend_set_abort_callback_t)
@@ -67,17 +71,19 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             // its worker threads on every graph compute (every decoded token)
             ggml_threadpool_params tpp = ggml_threadpool_params_default(
                 std::max(params_.n_threads, params_.n_threads_batch));
-            threadpool_ = ggml_threadpool_new(&tpp);
+            threadpool_.reset(ggml_threadpool_new(&tpp));
             if (!threadpool_) {
                 throw compute_error("cannot create the CPU thread pool");
             }
-            ggml_backend_cpu_set_threadpool(b, threadpool_);
+            ggml_backend_cpu_set_threadpool(b, threadpool_.get());
         }
     }
     graph_size_ = graph_size_for(hp, std::min(params_.n_seq_max, params_.n_batch));
     graph_meta_.resize(ggml_tensor_overhead() * graph_size_ + ggml_graph_overhead_custom(graph_size_, false));
-    sched_ = ggml_backend_sched_new(backends_.data(), nullptr, (int) backends_.size(), graph_size_,
-                                    /*parallel*/ false, /*op_offload*/ backends_.size() > 1);
+    std::vector<ggml_backend_t> backends;
+    for (auto & b : backends_) backends.push_back(b.get());
+    sched_.reset(ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size_,
+                                        /*parallel*/ false, /*op_offload*/ backends.size() > 1));
 
     // reserve the compute buffers with the worst cases: a full micro-batch of one sequence at
     // the end of the context, with the logits rows this context returns, and one token of as
@@ -93,13 +99,11 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             ub.seqs.push_back(us);
         }
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
-        ggml_context * ctx = ggml_init(ip);
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_size_, false);
-        graph_builder gb(*model_, *mem_, ctx, gf, ub);
+        ggml_context_ptr ctx(ggml_init(ip));
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), graph_size_, false);
+        graph_builder gb(*model_, *mem_, ctx.get(), gf, ub);
         gb.build();
-        const bool ok = ggml_backend_sched_reserve(sched_, gf);
-        ggml_free(ctx);
-        if (!ok) {
+        if (!ggml_backend_sched_reserve(sched_.get(), gf)) {
             throw compute_error("cannot reserve the compute buffers (n_ctx " + std::to_string(params_.n_ctx) +
                                 ", n_batch " + std::to_string(params_.n_batch) +
                                 "): out of memory; a smaller n_ctx or n_batch needs less");
@@ -111,19 +115,14 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     }
 }
 
-context::~context() {
-    if (sched_) ggml_backend_sched_free(sched_);
-    for (auto * b : backends_) ggml_backend_free(b);
-    if (threadpool_) ggml_threadpool_free(threadpool_);
-}
-
 uint32_t context::n_outputs(size_t n_tokens) const {
     if (n_tokens == 0) return 0;
     return params_.logits_all ? (uint32_t) n_tokens : 1;
 }
 
 void context::set_threads(int n) {
-    for (auto * b : backends_) {
+    for (auto & bp : backends_) {
+        ggml_backend_t b = bp.get();
         ggml_backend_dev_t dev = ggml_backend_get_device(b);
         ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
         auto fn = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
@@ -230,9 +229,9 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         ub.tokens = tokens.data();
 
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
-        ggml_context * ctx = ggml_init(ip);
-        try {
-            ggml_tensor * t_logits = compute_ubatch(ctx, ub);
+        ggml_context_ptr ctx(ggml_init(ip));
+        {
+            ggml_tensor * t_logits = compute_ubatch(ctx.get(), ub);
             size_t r = 0;  // row of the logits tensor
             for (size_t i = 0; i < picks.size(); ++i) {
                 const size_t e = picks[i].first;
@@ -243,11 +242,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
                                         (size_t) n_out * n_vocab * sizeof(float));
                 r += n_out;
             }
-        } catch (...) {
-            ggml_free(ctx);
-            throw;
         }
-        ggml_free(ctx);
         for (size_t i = 0; i < picks.size(); ++i) {
             const size_t e = picks[i].first;
             history_[batch[e].seq].add(batch[e].tokens + done[e], picks[i].second);
@@ -261,13 +256,13 @@ ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
     graph_builder gb(*model_, *mem_, ctx, gf, ub);
     ggml_tensor * t_logits = gb.build();
 
-    ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
+    ggml_backend_sched_reset(sched_.get());
+    if (!ggml_backend_sched_alloc_graph(sched_.get(), gf)) {
         throw compute_error("cannot allocate the compute graph");
     }
     gb.set_inputs();
     set_threads(ub.n_tokens() == 1 ? params_.n_threads : params_.n_threads_batch);
-    const ggml_status st = ggml_backend_sched_graph_compute(sched_, gf);
+    const ggml_status st = ggml_backend_sched_graph_compute(sched_.get(), gf);
     if (st == GGML_STATUS_ABORTED) {
         // earlier nodes (or scheduler splits) have written part of the memory of this
         // micro-batch's sequences, later ones not: their memory no longer describes any position.
@@ -319,7 +314,7 @@ std::map<std::string, size_t> context::memory_breakdown() const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto out = mem_->breakdown();
     size_t compute = 0;
-    for (auto * b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_, b);
+    for (auto & b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_.get(), b.get());
     out["compute"] = compute;
     out["weights"] = model_->weights_bytes();
     // one sequence's share of the caches (every sequence has the same regions)

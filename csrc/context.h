@@ -7,6 +7,7 @@
 #include "model.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <atomic>
 #include <cstdint>
@@ -17,6 +18,10 @@
 #include <vector>
 
 namespace sambay {
+
+struct threadpool_deleter {
+    void operator()(ggml_threadpool * tp) const;
+};
 
 struct context_params {
     uint32_t  n_ctx           = 0;     // 0: the trained context (context_length), per sequence
@@ -40,7 +45,6 @@ struct seq_tokens {
 class context {
 public:
     context(std::shared_ptr<const model> m, const context_params & params);
-    ~context();
     context(const context &) = delete;
     context & operator=(const context &) = delete;
 
@@ -93,9 +97,10 @@ private:
     std::shared_ptr<const model>   model_;
     context_params                 params_;
     std::unique_ptr<memory>        mem_;
-    std::vector<ggml_backend_t>    backends_;
-    ggml_threadpool_t              threadpool_ = nullptr;  // persistent CPU workers (see constructor)
-    ggml_backend_sched_t           sched_ = nullptr;
+    // destroyed in reverse order: the scheduler, then the backends, then their thread pool
+    std::unique_ptr<ggml_threadpool, threadpool_deleter> threadpool_;  // persistent CPU workers (see constructor)
+    std::vector<ggml_backend_ptr>  backends_;
+    ggml_backend_sched_ptr         sched_;
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
     std::vector<seq_history>       history_;   // per sequence: n_past and its tokens' hash

@@ -25,8 +25,11 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
         auto it = ctx_of.find(dev);
         if (it != ctx_of.end()) return it->second;
         ggml_init_params ip = { /*mem_size*/ ggml_tensor_overhead() * 4 * hp.n_layer, nullptr, /*no_alloc*/ true };
-        ggml_context * c = ggml_init(ip);
-        ctxs_.push_back(c);
+        ctxs_.emplace_back(ggml_init(ip));
+        ggml_context * c = ctxs_.back().get();
+        if (!c) {
+            throw compute_error("cannot allocate the context memory's tensor headers");
+        }
         ctx_of[dev] = c;
         return c;
     };
@@ -56,7 +59,7 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
         }
     }
     for (auto & [dev, c] : ctx_of) {
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_dev_buffer_type(dev));
+        ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_dev_buffer_type(dev)));
         if (!buf) {
             size_t bytes = 0;
             for (ggml_tensor * t = ggml_get_first_tensor(c); t; t = ggml_get_next_tensor(c, t)) {
@@ -66,18 +69,13 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
                                 " MiB for n_ctx " + std::to_string(n_ctx) + ") on " + ggml_backend_dev_name(dev) +
                                 ": out of memory; a smaller n_ctx needs less");
         }
-        buffers_.push_back(buf);
+        buffers_.push_back(std::move(buf));
     }
     clear();
 }
 
-memory::~memory() {
-    for (auto * b : buffers_) ggml_backend_buffer_free(b);
-    for (auto * c : ctxs_) ggml_free(c);
-}
-
 void memory::clear() {
-    for (auto * b : buffers_) ggml_backend_buffer_clear(b, 0);
+    for (auto & b : buffers_) ggml_backend_buffer_clear(b.get(), 0);
 }
 
 void memory::clear_seq(uint32_t s) {

@@ -19,6 +19,7 @@
 #include "hparams.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <cstdint>
 #include <map>
@@ -48,7 +49,6 @@ struct layer_memory {
 class memory {
 public:
     memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq, ggml_type kv_type, bool v_trans);
-    ~memory();
     memory(const memory &) = delete;
     memory & operator=(const memory &) = delete;
 
@@ -84,8 +84,8 @@ private:
     ggml_type                          kv_type_;
     bool                               v_trans_;
     std::vector<layer_memory>          layers_;
-    std::vector<ggml_context *>        ctxs_;
-    std::vector<ggml_backend_buffer_t> buffers_;
+    std::vector<ggml_context_ptr>        ctxs_;     // one per device: the tensor headers
+    std::vector<ggml_backend_buffer_ptr> buffers_;  // one per device: the data (freed first)
 };
 
 } // namespace sambay

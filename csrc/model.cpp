@@ -24,12 +24,6 @@ model::model(const std::string & path, const model_params & params) {
     load_data(params.use_mmap);
 }
 
-model::~model() {
-    for (auto * b : buffers_) {
-        ggml_backend_buffer_free(b);
-    }
-}
-
 void model::select_devices(const model_params & params) {
     static bool loaded = (ggml_backend_load_all(), true);
     (void) loaded;
@@ -265,9 +259,9 @@ static ggml_backend_buffer_type_t extra_buft_for(ggml_backend_dev_t dev, ggml_te
         return nullptr;
     }
     ggml_init_params ip = { ggml_tensor_overhead() * 4, nullptr, /*no_alloc*/ true };
-    ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * x  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
-    ggml_tensor * op = ggml_mul_mat(ctx, w, x);
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_tensor * x  = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, w->ne[0], 512);
+    ggml_tensor * op = ggml_mul_mat(ctx.get(), w, x);
     ggml_backend_buffer_type_t found = nullptr;
     for (ggml_backend_buffer_type_t * b = get_extra(dev); b && *b && !found; ++b) {
         if (std::string(ggml_backend_buft_name(*b)) == "AMX") {
@@ -276,14 +270,12 @@ static ggml_backend_buffer_type_t extra_buft_for(ggml_backend_dev_t dev, ggml_te
             continue;
         }
         // supports_op looks at the weight's buffer type: give it an empty buffer of that type
-        ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(*b, 0);
+        ggml_backend_buffer_ptr dummy(ggml_backend_buft_alloc_buffer(*b, 0));
         if (!dummy) continue;
-        w->buffer = dummy;
+        w->buffer = dummy.get();
         if (ggml_backend_dev_supports_op(dev, op)) found = *b;
         w->buffer = nullptr;
-        ggml_backend_buffer_free(dummy);
     }
-    ggml_free(ctx);
     return found;
 }
 
@@ -310,7 +302,7 @@ void model::load_data(bool use_mmap) {
             for (auto * t : tensors) max_size = std::max(max_size, ggml_nbytes(t));
             ggml_backend_buffer_t buf = ggml_backend_dev_buffer_from_host_ptr(dev, file_->mapping(), file_->file_size(), max_size);
             if (buf) {
-                buffers_.push_back(buf);
+                buffers_.emplace_back(buf);
                 ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
                 for (auto * t : tensors) {
                     void * addr = (char *) file_->mapping() + file_->data_offset(t);
@@ -333,7 +325,7 @@ void model::load_data(bool use_mmap) {
             throw load_error("cannot allocate " + std::to_string(total) + " bytes of weights (" +
                              ggml_backend_buft_name(buft) + ")");
         }
-        buffers_.push_back(buf);
+        buffers_.emplace_back(buf);
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         char * base = (char *) ggml_backend_buffer_get_base(buf);
         size_t off = 0;

@@ -8,6 +8,7 @@
 #include "loader.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <memory>
 #include <string>
@@ -48,7 +49,6 @@ struct layer_weights {
 class model {
 public:
     model(const std::string & path, const model_params & params);
-    ~model();
     model(const model &) = delete;
     model & operator=(const model &) = delete;
 
@@ -86,7 +86,7 @@ private:
     std::vector<ggml_backend_dev_t>    layer_dev_;
     ggml_backend_dev_t                 output_dev_ = nullptr;
     std::vector<std::pair<ggml_tensor *, ggml_backend_dev_t>> tensors_;  // every weight and its device
-    std::vector<ggml_backend_buffer_t> buffers_;
+    std::vector<ggml_backend_buffer_ptr> buffers_;  // the weights (freed before file_'s mapping)
     bool                               mmapped_ = false;
     uint64_t                           fingerprint_ = 0;
     std::string                        label_;
