@@ -236,7 +236,7 @@ void model::create_tensors() {
         }
     }
     if (!tc.problems.empty()) {
-        std::string msg = "'" + file_->path() + "' does not hold a valid phi4flash model:";
+        std::string msg = "'" + file_->path() + "' does not hold a valid " + ARCH_NAME + " model:";
         const size_t n_show = std::min<size_t>(tc.problems.size(), 20);
         for (size_t i = 0; i < n_show; ++i) msg += "\n  - " + tc.problems[i];
         if (n_show < tc.problems.size()) {

@@ -1,5 +1,7 @@
 #include "quantize.h"
 
+#include "hparams.h"
+
 #include "ggml-cpp.h"
 #include "gguf.h"
 
@@ -208,16 +210,17 @@ quantize_result quantize_file(const quantize_params & params) {
         throw quantize_error("GGUF has no general.architecture: " + params.input);
     }
     const std::string arch = gguf_get_val_str(in.get(), arch_id);
-    if (arch != "phi4flash") {
-        throw quantize_error("GGUF architecture is '" + arch + "', expected 'phi4flash'");
+    if (arch != ARCH_NAME) {
+        throw quantize_error("GGUF architecture is '" + arch + "', expected '" + ARCH_NAME + "'");
     }
     int n_layer = 0;
-    const int64_t nl_id = gguf_find_key(in.get(), "phi4flash.block_count");
+    const std::string block_count = std::string(ARCH_NAME) + ".block_count";
+    const int64_t nl_id = gguf_find_key(in.get(), block_count.c_str());
     if (nl_id >= 0 && gguf_get_kv_type(in.get(), nl_id) == GGUF_TYPE_UINT32) {
         n_layer = (int) gguf_get_val_u32(in.get(), nl_id);
     }
     if (n_layer <= 0) {
-        throw quantize_error("GGUF has no valid phi4flash.block_count");
+        throw quantize_error("GGUF has no valid " + block_count);
     }
 
     // plan: every tensor's new type, checking the input first

@@ -490,3 +490,15 @@ def test_engine_tests_run_without_torch():
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_python_reads_the_layer_kinds_and_architecture_from_the_engine(tiny12):
+    from sambay.convert.metadata import ARCH as CONVERT_ARCH
+    from sambay.convert.schedule import LayerKind
+    from sambay.engine import ARCH, LAYER_KINDS
+
+    _, _, model, _ = tiny12
+    stored = model.metadata_value(f"{ARCH}.layer_types")
+    assert [LayerKind(v).label for v in stored] == model.hparams()["layer_types"]
+    assert [LAYER_KINDS[v] for v in stored] == model.hparams()["layer_types"]
+    assert model.metadata_value("general.architecture") == ARCH == CONVERT_ARCH

@@ -300,12 +300,10 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-_KIND_NAMES = {0: "mamba", 1: "attn_swa", 2: "attn_full", 3: "gmu", 4: "attn_cross"}
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     import gguf
 
+    from .engine import ARCH, LAYER_KINDS
     from .gguf_metadata import GGUFMetadataError, read_metadata
 
     args.model = _resolve(args.model)
@@ -314,9 +312,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"file: {args.model} ({os.path.getsize(args.model) / 2**20:.1f} MiB)")
     print(f"architecture: {arch}   name: {meta.get('general.name', '?')}   "
           f"file_type: {meta.get('general.file_type', '?')}")
-    if arch != "phi4flash":
-        raise GGUFMetadataError(f"not a phi4flash model (architecture {arch!r})")
-    p = "phi4flash."
+    if arch != ARCH:
+        raise GGUFMetadataError(f"not a {ARCH} model (architecture {arch!r})")
+    p = ARCH + "."
     keys = ["context_length", "embedding_length", "block_count", "feed_forward_length",
             "vocab_size", "attention.head_count", "attention.head_count_kv",
             "attention.key_length", "attention.sliding_window", "ssm.inner_size",
@@ -324,7 +322,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "kv_shared_layer"]
     for k in keys:
         print(f"  {k:28s} {meta.get(p + k, '-')}")
-    kinds = [_KIND_NAMES.get(int(k), str(k)) for k in meta.get(p + "layer_types", [])]
+    kinds = [LAYER_KINDS[int(k)] if 0 <= int(k) < len(LAYER_KINDS) else str(k)
+             for k in meta.get(p + "layer_types", [])]
     print("layers: " + " ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
 
     reader = gguf.GGUFReader(args.model, "r")

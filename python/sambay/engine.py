@@ -32,8 +32,14 @@ StateError = _core.StateError
 AbortedError = _core.AbortedError
 ComputeError = _core.ComputeError
 
+# The facts the engine owns (csrc/hparams.h), for Python to read rather than copy:
+# ARCH: the GGUF architecture (general.architecture and the metadata key prefix);
+# LAYER_KINDS: the layer kind names, indexed by the value phi4flash.layer_types stores.
+ARCH: str = _core.ARCH
+LAYER_KINDS: tuple[str, ...] = tuple(_core.LAYER_KINDS)
+
 __all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError",
-           "ComputeError"]
+           "ComputeError", "ARCH", "LAYER_KINDS"]
 
 _KV_TYPES = ("f16", "f32", "bf16")
 
