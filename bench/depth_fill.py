@@ -84,7 +84,8 @@ def check_sambay(real: bytes, hp: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------- llama.cpp
 # llama_state_seq_get_data (llama.cpp as vendored by llama-cpp-python 0.3.36): a u32 magic and
-# the i32 sequence id, then llama_kv_cache::state_write for that sequence: n_stream; per stream: cell_count, per cell (pos i32, n_seq_id u32, seq ids i32...),
+# the i32 sequence id, then llama_kv_cache::state_write for that sequence: n_stream; per stream:
+# cell_count, per cell (pos i32, n_seq_id u32, seq ids i32...),
 # v_trans u32, n_layer u32, per layer (k type i32, k row bytes u64, rows), then V: per layer
 # (type i32, row bytes u64, rows) or, transposed, (type i32, element bytes u32, n_embd u32,
 # n_embd runs of cell_count elements).

@@ -17,7 +17,7 @@ from .sampling import SamplingParams, file_sampling
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 
 
-def _known_errors() -> tuple[type, ...]:
+def _known_errors() -> tuple[type[BaseException], ...]:
     from .chat import ChatTemplateError
     from .convert import ConvertError
     from .errors import ComputeError, ContextFullError, LoadError, PullError, QuantizeError, StateError
