@@ -26,15 +26,15 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", params=["tiny-12", "tiny-8"])
-def tiny(request, root):
+def tiny(request, tiny_gguf):
     """(hf_dir, f32 gguf, Model, reference) for each tiny config."""
-    hf_dir, path = make_gguf(root, request.param, "f32")
+    hf_dir, path = tiny_gguf(request.param)
     return hf_dir, path, Model(path), NumpyReference.from_folder(hf_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny12(root):
-    hf_dir, path = make_gguf(root, "tiny-12", "f32")
+def tiny12(tiny_gguf):
+    hf_dir, path = tiny_gguf("tiny-12")
     return hf_dir, path, Model(path), NumpyReference.from_folder(hf_dir)
 
 

@@ -15,17 +15,14 @@ import pytest
 import sambay
 from sambay import AbortedError, ChatTemplateError, Llama, StateError
 from sambay.chat import ChatFormatter
-from sambay.convert import convert, tiny
 from sambay.engine import Context, Model
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    ck = tiny.write_checkpoint(root / "ck", "tiny-8", seed=0)
-    return convert(ck, root / "m.gguf", outtype="f32", progress=False)
+def gguf_path(tiny_gguf):
+    return tiny_gguf("tiny-8")[1]
 
 
 @pytest.fixture()

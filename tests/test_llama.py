@@ -7,14 +7,11 @@ import pytest
 
 import sambay
 from sambay import Llama
-from sambay.convert import convert, tiny
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama")
-    ck = tiny.write_checkpoint(root / "ck", "tiny-12", seed=0)
-    return convert(ck, root / "m.gguf", outtype="f32", progress=False)
+def gguf_path(tiny_gguf):
+    return tiny_gguf("tiny-12")[1]
 
 
 @pytest.fixture()
