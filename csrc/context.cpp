@@ -170,12 +170,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         if (seen[b.seq]++) {
             throw std::invalid_argument("sequence " + std::to_string(b.seq) + " appears twice in one batch");
         }
-        for (size_t i = 0; i < b.n_tokens; ++i) {
-            if (b.tokens[i] < 0 || (uint32_t) b.tokens[i] >= n_vocab) {
-                throw std::invalid_argument("invalid token id " + std::to_string(b.tokens[i]) + " at index " +
-                                            std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
-            }
-        }
+        check_tokens(b.tokens, b.n_tokens);
         check_fits((uint64_t) history_[b.seq].n_past + b.n_tokens, b.seq);
         if (poisoned_[b.seq]) {
             throw state_error("sequence " + std::to_string(b.seq) + " was cancelled in the middle of a computation: "

@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,17 @@ public:
     void     reset();                         // every sequence empty
     void     reset_seq(uint32_t seq);         // sequence `seq` empty
 
+    // throws std::invalid_argument naming the first token id outside [0, n_vocab): the one
+    // check, made by decode() and, before narrowing to int32, by the binding (any integer type)
+    template <typename T> void check_tokens(const T * tokens, size_t n_tokens) const {
+        const uint32_t n_vocab = model_->hp().n_vocab;
+        for (size_t i = 0; i < n_tokens; ++i) {
+            if (tokens[i] < 0 || (uint64_t) tokens[i] >= n_vocab) {
+                throw std::invalid_argument("invalid token id " + std::to_string(tokens[i]) + " at index " +
+                                            std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
+            }
+        }
+    }
     // throws context_full_error when sequence `seq` of `n_positions` would not fit: the one
     // check, made by decode() and by callers that feed a sequence in several calls (sambay.Llama)
     void check_fits(uint64_t n_positions, uint32_t seq = 0) const;

@@ -397,8 +397,17 @@ def test_invalid_token_ids_raise_before_compute(tiny12):
     ctx = _ctx(model)
     ctx.eval([5])
     for bad in ([1, -1], [model.n_vocab], [2**32]):
-        with pytest.raises(ValueError, match="invalid token id"):
+        with pytest.raises(ValueError, match="invalid token id") as from_eval:
             ctx.eval(bad)
+        with pytest.raises(ValueError) as from_check:
+            ctx.check_tokens(bad)  # the same check, for callers that split their tokens
+        with pytest.raises(ValueError) as from_decode:
+            ctx.decode([(0, bad)])
+        assert str(from_eval.value) == str(from_check.value) == str(from_decode.value)
+    assert str(from_check.value) == f"invalid token id {2**32} at index 0 (n_vocab is {model.n_vocab})"
+    with pytest.raises(TypeError):
+        ctx.check_tokens([1.5])
+    ctx.check_tokens([0, model.n_vocab - 1])
     assert ctx.n_past == 1
 
 

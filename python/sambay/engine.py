@@ -253,6 +253,13 @@ class Context:
         """
         return self._c.decode([(int(s), t) for s, t in batch])
 
+    def check_tokens(self, tokens: Union[Sequence[int], np.ndarray]) -> None:
+        """Raises what :meth:`eval` raises for these tokens before evaluating anything
+        (``ValueError`` naming the first id outside ``[0, n_vocab)``, ``TypeError`` for
+        non-integers): the engine's one token check, for callers that feed tokens in several
+        calls and must know before the first."""
+        self._c.check_tokens(tokens)
+
     def check_fits(self, n_positions: int) -> None:
         """Raises :class:`ContextFullError` when a sequence of ``n_positions`` positions would
         not fit in this context: the check :meth:`eval` makes, for callers that evaluate one
