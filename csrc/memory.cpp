@@ -145,13 +145,13 @@ uint32_t first_kept(const hparams & hp, uint32_t il, uint32_t n_past) {
 // cache and dst/src; rows of consecutive positions are contiguous unless the ring wraps
 void rows_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
     const size_t row = t->nb[1];
-    const size_t base = s * t->nb[2];
     uint32_t p = p0;
     while (p < p1) {
-        const uint32_t cell = p % n_cells;
+        const uint32_t cell = memory::cell_of(p, n_cells);
         const uint32_t n = std::min(p1 - p, n_cells - cell);  // until the end of the ring
-        if (to_host) ggml_backend_tensor_get(t, host, base + (size_t) cell * row, (size_t) n * row);
-        else         ggml_backend_tensor_set(t, host, base + (size_t) cell * row, (size_t) n * row);
+        const size_t off = (size_t) memory::row_of(s, cell, n_cells) * row;
+        if (to_host) ggml_backend_tensor_get(t, host, off, (size_t) n * row);
+        else         ggml_backend_tensor_set(t, host, off, (size_t) n * row);
         host += (size_t) n * row;
         p += n;
     }
@@ -170,9 +170,9 @@ void vt_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t 
         }
         uint32_t p = p0;
         while (p < p1) {
-            const uint32_t cell = p % n_cells;
+            const uint32_t cell = memory::cell_of(p, n_cells);
             const uint32_t m = std::min(p1 - p, n_cells - cell);
-            const size_t off = s * t->nb[2] + ((size_t) j * n_cells + cell) * es;
+            const size_t off = (size_t) memory::vt_index(s, j, cell, n_cells, n_embd) * es;
             if (to_host) ggml_backend_tensor_get(t, r, off, m * es);
             else         ggml_backend_tensor_set(t, r, off, m * es);
             r += m * es;

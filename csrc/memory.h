@@ -52,6 +52,23 @@ public:
     memory(const memory &) = delete;
     memory & operator=(const memory &) = delete;
 
+    // Cell addressing, its one definition (the graph's index and mask inputs use it too):
+    // position p of a sequence lives in cell cell_of(p, n_cells) of the sequence slot's region,
+    // p % n_cells in an SWA ring and p itself in the full cache (n_cells == n_ctx > p); the
+    // cache row (K, or V like K) of cell c of slot s is row_of(s, c, n_cells); element (channel
+    // j, cell c) of slot s of a transposed V cache [n_cells, n_embd_kv, n_seq] is vt_index(...).
+    static uint32_t cell_of(uint32_t p, uint32_t n_cells) { return p % n_cells; }
+    static int64_t  row_of(uint32_t s, uint32_t c, uint32_t n_cells) { return (int64_t) s * n_cells + c; }
+    static int64_t  vt_index(uint32_t s, int64_t j, uint32_t c, uint32_t n_cells, int64_t n_embd_kv) {
+        return ((int64_t) s * n_embd_kv + j) * n_cells + c;
+    }
+    // the position ring cell c holds once positions [0, p_end) were written (p_end >= 1): the
+    // largest p < p_end with cell_of(p) == c; negative when no position maps there yet
+    static int64_t pos_in_cell(uint32_t c, uint32_t p_end, uint32_t n_cells) {
+        const uint32_t last = p_end - 1;
+        return (int64_t) last - (int64_t) ((cell_of(last, n_cells) + n_cells - c) % n_cells);
+    }
+
     const layer_memory & layer(uint32_t il) const { return layers_[il]; }
     uint32_t n_ctx() const { return n_ctx_; }  // per sequence
     uint32_t n_seq() const { return n_seq_; }
