@@ -68,7 +68,7 @@ def test_prompt_at_and_one_past_n_ctx(llm):
         llm([5] * (n_ctx + 1), max_tokens=4)
     assert isinstance(info.value, ValueError) and info.value.n_requested == n_ctx + 1
     with pytest.raises(sambay.ContextFullError):
-        Context(llm._model, n_ctx=8, n_threads=1).eval([1] * 9)
+        Context(llm.model, n_ctx=8, n_threads=1).eval([1] * 9)
 
 
 def test_max_tokens_zero_and_huge(llm):
