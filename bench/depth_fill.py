@@ -33,12 +33,20 @@ def _row_bytes(ggml_type: int, n: int) -> int:
 
 # ------------------------------------------------------------------------------------- sambay
 
-_SB_HEADER = struct.Struct("<10I")  # magic, version, n_past, n_layer, n_embd_kv, d_inner, d_state, d_conv, n_swa, kv_type
+# magic, version, n_past, n_layer, n_embd_kv, d_inner, d_state, d_conv, n_swa, kv_type, model
+# fingerprint, token-history hash, label length; the model's label (that many bytes) follows
+_SB_HEADER = struct.Struct("<10IQQI")
+
+
+def _sambay_header(real: bytes) -> tuple[tuple, int]:
+    """The fixed header words of a sambay state and the size of its whole header (with the label)."""
+    header = _SB_HEADER.unpack_from(real, 0)
+    return header, _SB_HEADER.size + header[-1]
 
 
 def _sambay_layout(hp: dict[str, Any], header: tuple, n_past: int) -> list[tuple[str, int]]:
     """(what, bytes) of every per-layer chunk of a sambay state at depth n_past."""
-    _, _, _, n_layer, n_embd_kv, d_inner, d_state, d_conv, n_swa, kv_type = header
+    _, _, _, n_layer, n_embd_kv, d_inner, d_state, d_conv, n_swa, kv_type = header[:10]
     row = _row_bytes(kv_type, n_embd_kv)
     chunks: list[tuple[str, int]] = []
     for il, kind in enumerate(hp["layer_types"]):
@@ -51,29 +59,33 @@ def _sambay_layout(hp: dict[str, Any], header: tuple, n_past: int) -> list[tuple
 
 
 def sambay_state(real: bytes, hp: dict[str, Any], depth: int) -> np.ndarray:
-    """A sambay state at ``depth`` with the headers of ``real`` (a state the same context saved)."""
-    header = _SB_HEADER.unpack_from(real, 0)
+    """A sambay state at ``depth`` with the headers of ``real`` (a state the same context saved).
+
+    It keeps ``real``'s token-history hash, so it loads only without a claimed token history."""
+    header, n_head = _sambay_header(real)
     n_real = header[2]
-    size = _SB_HEADER.size + sum(n for _, n in _sambay_layout(hp, header, n_real))
+    size = n_head + sum(n for _, n in _sambay_layout(hp, header, n_real))
     if size != len(real):
         raise ValueError(f"sambay state layout not understood: {len(real)} bytes, expected {size}")
-    total = _SB_HEADER.size + sum(n for _, n in _sambay_layout(hp, header, depth))
+    total = n_head + sum(n for _, n in _sambay_layout(hp, header, depth))
     out = np.zeros(total, dtype=np.uint8)
+    out[:n_head] = np.frombuffer(real[:n_head], dtype=np.uint8)
     _SB_HEADER.pack_into(out, 0, *header[:2], depth, *header[3:])
     return out
 
 
 def check_sambay(real: bytes, hp: dict[str, Any]) -> None:
     """Rebuilding ``real`` at its own depth gives the same bytes except the cached values."""
-    n_real = _SB_HEADER.unpack_from(real, 0)[2]
-    fake = sambay_state(real, hp, n_real)
-    if len(fake) != len(real) or bytes(fake[: _SB_HEADER.size]) != real[: _SB_HEADER.size]:
+    header, n_head = _sambay_header(real)
+    fake = sambay_state(real, hp, header[2])
+    if len(fake) != len(real) or bytes(fake[:n_head]) != real[:n_head]:
         raise ValueError("sambay state rebuild differs from the saved state")
 
 
 # ---------------------------------------------------------------------------------- llama.cpp
 # llama_state_seq_get_data (llama.cpp as vendored by llama-cpp-python 0.3.36): a u32 magic and
-# the i32 sequence id, then llama_kv_cache::state_write for that sequence: n_stream; per stream: cell_count, per cell (pos i32, n_seq_id u32, seq ids i32...),
+# the i32 sequence id, then llama_kv_cache::state_write for that sequence: n_stream; per stream:
+# cell_count, per cell (pos i32, n_seq_id u32, seq ids i32...),
 # v_trans u32, n_layer u32, per layer (k type i32, k row bytes u64, rows), then V: per layer
 # (type i32, row bytes u64, rows) or, transposed, (type i32, element bytes u32, n_embd u32,
 # n_embd runs of cell_count elements).

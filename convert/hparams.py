@@ -15,7 +15,7 @@ from .errors import ConvertError
 from .schedule import LayerKind, ScheduleError, kv_shared_layer, layer_kinds, memory_layer
 
 ARCHITECTURE = "Phi4FlashForCausalLM"
-MODEL_TYPE = "phi4flash"
+MODEL_TYPE = "phi4flash"  # the HF config's model_type (the GGUF architecture is sambay.engine.ARCH)
 
 # configuration_phi4flash.py defaults for keys the real config.json omits (spec §0.1 item 1)
 MAMBA_DEFAULTS: dict[str, Any] = {

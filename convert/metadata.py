@@ -11,10 +11,11 @@ from typing import Optional, Sequence
 
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, Metadata, size_label
 
+from sambay.engine import ARCH
+
 from .hparams import SambayHParams
 from .writer import KV
 
-ARCH = "phi4flash"
 SUB_NORM_EPS = 1e-5  # hard-coded in the reference RMSNorm(128)
 
 FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {

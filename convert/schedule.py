@@ -8,6 +8,7 @@ For N layers with ``mb_per_layer == 2``:
     i >= N/2+2, even -> gmu          i >= N/2+2, odd -> attn_cross
 
 The engine never recomputes this: the converter stores it as ``phi4flash.layer_types``.
+The kinds themselves and their stored values are the engine's (``sambay.engine.LAYER_KINDS``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,27 @@ from __future__ import annotations
 import enum
 from typing import Optional, Sequence
 
+from sambay.engine import LAYER_KINDS
+
 
 class LayerKind(enum.IntEnum):
-    """Per-layer mixer kind; the values are what ``phi4flash.layer_types`` stores."""
+    """Per-layer mixer kind; the values are what ``phi4flash.layer_types`` stores, taken from
+    the engine (a kind the engine does not know fails here, at import)."""
 
-    MAMBA = 0
-    ATTN_SWA = 1
-    ATTN_FULL = 2
-    GMU = 3
-    ATTN_CROSS = 4
+    MAMBA = LAYER_KINDS.index("mamba")
+    ATTN_SWA = LAYER_KINDS.index("attn_swa")
+    ATTN_FULL = LAYER_KINDS.index("attn_full")
+    GMU = LAYER_KINDS.index("gmu")
+    ATTN_CROSS = LAYER_KINDS.index("attn_cross")
+
+    @property
+    def label(self) -> str:
+        """The engine's name of this kind (``"mamba"``, ``"attn_swa"``, ...)."""
+        return LAYER_KINDS[self.value]
+
+
+# every kind of the engine has a member here (the schedule below would otherwise miss it)
+assert len(LayerKind) == len(LAYER_KINDS), (list(LayerKind), LAYER_KINDS)
 
 
 class ScheduleError(ValueError):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from .hparams import MODEL_TYPE
 from .schedule import LayerKind, layer_kinds
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ from .schedule import LayerKind, layer_kinds
 
 _BASE_CONFIG: dict[str, Any] = {
     "architectures": ["Phi4FlashForCausalLM"],
-    "model_type": "phi4flash",
+    "model_type": MODEL_TYPE,
     "auto_map": {
         "AutoConfig": "configuration_phi4flash.Phi4FlashConfig",
         "AutoModelForCausalLM": "modeling_phi4flash.Phi4FlashForCausalLM",

@@ -12,6 +12,10 @@
 
 namespace sambay {
 
+void threadpool_deleter::operator()(ggml_threadpool * tp) const {
+    ggml_threadpool_free(tp);
+}
+
 context::context(std::shared_ptr<const model> m, const context_params & params)
     : model_(std::move(m)), params_(params) {
     const hparams & hp = model_->hp();
@@ -46,15 +50,15 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
 
     mem_ = std::make_unique<memory>(*model_, params_.n_ctx, params_.n_batch, params_.n_seq_max, params_.kv_type,
                                     /*v_trans*/ !params_.flash_attn);
-    n_past_.assign(params_.n_seq_max, 0);
+    history_.assign(params_.n_seq_max, seq_history{});
     poisoned_.assign(params_.n_seq_max, 0);
 
     for (ggml_backend_dev_t dev : model_->devices()) {
-        ggml_backend_t b = ggml_backend_dev_init(dev, nullptr);
+        backends_.emplace_back(ggml_backend_dev_init(dev, nullptr));
+        ggml_backend_t b = backends_.back().get();
         if (!b) {
             throw compute_error(std::string("cannot initialise the backend of device ") + ggml_backend_dev_name(dev));
         }
-        backends_.push_back(b);
         // cancel(): the backend checks the flag between graph nodes
         ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
         auto set_abort = reg ? (ggml_backend_set_abort_callback_t)
@@ -67,17 +71,19 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             // its worker threads on every graph compute (every decoded token)
             ggml_threadpool_params tpp = ggml_threadpool_params_default(
                 std::max(params_.n_threads, params_.n_threads_batch));
-            threadpool_ = ggml_threadpool_new(&tpp);
+            threadpool_.reset(ggml_threadpool_new(&tpp));
             if (!threadpool_) {
                 throw compute_error("cannot create the CPU thread pool");
             }
-            ggml_backend_cpu_set_threadpool(b, threadpool_);
+            ggml_backend_cpu_set_threadpool(b, threadpool_.get());
         }
     }
     graph_size_ = graph_size_for(hp, std::min(params_.n_seq_max, params_.n_batch));
     graph_meta_.resize(ggml_tensor_overhead() * graph_size_ + ggml_graph_overhead_custom(graph_size_, false));
-    sched_ = ggml_backend_sched_new(backends_.data(), nullptr, (int) backends_.size(), graph_size_,
-                                    /*parallel*/ false, /*op_offload*/ backends_.size() > 1);
+    std::vector<ggml_backend_t> backends;
+    for (auto & b : backends_) backends.push_back(b.get());
+    sched_.reset(ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size_,
+                                        /*parallel*/ false, /*op_offload*/ backends.size() > 1));
 
     // reserve the compute buffers with the worst cases: a full micro-batch of one sequence at
     // the end of the context, with the logits rows this context returns, and one token of as
@@ -93,13 +99,11 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             ub.seqs.push_back(us);
         }
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
-        ggml_context * ctx = ggml_init(ip);
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx, graph_size_, false);
-        graph_builder gb(*model_, *mem_, ctx, gf, ub);
+        ggml_context_ptr ctx(ggml_init(ip));
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), graph_size_, false);
+        graph_builder gb(*model_, *mem_, ctx.get(), gf, ub);
         gb.build();
-        const bool ok = ggml_backend_sched_reserve(sched_, gf);
-        ggml_free(ctx);
-        if (!ok) {
+        if (!ggml_backend_sched_reserve(sched_.get(), gf)) {
             throw compute_error("cannot reserve the compute buffers (n_ctx " + std::to_string(params_.n_ctx) +
                                 ", n_batch " + std::to_string(params_.n_batch) +
                                 "): out of memory; a smaller n_ctx or n_batch needs less");
@@ -111,19 +115,14 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     }
 }
 
-context::~context() {
-    if (sched_) ggml_backend_sched_free(sched_);
-    for (auto * b : backends_) ggml_backend_free(b);
-    if (threadpool_) ggml_threadpool_free(threadpool_);
-}
-
 uint32_t context::n_outputs(size_t n_tokens) const {
     if (n_tokens == 0) return 0;
     return params_.logits_all ? (uint32_t) n_tokens : 1;
 }
 
 void context::set_threads(int n) {
-    for (auto * b : backends_) {
+    for (auto & bp : backends_) {
+        ggml_backend_t b = bp.get();
         ggml_backend_dev_t dev = ggml_backend_get_device(b);
         ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
         auto fn = reg ? (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads") : nullptr;
@@ -146,7 +145,7 @@ void context::check_seq(uint32_t seq) const {
 
 uint32_t context::n_past(uint32_t seq) const {
     check_seq(seq);
-    return n_past_[seq];  // (read without the lock: a plain value)
+    return history_[seq].n_past;  // (read without the lock: a plain value)
 }
 
 bool context::needs_reset(uint32_t seq) const {
@@ -171,13 +170,8 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         if (seen[b.seq]++) {
             throw std::invalid_argument("sequence " + std::to_string(b.seq) + " appears twice in one batch");
         }
-        for (size_t i = 0; i < b.n_tokens; ++i) {
-            if (b.tokens[i] < 0 || (uint32_t) b.tokens[i] >= n_vocab) {
-                throw std::invalid_argument("invalid token id " + std::to_string(b.tokens[i]) + " at index " +
-                                            std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
-            }
-        }
-        check_fits((uint64_t) n_past_[b.seq] + b.n_tokens, b.seq);
+        check_tokens(b.tokens, b.n_tokens);
+        check_fits((uint64_t) history_[b.seq].n_past + b.n_tokens, b.seq);
         if (poisoned_[b.seq]) {
             throw state_error("sequence " + std::to_string(b.seq) + " was cancelled in the middle of a computation: "
                               "reset it or load_state() a saved state before evaluating more tokens");
@@ -211,7 +205,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
             size_t n_done = 0, n_all = 0;
             for (size_t e = 0; e < batch.size(); ++e) { n_done += done[e]; n_all += batch[e].n_tokens; }
             throw aborted_error("evaluation cancelled after " + std::to_string(n_done) + " of " + std::to_string(n_all) +
-                                " tokens (" + (batch.size() == 1 ? "n_past is " + std::to_string(n_past_[batch[0].seq])
+                                " tokens (" + (batch.size() == 1 ? "n_past is " + std::to_string(history_[batch[0].seq].n_past)
                                                                  : std::string("each sequence keeps what it evaluated")) + ")");
         }
         // equal lengths adjacent (the Mamba groups)
@@ -222,7 +216,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         for (const auto & [e, take] : picks) {
             const seq_tokens & b = batch[e];
             ubatch_seq us;
-            us.seq = b.seq; us.pos0 = n_past_[b.seq]; us.n_tokens = take; us.row0 = (uint32_t) tokens.size();
+            us.seq = b.seq; us.pos0 = history_[b.seq].n_past; us.n_tokens = take; us.row0 = (uint32_t) tokens.size();
             us.n_out = params_.logits_all ? take : (done[e] + take == b.n_tokens ? 1 : 0);
             tokens.insert(tokens.end(), b.tokens + done[e], b.tokens + done[e] + take);
             ub.seqs.push_back(us);
@@ -230,9 +224,9 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         ub.tokens = tokens.data();
 
         ggml_init_params ip = { graph_meta_.size(), graph_meta_.data(), /*no_alloc*/ true };
-        ggml_context * ctx = ggml_init(ip);
-        try {
-            ggml_tensor * t_logits = compute_ubatch(ctx, ub);
+        ggml_context_ptr ctx(ggml_init(ip));
+        {
+            ggml_tensor * t_logits = compute_ubatch(ctx.get(), ub);
             size_t r = 0;  // row of the logits tensor
             for (size_t i = 0; i < picks.size(); ++i) {
                 const size_t e = picks[i].first;
@@ -243,14 +237,11 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
                                         (size_t) n_out * n_vocab * sizeof(float));
                 r += n_out;
             }
-        } catch (...) {
-            ggml_free(ctx);
-            throw;
         }
-        ggml_free(ctx);
         for (size_t i = 0; i < picks.size(); ++i) {
-            n_past_[ub.seqs[i].seq] += picks[i].second;
-            done[picks[i].first] += picks[i].second;
+            const size_t e = picks[i].first;
+            history_[batch[e].seq].add(batch[e].tokens + done[e], picks[i].second);
+            done[e] += picks[i].second;
         }
     }
 }
@@ -260,13 +251,13 @@ ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
     graph_builder gb(*model_, *mem_, ctx, gf, ub);
     ggml_tensor * t_logits = gb.build();
 
-    ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, gf)) {
+    ggml_backend_sched_reset(sched_.get());
+    if (!ggml_backend_sched_alloc_graph(sched_.get(), gf)) {
         throw compute_error("cannot allocate the compute graph");
     }
     gb.set_inputs();
     set_threads(ub.n_tokens() == 1 ? params_.n_threads : params_.n_threads_batch);
-    const ggml_status st = ggml_backend_sched_graph_compute(sched_, gf);
+    const ggml_status st = ggml_backend_sched_graph_compute(sched_.get(), gf);
     if (st == GGML_STATUS_ABORTED) {
         // earlier nodes (or scheduler splits) have written part of the memory of this
         // micro-batch's sequences, later ones not: their memory no longer describes any position.
@@ -287,7 +278,7 @@ ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
 void context::reset() {
     std::lock_guard<std::mutex> lock(mutex_);
     mem_->clear();
-    std::fill(n_past_.begin(), n_past_.end(), 0);
+    std::fill(history_.begin(), history_.end(), seq_history{});
     std::fill(poisoned_.begin(), poisoned_.end(), 0);
 }
 
@@ -295,20 +286,22 @@ void context::reset_seq(uint32_t seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
     mem_->clear_seq(seq);
-    n_past_[seq] = 0;
+    history_[seq] = seq_history{};
     poisoned_[seq] = 0;
 }
 
 std::vector<uint8_t> context::save_state(uint32_t seq) const {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
-    return mem_->save(seq, n_past_[seq]);
+    return mem_->save(seq, history_[seq]);
 }
 
-void context::load_state(const std::vector<uint8_t> & data, uint32_t seq) {
+void context::load_state(const std::vector<uint8_t> & data, uint32_t seq, const std::vector<int32_t> * tokens) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_seq(seq);
-    n_past_[seq] = mem_->load(seq, data);
+    seq_history claimed;
+    if (tokens) claimed.add(tokens->data(), tokens->size());
+    history_[seq] = mem_->load(seq, data, tokens ? &claimed : nullptr);
     poisoned_[seq] = 0;
 }
 
@@ -316,7 +309,7 @@ std::map<std::string, size_t> context::memory_breakdown() const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto out = mem_->breakdown();
     size_t compute = 0;
-    for (auto * b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_, b);
+    for (auto & b : backends_) compute += ggml_backend_sched_get_buffer_size(sched_.get(), b.get());
     out["compute"] = compute;
     out["weights"] = model_->weights_bytes();
     // one sequence's share of the caches (every sequence has the same regions)

@@ -7,16 +7,22 @@
 #include "model.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace sambay {
+
+struct threadpool_deleter {
+    void operator()(ggml_threadpool * tp) const;
+};
 
 struct context_params {
     uint32_t  n_ctx           = 0;     // 0: the trained context (context_length), per sequence
@@ -40,7 +46,6 @@ struct seq_tokens {
 class context {
 public:
     context(std::shared_ptr<const model> m, const context_params & params);
-    ~context();
     context(const context &) = delete;
     context & operator=(const context &) = delete;
 
@@ -60,6 +65,17 @@ public:
     void     reset();                         // every sequence empty
     void     reset_seq(uint32_t seq);         // sequence `seq` empty
 
+    // throws std::invalid_argument naming the first token id outside [0, n_vocab): the one
+    // check, made by decode() and, before narrowing to int32, by the binding (any integer type)
+    template <typename T> void check_tokens(const T * tokens, size_t n_tokens) const {
+        const uint32_t n_vocab = model_->hp().n_vocab;
+        for (size_t i = 0; i < n_tokens; ++i) {
+            if (tokens[i] < 0 || (uint64_t) tokens[i] >= n_vocab) {
+                throw std::invalid_argument("invalid token id " + std::to_string(tokens[i]) + " at index " +
+                                            std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
+            }
+        }
+    }
     // throws context_full_error when sequence `seq` of `n_positions` would not fit: the one
     // check, made by decode() and by callers that feed a sequence in several calls (sambay.Llama)
     void check_fits(uint64_t n_positions, uint32_t seq = 0) const;
@@ -73,9 +89,11 @@ public:
     void     clear_cancel() { abort_.store(false); }
     bool     cancel_requested() const { return abort_.load(); }
     bool     needs_reset(uint32_t seq = 0) const;
-    // one sequence's state; loads into any sequence of a context of the same model and KV type
+    // one sequence's state; loads into any sequence of a context of the same model and KV type.
+    // With tokens, the state must have been saved after exactly those tokens (state_error else).
     std::vector<uint8_t> save_state(uint32_t seq = 0) const;
-    void                 load_state(const std::vector<uint8_t> & data, uint32_t seq = 0);
+    void                 load_state(const std::vector<uint8_t> & data, uint32_t seq = 0,
+                                    const std::vector<int32_t> * tokens = nullptr);
 
     std::map<std::string, size_t> memory_breakdown() const;
     const context_params & params() const { return params_; }
@@ -91,12 +109,13 @@ private:
     std::shared_ptr<const model>   model_;
     context_params                 params_;
     std::unique_ptr<memory>        mem_;
-    std::vector<ggml_backend_t>    backends_;
-    ggml_threadpool_t              threadpool_ = nullptr;  // persistent CPU workers (see constructor)
-    ggml_backend_sched_t           sched_ = nullptr;
+    // destroyed in reverse order: the scheduler, then the backends, then their thread pool
+    std::unique_ptr<ggml_threadpool, threadpool_deleter> threadpool_;  // persistent CPU workers (see constructor)
+    std::vector<ggml_backend_ptr>  backends_;
+    ggml_backend_sched_ptr         sched_;
     size_t                         graph_size_ = 0;
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
-    std::vector<uint32_t>          n_past_;    // per sequence
+    std::vector<seq_history>       history_;   // per sequence: n_past and its tokens' hash
     std::atomic<bool>              abort_{false};
     std::vector<uint8_t>           poisoned_;  // per sequence: an aborted compute left its memory half-written
     mutable std::mutex             mutex_;  // one eval/state call at a time (the GIL is released)

@@ -196,8 +196,8 @@ void graph_builder::set_inputs() const {
         ggml_backend_tensor_set(inp_.out_ids, ids.data(), 0, ids.size() * sizeof(int32_t));
     }
 
-    // SWA ring: the cell of position p is p % n_cells; after this batch's writes a cell holds
-    // the most recent position mapping to it (all cells < n_kv_swa hold one)
+    // SWA ring (memory's addressing): after this batch's writes a cell holds the most recent
+    // position mapping to it (all cells < n_kv_swa hold one)
     const uint32_t n_cells = mem_.n_swa_cells();
     const int64_t  W       = hp_.n_swa;
     for (size_t i = 0; i < ub_.seqs.size(); ++i) {
@@ -206,12 +206,7 @@ void graph_builder::set_inputs() const {
         const uint32_t p_end = us.pos0 + us.n_tokens;
         if (is_set(si.swa_mask)) {
             std::vector<int64_t> cell_pos(si.n_kv_swa);
-            const uint32_t last = p_end - 1;
-            const uint32_t lc = last % n_cells;
-            for (uint32_t c = 0; c < si.n_kv_swa; ++c) {
-                // the largest p < p_end with p % n_cells == c
-                cell_pos[c] = (int64_t) last - (int64_t) ((lc + n_cells - c) % n_cells);
-            }
+            for (uint32_t c = 0; c < si.n_kv_swa; ++c) cell_pos[c] = memory::pos_in_cell(c, p_end, n_cells);
             std::vector<float> mask((size_t) si.n_kv_swa * us.n_tokens, ninf);
             for (uint32_t t = 0; t < us.n_tokens; ++t) {
                 const int64_t pq = us.pos0 + t;
@@ -231,30 +226,31 @@ void graph_builder::set_inputs() const {
             set_mask(si.full_mask, mask);
         }
     }
-    // write indices: row (slot * cells + cell) of the K cache [n_embd_kv, cells, n_seq]; element
-    // (slot, j, cell) of the V^T cache [cells, n_embd_kv, n_seq]
-    auto write_idx = [&](ggml_tensor * k_idx, ggml_tensor * v_idx, uint32_t cells, bool ring) {
+    // write indices (memory's addressing): the K cache row of each token's cell; the elements
+    // (slot, j, cell) of the V^T cache
+    auto write_idx = [&](ggml_tensor * k_idx, ggml_tensor * v_idx, uint32_t cells) {
         std::vector<int64_t> k(n_tokens), cell(n_tokens);
         std::vector<uint32_t> slot(n_tokens);
         for (const ubatch_seq & us : ub_.seqs) {
             for (uint32_t t = 0; t < us.n_tokens; ++t) {
                 const uint32_t p = us.pos0 + t;
-                cell[us.row0 + t] = ring ? p % cells : p;
+                cell[us.row0 + t] = memory::cell_of(p, cells);
                 slot[us.row0 + t] = us.seq;
-                k[us.row0 + t] = (int64_t) us.seq * cells + cell[us.row0 + t];
+                k[us.row0 + t] = memory::row_of(us.seq, memory::cell_of(p, cells), cells);
             }
         }
         if (is_set(k_idx)) ggml_backend_tensor_set(k_idx, k.data(), 0, k.size() * sizeof(int64_t));
         if (!is_set(v_idx)) return;
         std::vector<int64_t> v((size_t) n_tokens * n_embd_kv);
         for (uint32_t t = 0; t < n_tokens; ++t) {
-            const int64_t base = (int64_t) slot[t] * cells * n_embd_kv + cell[t];
-            for (int64_t j = 0; j < n_embd_kv; ++j) v[(size_t) t * n_embd_kv + j] = base + j * cells;
+            for (int64_t j = 0; j < n_embd_kv; ++j) {
+                v[(size_t) t * n_embd_kv + j] = memory::vt_index(slot[t], j, (uint32_t) cell[t], cells, n_embd_kv);
+            }
         }
         ggml_backend_tensor_set(v_idx, v.data(), 0, v.size() * sizeof(int64_t));
     };
-    write_idx(inp_.swa_k_idx, inp_.swa_v_idx, n_cells, true);
-    write_idx(inp_.full_k_idx, inp_.full_v_idx, mem_.n_ctx(), false);
+    write_idx(inp_.swa_k_idx, inp_.swa_v_idx, n_cells);
+    write_idx(inp_.full_k_idx, inp_.full_v_idx, mem_.n_ctx());
 }
 
 } // namespace sambay

@@ -9,8 +9,6 @@
 
 namespace sambay {
 
-static const char * ARCH = "phi4flash";
-
 const char * layer_kind_name(layer_kind kind) {
     switch (kind) {
         case layer_kind::mamba:      return "mamba";
@@ -19,7 +17,7 @@ const char * layer_kind_name(layer_kind kind) {
         case layer_kind::gmu:        return "gmu";
         case layer_kind::attn_cross: return "attn_cross";
     }
-    return "?";
+    return nullptr;
 }
 
 // sanity bounds: far above any real SambaY model, low enough that a corrupt value cannot make
@@ -33,13 +31,13 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
     if (!gguf_get_string(ctx, "general.architecture", arch)) {
         throw load_error("missing metadata key 'general.architecture'");
     }
-    if (arch != ARCH) {
-        throw load_error("unsupported architecture '" + arch + "' (this engine runs '" + ARCH + "')");
+    if (arch != ARCH_NAME) {
+        throw load_error("unsupported architecture '" + arch + "' (this engine runs '" + ARCH_NAME + "')");
     }
 
     std::vector<std::string> problems;
     hparams hp;
-    const std::string p = std::string(ARCH) + ".";
+    const std::string p = std::string(ARCH_NAME) + ".";
 
     auto req_u32 = [&](const std::string & key, uint32_t & dst, uint64_t lo, uint64_t hi) {
         uint64_t v = 0;
@@ -135,7 +133,7 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
                            std::to_string(hp.n_layer) + " layers");
     } else {
         for (size_t il = 0; il < kinds.size(); ++il) {
-            if (kinds[il] < 0 || kinds[il] > 4) {
+            if (kinds[il] < 0 || kinds[il] > 255 || !layer_kind_name((layer_kind) kinds[il])) {
                 problems.push_back("layer_types[" + std::to_string(il) + "] = " + std::to_string(kinds[il]) + " is not a layer kind");
                 hp.kinds.clear();
                 break;
@@ -186,7 +184,7 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
     }
 
     if (!problems.empty()) {
-        std::string msg = "invalid phi4flash hyper-parameters:";
+        std::string msg = std::string("invalid ") + ARCH_NAME + " hyper-parameters:";
         for (const auto & s : problems) msg += "\n  - " + s;
         throw load_error(msg);
     }

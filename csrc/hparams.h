@@ -11,9 +11,14 @@ struct gguf_context;
 
 namespace sambay {
 
+// the GGUF architecture (general.architecture, the metadata key prefix); the one definition
+inline constexpr char ARCH_NAME[] = "phi4flash";
+
 // values are what phi4flash.layer_types stores
 enum class layer_kind : uint8_t { mamba = 0, attn_swa = 1, attn_full = 2, gmu = 3, attn_cross = 4 };
 
+// "mamba", "attn_swa", ...; nullptr for a value that is no layer_kind (so callers can list
+// every kind: values 0, 1, ... until nullptr)
 const char * layer_kind_name(layer_kind kind);
 
 struct hparams {

@@ -18,54 +18,78 @@ namespace sambay {
 // no tensor of any real model comes near: 2^50 elements (a petabyte of F8)
 static constexpr int64_t MAX_ELEMENTS = int64_t(1) << 50;
 
+unique_fd::~unique_fd() {
+    if (fd_ >= 0) ::close(fd_);
+}
+
+unique_fd & unique_fd::operator=(unique_fd && o) noexcept {
+    if (this != &o) {
+        if (fd_ >= 0) ::close(fd_);
+        fd_ = o.fd_;
+        o.fd_ = -1;
+    }
+    return *this;
+}
+
+file_mapping::file_mapping(int fd, size_t size) {
+    void * p = size > 0 ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    if (p != MAP_FAILED) {
+        addr_ = p;
+        size_ = size;
+    }
+}
+
+file_mapping::~file_mapping() {
+    if (addr_) ::munmap(addr_, size_);
+}
+
 gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
-    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) {
+    fd_ = unique_fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd_) {
         throw load_error("cannot open '" + path + "': " + std::strerror(errno));
     }
     struct stat st {};
-    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd_);
+    if (::fstat(fd_.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
         throw load_error("'" + path + "' is not a regular file");
     }
     file_size_ = (size_t) st.st_size;
 
     // check the magic ourselves: gguf_init_from_file would only say "failed"
     char magic[4] = {0, 0, 0, 0};
-    if (file_size_ < 4 || ::pread(fd_, magic, 4, 0) != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-        ::close(fd_);
+    if (file_size_ < 4 || ::pread(fd_.get(), magic, 4, 0) != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
         throw load_error("'" + path + "' is not a GGUF file (bad magic)");
     }
 
-    gguf_init_params params = { /*no_alloc*/ true, /*ctx*/ &meta_ };
+    ggml_context * meta = nullptr;
+    gguf_init_params params = { /*no_alloc*/ true, /*ctx*/ &meta };
     std::string ggml_says;
     {
         // the reason for a rejected file travels inside the exception, not only to stderr
         log_scope capture(log_scope::mode::collect);
-        gguf_ = gguf_init_from_file(path.c_str(), params);
+        gguf_.reset(gguf_init_from_file(path.c_str(), params));
+        meta_.reset(meta);
         ggml_says = capture.summary();
     }
     if (!gguf_) {
-        ::close(fd_);
         throw load_error("'" + path + "': cannot parse the GGUF header (truncated or corrupt file)" +
                          (ggml_says.empty() ? std::string() : ": " + ggml_says));
     }
 
     // every tensor's data must lie inside the file: a truncated file fails here, before any read
-    const size_t data_start = gguf_get_data_offset(gguf_);
-    const size_t align      = gguf_get_alignment(gguf_);
-    const int64_t n_tensors = gguf_get_n_tensors(gguf_);
+    const size_t data_start = gguf_get_data_offset(gguf_.get());
+    const size_t align      = gguf_get_alignment(gguf_.get());
+    const int64_t n_tensors = gguf_get_n_tensors(gguf_.get());
     for (int64_t i = 0; i < n_tensors; ++i) {
-        const size_t off  = gguf_get_tensor_offset(gguf_, i);
-        const size_t size = gguf_get_tensor_size(gguf_, i);
+        const size_t off  = gguf_get_tensor_offset(gguf_.get(), i);
+        const size_t size = gguf_get_tensor_size(gguf_.get(), i);
         // a copy: the message is built after gguf_free, which frees the name (fuzzing found
         // the use-after-free this was)
-        const std::string name = gguf_get_tensor_name(gguf_, i);
+        const std::string name = gguf_get_tensor_name(gguf_.get(), i);
         std::string problem;
         // ggml's parser lets element counts whose byte size overflows size_t through (a
         // [2^40, 2^40] F32 tensor reports 0 bytes): count elements and bytes ourselves, and
         // require the byte size ggml reports to be that one
-        const ggml_tensor * t = meta_ ? ggml_get_tensor(meta_, name.c_str()) : nullptr;
+        const ggml_tensor * t = meta_ ? ggml_get_tensor(meta_.get(), name.c_str()) : nullptr;
         bool shape_ok = t != nullptr;
         int64_t n_el = 1;
         for (int d = 0; shape_ok && d < GGML_MAX_DIMS; ++d) {
@@ -90,47 +114,26 @@ gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
                       std::to_string(file_size_) + " bytes): truncated file?";
         }
         if (!problem.empty()) {
-            gguf_free(gguf_); gguf_ = nullptr;
-            ggml_free(meta_); meta_ = nullptr;
-            ::close(fd_); fd_ = -1;
             throw load_error(problem);
         }
     }
 
     if (use_mmap && file_size_ > 0) {
-        void * p = ::mmap(nullptr, file_size_, PROT_READ, MAP_PRIVATE, fd_, 0);
-        if (p != MAP_FAILED) {
-            mapping_ = p;
-        }
-    }
-}
-
-gguf_file::~gguf_file() {
-    if (mapping_) {
-        ::munmap(mapping_, file_size_);
-    }
-    if (gguf_) {
-        gguf_free(gguf_);
-    }
-    if (meta_) {
-        ggml_free(meta_);
-    }
-    if (fd_ >= 0) {
-        ::close(fd_);
+        mapping_ = std::make_unique<file_mapping>(fd_.get(), file_size_);
     }
 }
 
 size_t gguf_file::data_offset(const ggml_tensor * t) const {
-    const int64_t id = gguf_find_tensor(gguf_, ggml_get_name(t));
+    const int64_t id = gguf_find_tensor(gguf_.get(), ggml_get_name(t));
     GGML_ASSERT(id >= 0);
-    return gguf_get_data_offset(gguf_) + gguf_get_tensor_offset(gguf_, id);
+    return gguf_get_data_offset(gguf_.get()) + gguf_get_tensor_offset(gguf_.get(), id);
 }
 
 void gguf_file::read(size_t offset, void * dst, size_t size) const {
     GGML_ASSERT(offset <= file_size_ && size <= file_size_ - offset);
     char * out = (char *) dst;
     while (size > 0) {
-        const ssize_t n = ::pread(fd_, out, size, (off_t) offset);
+        const ssize_t n = ::pread(fd_.get(), out, size, (off_t) offset);
         if (n <= 0) {
             if (n < 0 && errno == EINTR) {
                 continue;

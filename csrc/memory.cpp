@@ -1,6 +1,7 @@
 #include "memory.h"
 
 #include "errors.h"
+#include "hash.h"
 #include "model.h"
 
 #include "ggml-alloc.h"
@@ -24,8 +25,11 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
         auto it = ctx_of.find(dev);
         if (it != ctx_of.end()) return it->second;
         ggml_init_params ip = { /*mem_size*/ ggml_tensor_overhead() * 4 * hp.n_layer, nullptr, /*no_alloc*/ true };
-        ggml_context * c = ggml_init(ip);
-        ctxs_.push_back(c);
+        ctxs_.emplace_back(ggml_init(ip));
+        ggml_context * c = ctxs_.back().get();
+        if (!c) {
+            throw compute_error("cannot allocate the context memory's tensor headers");
+        }
         ctx_of[dev] = c;
         return c;
     };
@@ -55,7 +59,7 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
         }
     }
     for (auto & [dev, c] : ctx_of) {
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_dev_buffer_type(dev));
+        ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_dev_buffer_type(dev)));
         if (!buf) {
             size_t bytes = 0;
             for (ggml_tensor * t = ggml_get_first_tensor(c); t; t = ggml_get_next_tensor(c, t)) {
@@ -65,18 +69,13 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
                                 " MiB for n_ctx " + std::to_string(n_ctx) + ") on " + ggml_backend_dev_name(dev) +
                                 ": out of memory; a smaller n_ctx needs less");
         }
-        buffers_.push_back(buf);
+        buffers_.push_back(std::move(buf));
     }
     clear();
 }
 
-memory::~memory() {
-    for (auto * b : buffers_) ggml_backend_buffer_free(b);
-    for (auto * c : ctxs_) ggml_free(c);
-}
-
 void memory::clear() {
-    for (auto * b : buffers_) ggml_backend_buffer_clear(b, 0);
+    for (auto & b : buffers_) ggml_backend_buffer_clear(b.get(), 0);
 }
 
 void memory::clear_seq(uint32_t s) {
@@ -106,17 +105,18 @@ std::map<std::string, size_t> memory::breakdown() const {
 // ---------------------------------------------------------------------------------------------
 // state
 //
-// Layout (version 2): magic, version, n_past, 7 shape words (n_layer, n_embd_kv, d_inner,
-// d_state, d_conv, n_swa, kv_type), then per layer in order: Mamba conv and SSM states (raw F32);
-// attention K rows then V rows (n_embd_kv values each, the cache type) of the positions the
-// layer can still see (the last min(W, n_past) for SWA, all n_past for the full layer), oldest
-// first. Independent of n_ctx, n_batch and the V layout; reading/writing touches only those
-// positions, so a snapshot costs O(n_past), not O(n_ctx).
+// Layout (version 3): magic, version, n_past, 7 shape words (n_layer, n_embd_kv, d_inner,
+// d_state, d_conv, n_swa, kv_type), the model's fingerprint (u64), the token-history hash (u64),
+// the model's label (u32 length, bytes; for messages), then per layer in order: Mamba conv and
+// SSM states (raw F32); attention K rows then V rows (n_embd_kv values each, the cache type) of
+// the positions the layer can still see (the last min(W, n_past) for SWA, all n_past for the
+// full layer), oldest first. Independent of n_ctx, n_batch and the V layout; reading/writing
+// touches only those positions, so a snapshot costs O(n_past), not O(n_ctx).
 
 namespace {
 
 constexpr uint32_t STATE_MAGIC   = 0x53594253;  // "SBYS"
-constexpr uint32_t STATE_VERSION = 2;
+constexpr uint32_t STATE_VERSION = 3;
 
 struct writer {
     std::vector<uint8_t> & out;
@@ -145,13 +145,13 @@ uint32_t first_kept(const hparams & hp, uint32_t il, uint32_t n_past) {
 // cache and dst/src; rows of consecutive positions are contiguous unless the ring wraps
 void rows_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t p1, uint8_t * host, bool to_host) {
     const size_t row = t->nb[1];
-    const size_t base = s * t->nb[2];
     uint32_t p = p0;
     while (p < p1) {
-        const uint32_t cell = p % n_cells;
+        const uint32_t cell = memory::cell_of(p, n_cells);
         const uint32_t n = std::min(p1 - p, n_cells - cell);  // until the end of the ring
-        if (to_host) ggml_backend_tensor_get(t, host, base + (size_t) cell * row, (size_t) n * row);
-        else         ggml_backend_tensor_set(t, host, base + (size_t) cell * row, (size_t) n * row);
+        const size_t off = (size_t) memory::row_of(s, cell, n_cells) * row;
+        if (to_host) ggml_backend_tensor_get(t, host, off, (size_t) n * row);
+        else         ggml_backend_tensor_set(t, host, off, (size_t) n * row);
         host += (size_t) n * row;
         p += n;
     }
@@ -170,9 +170,9 @@ void vt_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t 
         }
         uint32_t p = p0;
         while (p < p1) {
-            const uint32_t cell = p % n_cells;
+            const uint32_t cell = memory::cell_of(p, n_cells);
             const uint32_t m = std::min(p1 - p, n_cells - cell);
-            const size_t off = s * t->nb[2] + ((size_t) j * n_cells + cell) * es;
+            const size_t off = (size_t) memory::vt_index(s, j, cell, n_cells, n_embd) * es;
             if (to_host) ggml_backend_tensor_get(t, r, off, m * es);
             else         ggml_backend_tensor_set(t, r, off, m * es);
             r += m * es;
@@ -186,8 +186,16 @@ void vt_io(ggml_tensor * t, uint32_t s, uint32_t n_cells, uint32_t p0, uint32_t 
 
 } // namespace
 
-std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
+void seq_history::add(const int32_t * tokens, size_t n) {
+    fnv1a f{tokens_hash};
+    f.add(tokens, n * sizeof(int32_t));
+    tokens_hash = f.h;
+    n_past += (uint32_t) n;
+}
+
+std::vector<uint8_t> memory::save(uint32_t s, const seq_history & h) const {
     const hparams & hp = model_.hp();
+    const uint32_t n_past = h.n_past;
     std::vector<uint8_t> out;
     writer w{out};
     w.put(STATE_MAGIC); w.put(STATE_VERSION);
@@ -195,6 +203,10 @@ std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
     for (uint32_t v : { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa, (uint32_t) kv_type_ }) {
         w.put(v);
     }
+    w.put(model_.fingerprint());
+    w.put(h.tokens_hash);
+    w.put((uint32_t) model_.label().size());
+    w.put(model_.label().data(), model_.label().size());
     for (uint32_t il = 0; il < hp.n_layer; ++il) {
         const layer_memory & lm = layers_[il];
         if (lm.conv) {
@@ -212,21 +224,49 @@ std::vector<uint8_t> memory::save(uint32_t s, uint32_t n_past) const {
     return out;
 }
 
-uint32_t memory::load(uint32_t s, const std::vector<uint8_t> & data) {
+seq_history memory::load(uint32_t s, const std::vector<uint8_t> & data, const seq_history * expect) {
     const hparams & hp = model_.hp();
     reader r{data};
-    if (r.get<uint32_t>() != STATE_MAGIC || r.get<uint32_t>() != STATE_VERSION) {
-        throw state_error("not a sambay state (bad magic or version)");
+    if (data.size() < 8 || r.get<uint32_t>() != STATE_MAGIC) {
+        throw state_error("not a sambay state (bad magic)");
     }
-    const uint32_t n_past = r.get<uint32_t>();
-    const uint32_t want[] = { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa, (uint32_t) kv_type_ };
-    const char * names[] = { "n_layer", "n_embd_kv", "d_inner", "d_state", "d_conv", "n_swa", "kv_type" };
-    for (size_t i = 0; i < 7; ++i) {
-        const uint32_t got = r.get<uint32_t>();
-        if (got != want[i]) {
-            throw state_error(std::string("state does not fit this context: ") + names[i] + " is " +
-                              std::to_string(got) + " in the state, " + std::to_string(want[i]) + " here");
+    if (const uint32_t version = r.get<uint32_t>(); version != STATE_VERSION) {
+        throw state_error("the state has format version " + std::to_string(version) + ", this sambay reads version " +
+                          std::to_string(STATE_VERSION) + " (save it again with this version)");
+    }
+    seq_history h;
+    h.n_past = r.get<uint32_t>();
+    const uint32_t n_past = h.n_past;
+    uint32_t got[7];
+    for (uint32_t & v : got) v = r.get<uint32_t>();
+    const uint64_t fingerprint = r.get<uint64_t>();
+    h.tokens_hash = r.get<uint64_t>();
+    const uint32_t label_len = r.get<uint32_t>();
+    const char * label = (const char *) r.take(label_len);
+    if (fingerprint != model_.fingerprint()) {
+        throw state_error("the state was saved from a different model (" + std::string(label, label_len) +
+                          ") than this context runs (" + model_.label() + ")");
+    }
+    if (got[6] != (uint32_t) kv_type_) {
+        const char * saved = got[6] < GGML_TYPE_COUNT ? ggml_type_name((ggml_type) got[6]) : "unknown";
+        throw state_error(std::string("the state does not fit this context: kv_type is ") + saved +
+                          " in the state, " + ggml_type_name(kv_type_) + " here");
+    }
+    const uint32_t want[] = { hp.n_layer, hp.n_embd_kv(), hp.d_inner, hp.d_state, hp.d_conv, hp.n_swa };
+    const char * names[] = { "n_layer", "n_embd_kv", "d_inner", "d_state", "d_conv", "n_swa" };
+    for (size_t i = 0; i < 6; ++i) {
+        if (got[i] != want[i]) {
+            throw state_error(std::string("the state does not fit this context: ") + names[i] + " is " +
+                              std::to_string(got[i]) + " in the state, " + std::to_string(want[i]) + " here");
         }
+    }
+    if (expect && expect->n_past != n_past) {
+        throw state_error("the state holds " + std::to_string(n_past) + " positions, but its token history has " +
+                          std::to_string(expect->n_past) + " tokens");
+    }
+    if (expect && expect->tokens_hash != h.tokens_hash) {
+        throw state_error("the state's token history does not match the tokens given with it (same count, " +
+                          std::to_string(n_past) + ", other tokens)");
     }
     if (n_past > n_ctx_) {
         throw context_full_error(n_past, n_ctx_);
@@ -266,7 +306,7 @@ uint32_t memory::load(uint32_t s, const std::vector<uint8_t> & data) {
             else          rows_io(lm.v, s, lm.n_cells, p0, n_past, (uint8_t *) r.take(bytes), false);
         }
     }
-    return n_past;
+    return h;
 }
 
 } // namespace sambay

@@ -19,6 +19,7 @@
 #include "hparams.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <cstdint>
 #include <map>
@@ -28,6 +29,14 @@
 namespace sambay {
 
 class model;
+
+// what a sequence has evaluated: n_past positions, and a hash of their token ids in order
+// (seq_history::add; zero positions hash to fnv1a's initial value)
+struct seq_history {
+    uint32_t n_past = 0;
+    uint64_t tokens_hash = 0xcbf29ce484222325ull;
+    void add(const int32_t * tokens, size_t n);
+};
 
 struct layer_memory {
     ggml_tensor * conv = nullptr;  // mamba: F32 [d_conv-1, d_inner, n_seq]
@@ -40,9 +49,25 @@ struct layer_memory {
 class memory {
 public:
     memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq, ggml_type kv_type, bool v_trans);
-    ~memory();
     memory(const memory &) = delete;
     memory & operator=(const memory &) = delete;
+
+    // Cell addressing, its one definition (the graph's index and mask inputs use it too):
+    // position p of a sequence lives in cell cell_of(p, n_cells) of the sequence slot's region,
+    // p % n_cells in an SWA ring and p itself in the full cache (n_cells == n_ctx > p); the
+    // cache row (K, or V like K) of cell c of slot s is row_of(s, c, n_cells); element (channel
+    // j, cell c) of slot s of a transposed V cache [n_cells, n_embd_kv, n_seq] is vt_index(...).
+    static uint32_t cell_of(uint32_t p, uint32_t n_cells) { return p % n_cells; }
+    static int64_t  row_of(uint32_t s, uint32_t c, uint32_t n_cells) { return (int64_t) s * n_cells + c; }
+    static int64_t  vt_index(uint32_t s, int64_t j, uint32_t c, uint32_t n_cells, int64_t n_embd_kv) {
+        return ((int64_t) s * n_embd_kv + j) * n_cells + c;
+    }
+    // the position ring cell c holds once positions [0, p_end) were written (p_end >= 1): the
+    // largest p < p_end with cell_of(p) == c; negative when no position maps there yet
+    static int64_t pos_in_cell(uint32_t c, uint32_t p_end, uint32_t n_cells) {
+        const uint32_t last = p_end - 1;
+        return (int64_t) last - (int64_t) ((cell_of(last, n_cells) + n_cells - c) % n_cells);
+    }
 
     const layer_memory & layer(uint32_t il) const { return layers_[il]; }
     uint32_t n_ctx() const { return n_ctx_; }  // per sequence
@@ -60,9 +85,13 @@ public:
 
     // state (de)serialisation of the first n_past positions of sequence s; the layout is
     // independent of n_ctx, n_batch, n_seq, the slot and v_trans, so a state moves between
-    // sequences and contexts of the same model and KV type
-    std::vector<uint8_t> save(uint32_t s, uint32_t n_past) const;
-    uint32_t load(uint32_t s, const std::vector<uint8_t> & data);  // returns n_past; throws state_error
+    // sequences and contexts of the same model (model::fingerprint) and KV type. The state
+    // carries the sequence's history (n_past and a hash of its tokens, kept by the context).
+    std::vector<uint8_t> save(uint32_t s, const seq_history & h) const;
+    // Returns the state's history. Throws state_error (another model, KV type or layout,
+    // corrupt data, or a history other than *expect when given) or context_full_error before
+    // touching the memory, so a rejected state leaves sequence s as it was.
+    seq_history load(uint32_t s, const std::vector<uint8_t> & data, const seq_history * expect = nullptr);
 
 private:
     const model &                      model_;
@@ -72,8 +101,8 @@ private:
     ggml_type                          kv_type_;
     bool                               v_trans_;
     std::vector<layer_memory>          layers_;
-    std::vector<ggml_context *>        ctxs_;
-    std::vector<ggml_backend_buffer_t> buffers_;
+    std::vector<ggml_context_ptr>        ctxs_;     // one per device: the tensor headers
+    std::vector<ggml_backend_buffer_ptr> buffers_;  // one per device: the data (freed first)
 };
 
 } // namespace sambay

@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "errors.h"
+#include "hash.h"
 #include "log.h"
 
 #include "ggml.h"
@@ -18,14 +19,9 @@ model::model(const std::string & path, const model_params & params) {
     hparams_ = hparams::from_gguf(file_->gguf());
     select_devices(params);
     create_tensors();
+    compute_fingerprint();
     log_scope quiet(log_scope::mode::quiet);  // backends log every repacked tensor at info level
     load_data(params.use_mmap);
-}
-
-model::~model() {
-    for (auto * b : buffers_) {
-        ggml_backend_buffer_free(b);
-    }
 }
 
 void model::select_devices(const model_params & params) {
@@ -95,6 +91,43 @@ size_t model::weights_bytes() const {
     size_t n = 0;
     for (const auto & [t, d] : tensors_) n += ggml_nbytes(t);
     return n;
+}
+
+void model::compute_fingerprint() {
+    const hparams & hp = hparams_;
+    fnv1a f;
+    for (uint32_t v : { hp.n_vocab, hp.n_ctx_train, hp.n_embd, hp.n_layer, hp.n_ff, hp.n_head, hp.n_head_kv,
+                        hp.n_embd_head, hp.n_swa, hp.d_conv, hp.d_inner, hp.d_state, hp.dt_rank,
+                        hp.memory_layer, hp.kv_shared_layer }) {
+        f.add(v);
+    }
+    f.add(hp.norm_eps); f.add(hp.sub_norm_eps);
+    f.add(hp.kinds.data(), hp.kinds.size() * sizeof(layer_kind));
+    f.add(hp.lambda.data(), hp.lambda.size() * sizeof(float));
+    f.add(hp.lambda_init.data(), hp.lambda_init.size() * sizeof(float));
+    // three 32-byte windows of each tensor's data: O(n_tensors) small reads, whatever the size
+    constexpr size_t window = 32;
+    uint8_t buf[window];
+    for (const auto & [t, dev] : tensors_) {
+        f.add(std::string(ggml_get_name(t)));
+        f.add((int32_t) t->type);
+        f.add(t->ne, sizeof(t->ne));
+        const size_t n = ggml_nbytes(t);
+        const size_t base = file_->data_offset(t);
+        for (size_t off : { (size_t) 0, n / 2, n > window ? n - window : 0 }) {
+            const size_t m = std::min(window, n - std::min(off, n));
+            file_->read(base + off, buf, m);
+            f.add(buf, m);
+        }
+    }
+    fingerprint_ = f.h;
+
+    const std::string & path = file_->path();
+    label_ = "'" + path.substr(path.find_last_of('/') + 1) + "'";
+    std::string name;
+    if (gguf_get_string(file_->gguf(), "general.name", name) && !name.empty()) {
+        label_ += " (general.name '" + name + "')";
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +236,7 @@ void model::create_tensors() {
         }
     }
     if (!tc.problems.empty()) {
-        std::string msg = "'" + file_->path() + "' does not hold a valid phi4flash model:";
+        std::string msg = "'" + file_->path() + "' does not hold a valid " + ARCH_NAME + " model:";
         const size_t n_show = std::min<size_t>(tc.problems.size(), 20);
         for (size_t i = 0; i < n_show; ++i) msg += "\n  - " + tc.problems[i];
         if (n_show < tc.problems.size()) {
@@ -226,9 +259,9 @@ static ggml_backend_buffer_type_t extra_buft_for(ggml_backend_dev_t dev, ggml_te
         return nullptr;
     }
     ggml_init_params ip = { ggml_tensor_overhead() * 4, nullptr, /*no_alloc*/ true };
-    ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * x  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 512);
-    ggml_tensor * op = ggml_mul_mat(ctx, w, x);
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_tensor * x  = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, w->ne[0], 512);
+    ggml_tensor * op = ggml_mul_mat(ctx.get(), w, x);
     ggml_backend_buffer_type_t found = nullptr;
     for (ggml_backend_buffer_type_t * b = get_extra(dev); b && *b && !found; ++b) {
         if (std::string(ggml_backend_buft_name(*b)) == "AMX") {
@@ -237,14 +270,12 @@ static ggml_backend_buffer_type_t extra_buft_for(ggml_backend_dev_t dev, ggml_te
             continue;
         }
         // supports_op looks at the weight's buffer type: give it an empty buffer of that type
-        ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(*b, 0);
+        ggml_backend_buffer_ptr dummy(ggml_backend_buft_alloc_buffer(*b, 0));
         if (!dummy) continue;
-        w->buffer = dummy;
+        w->buffer = dummy.get();
         if (ggml_backend_dev_supports_op(dev, op)) found = *b;
         w->buffer = nullptr;
-        ggml_backend_buffer_free(dummy);
     }
-    ggml_free(ctx);
     return found;
 }
 
@@ -271,7 +302,7 @@ void model::load_data(bool use_mmap) {
             for (auto * t : tensors) max_size = std::max(max_size, ggml_nbytes(t));
             ggml_backend_buffer_t buf = ggml_backend_dev_buffer_from_host_ptr(dev, file_->mapping(), file_->file_size(), max_size);
             if (buf) {
-                buffers_.push_back(buf);
+                buffers_.emplace_back(buf);
                 ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
                 for (auto * t : tensors) {
                     void * addr = (char *) file_->mapping() + file_->data_offset(t);
@@ -294,7 +325,7 @@ void model::load_data(bool use_mmap) {
             throw load_error("cannot allocate " + std::to_string(total) + " bytes of weights (" +
                              ggml_backend_buft_name(buft) + ")");
         }
-        buffers_.push_back(buf);
+        buffers_.emplace_back(buf);
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         char * base = (char *) ggml_backend_buffer_get_base(buf);
         size_t off = 0;

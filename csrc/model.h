@@ -8,6 +8,7 @@
 #include "loader.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 
 #include <memory>
 #include <string>
@@ -48,7 +49,6 @@ struct layer_weights {
 class model {
 public:
     model(const std::string & path, const model_params & params);
-    ~model();
     model(const model &) = delete;
     model & operator=(const model &) = delete;
 
@@ -66,11 +66,18 @@ public:
     std::string device_name() const;  // what the model mostly runs on, e.g. "CPU"
     bool mmapped() const { return mmapped_; }
     size_t weights_bytes() const;      // bytes of all weight tensors
+    // identity of the weights, computed once at load: a hash of the hparams, every tensor's
+    // name, type and shape, and a sample of its bytes (start, middle, end); two files with the
+    // same layer shapes but other weights differ. Saved states carry it (memory::save).
+    uint64_t fingerprint() const { return fingerprint_; }
+    // how messages name the model: the file's name, and general.name when the file has one
+    const std::string & label() const { return label_; }
 
 private:
     void select_devices(const model_params & params);
     void create_tensors();
     void load_data(bool use_mmap);
+    void compute_fingerprint();
 
     hparams                            hparams_;
     std::unique_ptr<gguf_file>         file_;
@@ -79,8 +86,10 @@ private:
     std::vector<ggml_backend_dev_t>    layer_dev_;
     ggml_backend_dev_t                 output_dev_ = nullptr;
     std::vector<std::pair<ggml_tensor *, ggml_backend_dev_t>> tensors_;  // every weight and its device
-    std::vector<ggml_backend_buffer_t> buffers_;
+    std::vector<ggml_backend_buffer_ptr> buffers_;  // the weights (freed before file_'s mapping)
     bool                               mmapped_ = false;
+    uint64_t                           fingerprint_ = 0;
+    std::string                        label_;
     bool                               use_extra_bufts_ = true;
 };
 

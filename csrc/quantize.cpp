@@ -1,5 +1,8 @@
 #include "quantize.h"
 
+#include "hparams.h"
+
+#include "ggml-cpp.h"
 #include "gguf.h"
 
 #include <algorithm>
@@ -131,11 +134,6 @@ ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t) {
 
 namespace {
 
-struct gguf_deleter { void operator()(gguf_context * c) const { gguf_free(c); } };
-struct ggml_deleter { void operator()(ggml_context * c) const { ggml_free(c); } };
-using gguf_ptr = std::unique_ptr<gguf_context, gguf_deleter>;
-using ggml_ptr = std::unique_ptr<ggml_context, ggml_deleter>;
-
 int layer_of(const std::string & name) {
     int il = -1;
     if (std::sscanf(name.c_str(), "blk.%d.", &il) == 1) {
@@ -201,33 +199,34 @@ quantize_result quantize_file(const quantize_params & params) {
     const uint64_t file_size = fs::file_size(params.input);
 
     ggml_context * meta_raw = nullptr;
-    gguf_ptr in(gguf_init_from_file(params.input.c_str(), {/*no_alloc =*/ true, /*ctx =*/ &meta_raw}));
+    gguf_context_ptr in(gguf_init_from_file(params.input.c_str(), {/*no_alloc =*/ true, /*ctx =*/ &meta_raw}));
     if (!in) {
         throw quantize_error("not a valid GGUF file: " + params.input);
     }
-    ggml_ptr meta(meta_raw);
+    ggml_context_ptr meta(meta_raw);
 
     const int64_t arch_id = gguf_find_key(in.get(), "general.architecture");
     if (arch_id < 0 || gguf_get_kv_type(in.get(), arch_id) != GGUF_TYPE_STRING) {
         throw quantize_error("GGUF has no general.architecture: " + params.input);
     }
     const std::string arch = gguf_get_val_str(in.get(), arch_id);
-    if (arch != "phi4flash") {
-        throw quantize_error("GGUF architecture is '" + arch + "', expected 'phi4flash'");
+    if (arch != ARCH_NAME) {
+        throw quantize_error("GGUF architecture is '" + arch + "', expected '" + ARCH_NAME + "'");
     }
     int n_layer = 0;
-    const int64_t nl_id = gguf_find_key(in.get(), "phi4flash.block_count");
+    const std::string block_count = std::string(ARCH_NAME) + ".block_count";
+    const int64_t nl_id = gguf_find_key(in.get(), block_count.c_str());
     if (nl_id >= 0 && gguf_get_kv_type(in.get(), nl_id) == GGUF_TYPE_UINT32) {
         n_layer = (int) gguf_get_val_u32(in.get(), nl_id);
     }
     if (n_layer <= 0) {
-        throw quantize_error("GGUF has no valid phi4flash.block_count");
+        throw quantize_error("GGUF has no valid " + block_count);
     }
 
     // plan: every tensor's new type, checking the input first
     const int64_t n_tensors = gguf_get_n_tensors(in.get());
     const size_t data_offset = gguf_get_data_offset(in.get());
-    gguf_ptr out(gguf_init_empty());
+    gguf_context_ptr out(gguf_init_empty());
     gguf_set_kv(out.get(), in.get());
     gguf_set_val_u32(out.get(), "general.file_type", ft.file_type);
     gguf_set_val_u32(out.get(), "general.quantization_version", GGML_QNT_VERSION);

@@ -109,7 +109,7 @@ class NumpyReference:
         return (x - mu) / np.sqrt(((x - mu) ** 2).mean() + self.eps) * self.t[p + ".weight"] + self.t[p + ".bias"]
 
     def _step(self, tok: int, cache: NumpyCache) -> np.ndarray:
-        t, pos = self.t, cache.pos
+        t = self.t
         h = t["model.embed_tokens.weight"][tok].copy()
         mem = None
         for i, kind in enumerate(self.kinds):

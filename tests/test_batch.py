@@ -25,8 +25,8 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["tiny-12", "tiny-8"])
-def model(request, root):
-    _, path = make_gguf(root, request.param, "f32")
+def model(request, tiny_gguf):
+    _, path = tiny_gguf(request.param)
     return Model(path)
 
 

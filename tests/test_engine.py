@@ -26,15 +26,15 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", params=["tiny-12", "tiny-8"])
-def tiny(request, root):
+def tiny(request, tiny_gguf):
     """(hf_dir, f32 gguf, Model, reference) for each tiny config."""
-    hf_dir, path = make_gguf(root, request.param, "f32")
+    hf_dir, path = tiny_gguf(request.param)
     return hf_dir, path, Model(path), NumpyReference.from_folder(hf_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny12(root):
-    hf_dir, path = make_gguf(root, "tiny-12", "f32")
+def tiny12(tiny_gguf):
+    hf_dir, path = tiny_gguf("tiny-12")
     return hf_dir, path, Model(path), NumpyReference.from_folder(hf_dir)
 
 
@@ -254,6 +254,55 @@ def test_load_state_rejects_foreign_states(tiny12):
     assert ctx.n_past == 3  # a failed load leaves the context as it was
 
 
+def test_load_state_rejects_a_state_of_another_model_with_the_same_shapes(root, tiny12):
+    # another seed: every layer shape and type is the same, only the weights differ
+    _, path, model, _ = tiny12
+    _, other_path = make_gguf(root, "tiny-12", "f32", seed=1)
+    other = Model(other_path)
+    shapes = lambda m: {k: v for k, v in m.hparams().items() if k != "diff_lambda"}  # noqa: E731 (λ are weights)
+    assert shapes(other) == shapes(model)
+    assert other.fingerprint != model.fingerprint
+    ctx = _ctx(model)
+    ctx.eval([1, 2, 3])
+    state = ctx.save_state()
+    foreign = _ctx(other)
+    with pytest.raises(StateError, match="different model") as err:
+        foreign.load_state(state)
+    # the message names both files, never a bare number
+    assert path.name in str(err.value) and other_path.name in str(err.value)
+    assert foreign.n_past == 0
+    _ctx(Model(path)).load_state(state)  # the same file loaded again has the same fingerprint
+
+
+def test_load_state_names_kv_types(tiny12):
+    _, _, model, _ = tiny12
+    ctx = _ctx(model)
+    ctx.eval([1, 2, 3])
+    with pytest.raises(StateError, match="kv_type is f32 in the state, f16 here"):
+        _ctx(model, kv_type="f16").load_state(ctx.save_state())
+
+
+def test_load_state_checks_the_claimed_token_history(tiny12):
+    _, _, model, _ = tiny12
+    ctx = _ctx(model)
+    ctx.eval([5, 6, 7])
+    state = ctx.save_state()
+    fresh = _ctx(model)
+    with pytest.raises(StateError, match="3 positions.*2 tokens"):
+        fresh.load_state(state, tokens=[5, 6])
+    with pytest.raises(StateError, match="token history"):
+        fresh.load_state(state, tokens=[5, 6, 8])
+    assert fresh.n_past == 0
+    fresh.load_state(state, tokens=[5, 6, 7])
+    assert fresh.n_past == 3
+    fresh.eval([9])
+    fresh.load_state(fresh.save_state(), tokens=[5, 6, 7, 9])  # the history follows evals
+    fresh.reset()
+    fresh.eval([9])
+    with pytest.raises(StateError, match="token history"):
+        _ctx(model).load_state(fresh.save_state(), tokens=[5])  # and restarts with reset()
+
+
 def test_reset_gives_a_fresh_sequence(tiny12):
     _, _, model, _ = tiny12
     ids = _ids(30, model.n_vocab, seed=4)
@@ -348,8 +397,17 @@ def test_invalid_token_ids_raise_before_compute(tiny12):
     ctx = _ctx(model)
     ctx.eval([5])
     for bad in ([1, -1], [model.n_vocab], [2**32]):
-        with pytest.raises(ValueError, match="invalid token id"):
+        with pytest.raises(ValueError, match="invalid token id") as from_eval:
             ctx.eval(bad)
+        with pytest.raises(ValueError) as from_check:
+            ctx.check_tokens(bad)  # the same check, for callers that split their tokens
+        with pytest.raises(ValueError) as from_decode:
+            ctx.decode([(0, bad)])
+        assert str(from_eval.value) == str(from_check.value) == str(from_decode.value)
+    assert str(from_check.value) == f"invalid token id {2**32} at index 0 (n_vocab is {model.n_vocab})"
+    with pytest.raises(TypeError):
+        ctx.check_tokens([1.5])
+    ctx.check_tokens([0, model.n_vocab - 1])
     assert ctx.n_past == 1
 
 
@@ -441,3 +499,15 @@ def test_engine_tests_run_without_torch():
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_python_reads_the_layer_kinds_and_architecture_from_the_engine(tiny12):
+    from sambay.convert.metadata import ARCH as CONVERT_ARCH
+    from sambay.convert.schedule import LayerKind
+    from sambay.engine import ARCH, LAYER_KINDS
+
+    _, _, model, _ = tiny12
+    stored = model.metadata_value(f"{ARCH}.layer_types")
+    assert [LayerKind(v).label for v in stored] == model.hparams()["layer_types"]
+    assert [LAYER_KINDS[v] for v in stored] == model.hparams()["layer_types"]
+    assert model.metadata_value("general.architecture") == ARCH == CONVERT_ARCH

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 import gguf
-from engine_helpers import make_gguf, rewrite_gguf
+from engine_helpers import rewrite_gguf
 from sambay.engine import Context, LoadError, Model
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine-errors")
-    _, path = make_gguf(root, "tiny-8", "f32")
-    return root, path
+def good(tmp_path_factory, tiny_gguf):
+    """(a folder for broken copies, the shared tiny-8 f32 GGUF)"""
+    _, path = tiny_gguf("tiny-8")
+    return tmp_path_factory.mktemp("engine-errors"), path
 
 
 def _load_fails(path, *patterns):

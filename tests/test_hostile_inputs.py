@@ -15,17 +15,14 @@ import pytest
 import sambay
 from sambay import AbortedError, ChatTemplateError, Llama, StateError
 from sambay.chat import ChatFormatter
-from sambay.convert import convert, tiny
 from sambay.engine import Context, Model
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    ck = tiny.write_checkpoint(root / "ck", "tiny-8", seed=0)
-    return convert(ck, root / "m.gguf", outtype="f32", progress=False)
+def gguf_path(tiny_gguf):
+    return tiny_gguf("tiny-8")[1]
 
 
 @pytest.fixture()
@@ -71,7 +68,7 @@ def test_prompt_at_and_one_past_n_ctx(llm):
         llm([5] * (n_ctx + 1), max_tokens=4)
     assert isinstance(info.value, ValueError) and info.value.n_requested == n_ctx + 1
     with pytest.raises(sambay.ContextFullError):
-        Context(llm._model, n_ctx=8, n_threads=1).eval([1] * 9)
+        Context(llm.model, n_ctx=8, n_threads=1).eval([1] * 9)
 
 
 def test_max_tokens_zero_and_huge(llm):

@@ -7,14 +7,11 @@ import pytest
 
 import sambay
 from sambay import Llama
-from sambay.convert import convert, tiny
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama")
-    ck = tiny.write_checkpoint(root / "ck", "tiny-12", seed=0)
-    return convert(ck, root / "m.gguf", outtype="f32", progress=False)
+def gguf_path(tiny_gguf):
+    return tiny_gguf("tiny-12")[1]
 
 
 @pytest.fixture()
@@ -166,6 +163,19 @@ def test_save_and_load_state(llm, gguf_path):
         other.load_state(state)
         other.eval(cont)
         np.testing.assert_array_equal(other._last_logits, after)
+
+
+def test_load_state_rejects_a_token_history_that_does_not_match(llm):
+    llm.eval(llm.tokenize(PROMPT))
+    state = llm.save_state()
+    before = llm.input_ids
+    lie = sambay.LlamaState(state.input_ids[:-1] + (state.input_ids[-1] ^ 1,), state.last_logits, state.engine_state)
+    with pytest.raises(sambay.StateError, match="token history"):
+        llm.load_state(lie)
+    short = sambay.LlamaState(state.input_ids[:-1], state.last_logits, state.engine_state)
+    with pytest.raises(sambay.StateError, match="positions"):
+        llm.load_state(short)
+    assert llm.input_ids == before  # a rejected state changes nothing
 
 
 def test_logprobs(gguf_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from sambay.convert import convert, tiny
 from sambay.gguf_metadata import GGUFMetadataError, read_metadata
 from sambay.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 
@@ -19,10 +18,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    ck = tiny.write_checkpoint(root / "ck", "tiny-8", seed=0)
-    out = convert(ck, root / "m.gguf", outtype="f32", progress=False)
+def converted(tiny_gguf):
+    ck, out = tiny_gguf("tiny-8")
     return ck, read_metadata(out)
 
 

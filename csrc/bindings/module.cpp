@@ -3,12 +3,18 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "hparams.h"
 #include "system-info.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "sambay C++ engine on ggml";
+
+    m.attr("ARCH") = sambay::ARCH_NAME;
+    py::list kinds;  // index = the value phi4flash.layer_types stores
+    for (int v = 0; const char * name = sambay::layer_kind_name((sambay::layer_kind) v); ++v) kinds.append(name);
+    m.attr("LAYER_KINDS") = py::tuple(kinds);
 
     sambay::py_bindings::register_logging(m);
     sambay::py_bindings::register_errors(m);

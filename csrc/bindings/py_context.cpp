@@ -7,6 +7,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -32,17 +33,9 @@ static std::vector<int32_t> token_ids(const context & c, py::object obj) {
                              py::str(arr.dtype()).cast<std::string>());
     }
     auto tokens = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
-    const int64_t n_vocab = c.get_model().hp().n_vocab;
     const auto * src = tokens.data();
-    std::vector<int32_t> ids((size_t) tokens.size());
-    for (size_t i = 0; i < ids.size(); ++i) {
-        if (src[i] < 0 || src[i] >= n_vocab) {
-            throw std::invalid_argument("invalid token id " + std::to_string(src[i]) + " at index " +
-                                        std::to_string(i) + " (n_vocab is " + std::to_string(n_vocab) + ")");
-        }
-        ids[i] = (int32_t) src[i];
-    }
-    return ids;
+    c.check_tokens(src, (size_t) tokens.size());  // before narrowing: 2^32 + 1 is no token 1
+    return std::vector<int32_t>(src, src + tokens.size());
 }
 
 void register_context(py::module_ & m) {
@@ -96,6 +89,8 @@ void register_context(py::module_ & m) {
         .def_property_readonly("n_past", [](const context & c) { return c.n_past(0); })
         .def("seq_n_past", &context::n_past, py::arg("seq"))
         .def_property_readonly("n_seq_max", [](const context & c) { return c.params().n_seq_max; })
+        .def("check_tokens", [](const context & c, py::object obj) { token_ids(c, obj); }, py::arg("tokens"),
+             "raise ValueError (TypeError) for a token id outside [0, n_vocab) (not an integer), as eval would")
         .def("check_fits", &context::check_fits, py::arg("n_positions"), py::arg("seq") = 0,
              "raise ContextFullError when a sequence of n_positions would not fit")
         .def_property_readonly("n_ctx", [](const context & c) { return c.params().n_ctx; })
@@ -129,12 +124,12 @@ void register_context(py::module_ & m) {
             }
             return py::bytes((const char *) s.data(), s.size());
         }, py::arg("seq") = 0)
-        .def("load_state", [](context & c, py::bytes data, uint32_t seq) {
+        .def("load_state", [](context & c, py::bytes data, uint32_t seq, std::optional<std::vector<int32_t>> tokens) {
             std::string_view sv = data;
             std::vector<uint8_t> s(sv.begin(), sv.end());
             py::gil_scoped_release release;
-            c.load_state(s, seq);
-        }, py::arg("state"), py::arg("seq") = 0)
+            c.load_state(s, seq, tokens ? &*tokens : nullptr);
+        }, py::arg("state"), py::arg("seq") = 0, py::kw_only(), py::arg("tokens") = py::none())
         .def("memory_breakdown", [](const context & c) {
             std::map<std::string, size_t> out;
             {

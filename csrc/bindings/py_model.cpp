@@ -7,6 +7,7 @@
 
 #include <pybind11/stl.h>
 
+#include <cstdio>
 #include <cstring>
 #include <memory>
 
@@ -133,6 +134,11 @@ void register_model(py::module_ & m) {
         .def_property_readonly("device", &model::device_name)
         .def_property_readonly("mmapped", &model::mmapped)
         .def_property_readonly("weights_bytes", &model::weights_bytes)
+        .def_property_readonly("fingerprint", [](const model & md) {
+            char hex[17];
+            std::snprintf(hex, sizeof(hex), "%016llx", (unsigned long long) md.fingerprint());
+            return std::string(hex);
+        })
         .def("__repr__", [](const model & md) {
             return "<sambay._core.Model '" + md.file().path() + "' n_layer=" + std::to_string(md.hp().n_layer) +
                    " n_embd=" + std::to_string(md.hp().n_embd) + " device=" + md.device_name() + ">";

@@ -62,10 +62,10 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
         ggml_tensor * qs = ggml_view_3d(ctx_, q, hd, H2, n_rows, q->nb[1], q->nb[2], s * H2 * q->nb[1]);
         return ggml_permute(ctx_, qs, 0, 2, 1, 3);
     };
-    // the slot's cells: K rows [slot*n_cells, (slot+1)*n_cells); V^T block slot of n_cells*n_embd_kv
-    const size_t k_off = (size_t) slot * n_cells * k_all->nb[1];
-    const size_t v_off = ub_.flash_attn ? (size_t) slot * n_cells * v_all->nb[1]
-                                        : (size_t) slot * n_cells * hp_.n_embd_kv() * ves;
+    // the slot's cells (memory's addressing): K rows from row_of(slot, 0); V^T from element (slot, 0, 0)
+    const size_t k_off = (size_t) memory::row_of(slot, 0, n_cells) * k_all->nb[1];
+    const size_t v_off = ub_.flash_attn ? (size_t) memory::row_of(slot, 0, n_cells) * v_all->nb[1]
+                                        : (size_t) memory::vt_index(slot, 0, 0, n_cells, hp_.n_embd_kv()) * ves;
     auto k_stripe = [&](int s) {
         ggml_tensor * ks = ggml_view_3d(ctx_, k_all, hd, Hkv2, n_kv, hd * kes, k_all->nb[1], k_off + s * Hkv2 * hd * kes);
         return ggml_permute(ctx_, ks, 0, 2, 1, 3);

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -187,8 +187,8 @@ class SequenceContext:
     def save_state(self) -> bytes:
         return self.shared.ctx.save_state(self.seq)
 
-    def load_state(self, state: bytes) -> None:
-        self.shared.ctx.load_state(state, self.seq)
+    def load_state(self, state: bytes, *, tokens: Optional[Sequence[int]] = None) -> None:
+        self.shared.ctx.load_state(state, self.seq, tokens=tokens)
 
     @property
     def n_past(self) -> int:

@@ -17,7 +17,7 @@ from .sampling import SamplingParams, file_sampling
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 
 
-def _known_errors() -> tuple[type, ...]:
+def _known_errors() -> tuple[type[BaseException], ...]:
     from .chat import ChatTemplateError
     from .convert import ConvertError
     from .errors import ComputeError, ContextFullError, LoadError, PullError, QuantizeError, StateError
@@ -300,12 +300,10 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-_KIND_NAMES = {0: "mamba", 1: "attn_swa", 2: "attn_full", 3: "gmu", 4: "attn_cross"}
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     import gguf
 
+    from .engine import ARCH, LAYER_KINDS
     from .gguf_metadata import GGUFMetadataError, read_metadata
 
     args.model = _resolve(args.model)
@@ -314,9 +312,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"file: {args.model} ({os.path.getsize(args.model) / 2**20:.1f} MiB)")
     print(f"architecture: {arch}   name: {meta.get('general.name', '?')}   "
           f"file_type: {meta.get('general.file_type', '?')}")
-    if arch != "phi4flash":
-        raise GGUFMetadataError(f"not a phi4flash model (architecture {arch!r})")
-    p = "phi4flash."
+    if arch != ARCH:
+        raise GGUFMetadataError(f"not a {ARCH} model (architecture {arch!r})")
+    p = ARCH + "."
     keys = ["context_length", "embedding_length", "block_count", "feed_forward_length",
             "vocab_size", "attention.head_count", "attention.head_count_kv",
             "attention.key_length", "attention.sliding_window", "ssm.inner_size",
@@ -324,7 +322,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "kv_shared_layer"]
     for k in keys:
         print(f"  {k:28s} {meta.get(p + k, '-')}")
-    kinds = [_KIND_NAMES.get(int(k), str(k)) for k in meta.get(p + "layer_types", [])]
+    kinds = [LAYER_KINDS[int(k)] if 0 <= int(k) < len(LAYER_KINDS) else str(k)
+             for k in meta.get(p + "layer_types", [])]
     print("layers: " + " ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
 
     reader = gguf.GGUFReader(args.model, "r")
@@ -335,10 +334,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         entry[1] += int(t.n_bytes)
     print("tensor types: " + ", ".join(f"{name} x{n} ({b / 2**20:.1f} MiB)"
                                        for name, (n, b) in sorted(by_type.items())))
-    n_ctx = args.ctx_size or int(meta.get(p + "context_length", 0))
-    est = estimate_memory(meta, n_ctx, kv_bytes=2)
-    print(f"memory estimate at n_ctx={n_ctx} (f16 KV): " + ", ".join(
-        f"{k} {v / 2**20:.1f} MiB" for k, v in est.items()))
+    _print_memory(args.model, args.ctx_size, args.batch_size)
     given = file_sampling(meta)
     params = SamplingParams.from_metadata(meta)
     print("sampling defaults: " + ", ".join(
@@ -351,20 +347,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def estimate_memory(meta: dict[str, Any], n_ctx: int, *, kv_bytes: int = 2) -> dict[str, int]:
-    """Bytes of the caches at ``n_ctx`` positions: the shared full KV (one layer), the SWA
-    rings and the Mamba states (F32), from a phi4flash GGUF's metadata."""
-    p = "phi4flash."
-    kinds = [int(k) for k in meta.get(p + "layer_types", [])]
-    n_kv = int(meta[p + "attention.head_count_kv"]) * int(meta[p + "attention.key_length"])
-    d_inner, d_state = int(meta[p + "ssm.inner_size"]), int(meta[p + "ssm.state_size"])
-    d_conv, n_swa = int(meta[p + "ssm.conv_kernel"]), int(meta[p + "attention.sliding_window"])
-    n_mamba, n_swa_layers = kinds.count(0), kinds.count(1)
-    return {
-        "shared_kv": 2 * n_kv * n_ctx * kv_bytes,
-        "swa_kv": n_swa_layers * 2 * n_kv * min(n_swa, n_ctx) * kv_bytes,
-        "mamba_state": n_mamba * 4 * d_inner * (d_state + d_conv - 1),
-    }
+def _print_memory(path: str, n_ctx: int, n_batch: int) -> None:
+    """The memory a context of these settings takes, as the engine allocates it (a context is
+    made and measured: Context.memory_breakdown), on the CPU with f16 caches."""
+    from .engine import ComputeError, Context, Model
+
+    model = Model(path, device="cpu", use_extra_bufts=False)
+    head = f"memory at n_ctx={n_ctx or model.n_ctx_train}, n_batch={n_batch} (CPU, f16 KV)"
+    try:
+        mem = Context(model, n_ctx=n_ctx, n_batch=n_batch, kv_type="f16", n_threads=1).memory_breakdown()
+    except ComputeError as e:
+        print(f"{head}: does not fit here: {e}")
+        return
+    parts = ("weights", "mamba_conv", "mamba_ssm", "swa_kv", "full_kv", "compute")
+    total = sum(mem[k] for k in parts)
+    print(f"{head}: " + ", ".join(f"{k} {mem[k] / 2**20:.2f} MiB" for k in parts)
+          + f", total {total / 2**20:.2f} MiB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +410,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -525,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True,
                    help="a GGUF file, a cached model or a Hugging Face repo id")
     p.add_argument("-c", "--ctx-size", type=_non_negative_int, default=0,
-                   help="context for the memory estimate (0: trained)")
+                   help="context for the memory figures (0: trained)")
+    p.add_argument("-b", "--batch-size", type=_positive_int, default=512,
+                   help="micro-batch size for the memory figures (as run's -b)")
     p.set_defaults(func=_cmd_info)
     return parser
 

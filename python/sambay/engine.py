@@ -20,7 +20,7 @@ Errors:
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,8 +32,14 @@ StateError = _core.StateError
 AbortedError = _core.AbortedError
 ComputeError = _core.ComputeError
 
+# The facts the engine owns (csrc/hparams.h), for Python to read rather than copy:
+# ARCH: the GGUF architecture (general.architecture and the metadata key prefix);
+# LAYER_KINDS: the layer kind names, indexed by the value phi4flash.layer_types stores.
+ARCH: str = _core.ARCH
+LAYER_KINDS: tuple[str, ...] = tuple(_core.LAYER_KINDS)
+
 __all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError",
-           "ComputeError"]
+           "ComputeError", "ARCH", "LAYER_KINDS"]
 
 _KV_TYPES = ("f16", "f32", "bf16")
 
@@ -117,6 +123,12 @@ class Model:
     def weights_bytes(self) -> int:
         """Bytes of all weight tensors."""
         return self._m.weights_bytes
+
+    @property
+    def fingerprint(self) -> str:
+        """The weights' identity (hex): a hash of the hparams, every tensor's name, type and
+        shape and a sample of its bytes, computed at load. Saved states carry it."""
+        return self._m.fingerprint
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters the engine runs with (layer kinds by name, folded λ arrays)."""
@@ -241,6 +253,13 @@ class Context:
         """
         return self._c.decode([(int(s), t) for s, t in batch])
 
+    def check_tokens(self, tokens: Union[Sequence[int], np.ndarray]) -> None:
+        """Raises what :meth:`eval` raises for these tokens before evaluating anything
+        (``ValueError`` naming the first id outside ``[0, n_vocab)``, ``TypeError`` for
+        non-integers): the engine's one token check, for callers that feed tokens in several
+        calls and must know before the first."""
+        self._c.check_tokens(tokens)
+
     def check_fits(self, n_positions: int, seq: int = 0) -> None:
         """Raises :class:`ContextFullError` when ``n_positions`` positions would not fit in
         sequence ``seq``: the check :meth:`eval` makes, for callers that evaluate one sequence
@@ -333,15 +352,21 @@ class Context:
         """One sequence's caches and states plus its position, as bytes (see :meth:`load_state`)."""
         return self._c.save_state(int(seq))
 
-    def load_state(self, state: bytes, seq: int = 0) -> None:
+    def load_state(self, state: bytes, seq: int = 0, *, tokens: Optional[Sequence[int]] = None) -> None:
         """Restores a state saved by a context of the same model and KV type into sequence
         ``seq`` (any sequence of any such context: prefix reuse across sequences).
 
+        A state names the model it was saved from (:attr:`Model.fingerprint`) and the tokens
+        its sequence had evaluated (their count and a hash); with ``tokens``, the state must
+        have been saved after exactly those tokens.
+
         Raises:
-            StateError: the state belongs to another model or KV type, or is corrupt.
+            StateError: the state belongs to another model or KV type, does not hold
+                ``tokens``, or is corrupt; the sequence is left as it was.
             ContextFullError: the state holds more positions than this context's ``n_ctx``.
         """
-        self._c.load_state(bytes(state), int(seq))
+        claimed = None if tokens is None else [int(t) for t in tokens]
+        self._c.load_state(bytes(state), int(seq), tokens=claimed)
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes per part, all sequences: mamba_conv, mamba_ssm, swa_kv, full_kv, compute,

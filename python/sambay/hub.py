@@ -152,12 +152,13 @@ def _gguf_tag(path: Path, fallback: str) -> tuple[str, str]:
     """(tag, type name) of a downloaded GGUF, from its ``general.file_type``; checks that it
     is a phi4flash model."""
     from ._native import _core
+    from .engine import ARCH
     from .gguf_metadata import read_metadata
 
     meta = read_metadata(path)
     arch = meta.get("general.architecture")
-    if arch != "phi4flash":
-        raise PullError(f"{fallback}: not a phi4flash GGUF (architecture {arch!r})")
+    if arch != ARCH:
+        raise PullError(f"{fallback}: not a {ARCH} GGUF (architecture {arch!r})")
     ftype = meta.get("general.file_type")
     for name, code, _ in _core.quantize_ftypes():
         if ftype is not None and int(ftype) == code:

@@ -513,8 +513,13 @@ class Llama:
 
     def load_state(self, state: LlamaState) -> None:
         """Restore a snapshot from :meth:`save_state` (of this or another Llama on the same
-        model file)."""
-        self._ctx.load_state(state.engine_state)
+        model file).
+
+        Raises:
+            StateError: the state comes from another model or KV type, or its ``input_ids``
+                are not the tokens the engine state was saved after; nothing changes then.
+        """
+        self._ctx.load_state(state.engine_state, tokens=state.input_ids)
         self._input_ids = list(state.input_ids)
         self._last_logits = None if state.last_logits is None else state.last_logits.copy()
         self._all_logits = []
