@@ -95,24 +95,30 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
     per_seq = D + a.gen + 8
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = 0
+    if a.no_extra_bufts:
+        # ggml's AMX matmul (a native build on an AMX CPU) crashes on batches of several rows;
+        # without extra buffer types the CPU's plain kernels run (no AMX, no repacking)
+        mp.use_extra_bufts = False
     model = L.llama_model_load_from_file(a.model.encode(), mp)
     cp = L.llama_context_default_params()
     cp.n_ctx = per_seq * S
     cp.n_batch = cp.n_ubatch = max(512, S)
     cp.n_seq_max = S
     cp.n_threads = cp.n_threads_batch = a.threads
-    out: dict[str, Any] = {"llama_cpp_python": L.__version__}
+    out: dict[str, Any] = {"llama_cpp_python": L.__version__, "extra_bufts": not a.no_extra_bufts}
+    if hasattr(cp, "flash_attn_type"):
+        cp.flash_attn_type = 0  # off, as sambay's default (and bench/peers.py's runs)
+        out["flash_attn"] = False
     if hasattr(cp, "kv_unified"):
-        cp.kv_unified = False  # a KV stream per sequence: each attends over its own cells only
-        out["kv_unified"] = False
-    ctx = L.llama_init_from_model(model, cp)
-    if not ctx:
-        raise RuntimeError("llama.cpp could not create the context")
+        # one KV buffer for all sequences (llama-server's layout); sequence states filled from a
+        # one-sequence context load into it (a per-sequence-stream context refuses them)
+        cp.kv_unified = True
+        out["kv_unified"] = True
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)
     batch = L.llama_batch_init(max(S, FILL_TOKENS), 0, 1)
 
-    def run(entries: list[tuple[int, int, int]]) -> None:  # (seq, pos, token)
+    def run(ctx: Any, entries: list[tuple[int, int, int]]) -> None:  # (seq, pos, token)
         batch.n_tokens = len(entries)
         for i, (s, pos, tok) in enumerate(entries):
             batch.token[i] = tok
@@ -123,14 +129,24 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
         if L.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
+    # a real one-sequence state to fill from, made in a one-sequence context (one KV stream)
+    one_p = L.llama_context_default_params()
+    one_p.n_ctx, one_p.n_seq_max, one_p.n_threads, one_p.n_threads_batch = 256, 1, a.threads, a.threads
+    if hasattr(one_p, "flash_attn_type"):
+        one_p.flash_attn_type = 0
+    one = L.llama_init_from_model(model, one_p)
     fill = _tokens(FILL_TOKENS, n_vocab, 2)
-    run([(0, p, t) for p, t in enumerate(fill)])
-    size = L.llama_state_seq_get_size(ctx, 0)
+    for p, t in enumerate(fill):  # one token per call (ggml's AMX matmul crashes on batches here)
+        run(one, [(0, p, t)])
+    size = L.llama_state_seq_get_size(one, 0)
     buf = (ctypes.c_uint8 * size)()
-    L.llama_state_seq_get_data(ctx, buf, size, 0)
+    L.llama_state_seq_get_data(one, buf, size, 0)
+    L.llama_free(one)
     fake = llamacpp_state(bytes(buf), D)
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create the context")
     mem = L.llama_get_memory(ctx)
-    L.llama_memory_clear(mem, True)
     ptr = fake.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
     for s in range(S):
         if L.llama_state_seq_set_data(ctx, ptr, fake.nbytes, s) != fake.nbytes:
@@ -139,10 +155,10 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
             raise RuntimeError(f"sequence {s} is not at depth {D}")
     del fake
     gen = _tokens(a.gen + 1, n_vocab, 1)
-    run([(s, D, gen[0]) for s in range(S)])  # warm-up step
+    run(ctx, [(s, D, gen[0]) for s in range(S)])  # warm-up step
     t = time.perf_counter()
     for i, tok in enumerate(gen[1:]):
-        run([(s, D + 1 + i, tok) for s in range(S)])
+        run(ctx, [(s, D + 1 + i, tok) for s in range(S)])
     dt = time.perf_counter() - t
     out["decode_tok_s"] = S * a.gen / dt
     out["step_ms"] = 1000 * dt / a.gen
@@ -162,6 +178,8 @@ def _measure(engine: str, model: Path, S: int, D: int, a: argparse.Namespace, sh
            "--threads", str(a.threads), "--gen", str(a.gen), "--shape", json.dumps(shape)]
     if prefill:
         cmd.append("--prefill")
+    if a.no_extra_bufts:
+        cmd.append("--llamacpp-no-extra-bufts")
     t0 = time.perf_counter()
     r = _run(cmd, a, timeout=a.timeout)
     r["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -246,6 +264,9 @@ def main() -> None:
     ap.add_argument("--workdir")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--llamacpp-no-extra-bufts", dest="no_extra_bufts", action="store_true",
+                    help="llama.cpp without extra buffer types (AMX, repacking): its native build's AMX "
+                         "matmul crashes on batches on AMX CPUs")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--n-seq", type=int, help=argparse.SUPPRESS)
