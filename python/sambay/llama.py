@@ -19,9 +19,10 @@ from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
-from .reasoning import (FORCED_CLOSE, ReasoningBudget, ReasoningSplitter, check_reasoning_format,
-                        prompt_opens_trace, resolve_budget)
-from .sampling import SamplingParams, log_softmax, make_rng, sample
+from .reasoning import (FORCED_CLOSE, THINK_OPEN, ReasoningBudget, ReasoningSplitter,
+                        check_reasoning_format, prompt_opens_trace, resolve_budget)
+from .sampling import SamplingParams, log_softmax, make_rng, mask_logits, sample
+from .structured import GrammarConstraint, compile_grammar
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = Union[str, bytes, Sequence[int]]
@@ -379,6 +380,7 @@ class Llama:
         seed: Optional[int] = None,
         reset: bool = True,
         force: Optional[Callable[[], Optional[int]]] = None,
+        constraint: Optional[GrammarConstraint] = None,
         **overrides: Any,
     ) -> Iterator[int]:
         """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
@@ -394,6 +396,9 @@ class Llama:
             reset: accepted for llama-cpp-python compatibility; prefix reuse decides.
             force: called before each token is sampled; a token id it returns is taken
                 instead of sampling (how a reasoning budget forces the trace's close tag).
+            constraint: a grammar (:class:`sambay.structured.GrammarConstraint`): the tokens it
+                does not allow are masked out of the logits before sampling, and every token
+                taken is passed to it.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
@@ -410,7 +415,18 @@ class Llama:
         while True:
             assert self._last_logits is not None
             forced = force() if force is not None else None
-            token = forced if forced is not None else sample(self._last_logits, params, rng, self._input_ids)
+            if forced is None and constraint is not None:
+                forced = constraint.forced()
+            if forced is not None:
+                token = forced
+            else:
+                logits = self._last_logits
+                allowed = constraint.bitmask() if constraint is not None else None
+                if allowed is not None:
+                    logits = mask_logits(logits, allowed)
+                token = sample(logits, params, rng, self._input_ids)
+            if constraint is not None:
+                constraint.accept(token)
             self.last_timings.generated_tokens += 1
             self.last_timings.generate_seconds = time.perf_counter() - t1
             yield token
@@ -454,6 +470,7 @@ class Llama:
         echo: bool,
         prompt_text: str,
         force: Optional[Callable[[], Optional[int]]] = None,
+        constraint: Optional[GrammarConstraint] = None,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
         self._ctx.check_fits(len(prompt_tokens))
@@ -475,7 +492,8 @@ class Llama:
                 lp = self._prompt_logprobs(prompt_tokens, logprobs)
             yield prompt_text, lp, None
         count = 0
-        for token in self.generate(prompt_tokens, params=params, seed=seed, force=force):
+        for token in self.generate(prompt_tokens, params=params, seed=seed, force=force,
+                                   constraint=constraint):
             if token in tok.eog_ids:
                 yield stops.feed(decoder.flush()) + stops.flush(), None, "stop"
                 return
@@ -548,6 +566,9 @@ class Llama:
         stream: bool = False,
         seed: Optional[int] = None,
         model: Optional[str] = None,
+        response_format: Optional[dict[str, Any]] = None,
+        grammar: Optional[str] = None,
+        json_schema: Optional[Union[dict[str, Any], str]] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Complete ``prompt`` (OpenAI ``text_completion`` shape; llama-cpp-python's args).
 
@@ -559,8 +580,14 @@ class Llama:
         (``None`` or <= 0: until the context is full; "length"). A sampling argument left
         ``None`` takes :attr:`sampling_defaults` (the model file's recommended settings).
 
+        Structured output (needs ``pip install "sambay[structured]"``): ``response_format``
+        (``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema":
+        ...}}``), ``json_schema`` (a JSON Schema) or ``grammar`` (a GBNF grammar) restricts the
+        text to what they allow (see :mod:`sambay.structured`).
+
         Raises:
             ValueError: invalid arguments or invalid token ids.
+            sambay.structured.GrammarError: an invalid schema or grammar (a ValueError).
             ContextFullError: a prompt longer than n_ctx (also a ValueError).
         """
         if suffix:
@@ -574,6 +601,8 @@ class Llama:
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty)
+        compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
+        constraint = None if compiled is None else GrammarConstraint(compiled, self.tokenizer, self.n_vocab())
         prompt_tokens = self._prompt_tokens(prompt, special=False)
         if not prompt_tokens:
             raise ValueError("the prompt is empty (it has no tokens)")
@@ -585,7 +614,7 @@ class Llama:
         model_name = model or self.model_path
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
-            logprobs=logprobs, echo=echo, prompt_text=prompt_text,
+            logprobs=logprobs, echo=echo, prompt_text=prompt_text, constraint=constraint,
         )
 
         def chunk(text: str, lp: Optional[dict[str, Any]], reason: Optional[str]) -> dict[str, Any]:
@@ -650,6 +679,9 @@ class Llama:
         reasoning_format: str = "deepseek",
         reasoning_budget: Optional[int] = None,
         reasoning_effort: Optional[str] = None,
+        response_format: Optional[dict[str, Any]] = None,
+        grammar: Optional[str] = None,
+        json_schema: Optional[Union[dict[str, Any], str]] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
@@ -670,6 +702,10 @@ class Llama:
                 so the answer still comes (None: unlimited; 0: close it at once).
             reasoning_effort: OpenAI's ``"low"``, ``"medium"`` or ``"high"``, mapped to
                 budgets (:data:`sambay.reasoning.EFFORT_BUDGETS`); ``reasoning_budget`` wins.
+            response_format, json_schema, grammar: structured output, as for
+                :meth:`create_completion`. The constraint applies to the answer: a ``<think>``
+                trace (opened by the prompt or by the reply's first token) stays free, and the
+                grammar starts after ``</think>``.
 
         A ``reasoning_content`` in the given assistant messages is never rendered into the
         prompt (the template sees ``content`` only).
@@ -681,6 +717,7 @@ class Llama:
         """
         check_reasoning_format(reasoning_format)
         budget = resolve_budget(reasoning_budget, reasoning_effort)
+        compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
         history = messages  # the template's checks report anything that is not a message list
         if isinstance(messages, (list, tuple)):
             history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
@@ -695,12 +732,17 @@ class Llama:
             frequency_penalty=frequency_penalty)
         split = reasoning_format == "deepseek"
         splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
+        constraint = None
+        if compiled is not None:
+            constraint = GrammarConstraint(
+                compiled, self.tokenizer, self.n_vocab(), trace="open" if prompt_opens_trace(prompt) else "maybe",
+                open_tokens=self.tokenize(THINK_OPEN, special=True))
         force = None
         if budget is not None:
             force = ReasoningBudget(budget, splitter, self.tokenize(FORCED_CLOSE, special=True)).next_forced
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
-            logprobs=n_top, echo=False, prompt_text=prompt, force=force,
+            logprobs=n_top, echo=False, prompt_text=prompt, force=force, constraint=constraint,
         )
 
         def parts() -> Iterator[tuple[str, str, Optional[dict[str, Any]], Optional[str]]]:

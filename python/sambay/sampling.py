@@ -168,6 +168,16 @@ def sample(
     return int(cand[rng.choice(len(cand), p=probs)])
 
 
+def mask_logits(logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
+    """A copy of ``logits`` with every token whose bit is 0 in ``bitmask`` (int32 words, token
+    ``i`` at bit ``i % 32`` of word ``i // 32``: llguidance's layout) set to -inf; tokens past
+    the mask's end are not allowed either."""
+    allowed = np.unpackbits(bitmask.astype("<i4", copy=False).view(np.uint8), bitorder="little")[: logits.shape[0]].view(bool)
+    if allowed.shape[0] < logits.shape[0]:
+        allowed = np.concatenate([allowed, np.zeros(logits.shape[0] - allowed.shape[0], dtype=bool)])
+    return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Natural-log probabilities of one row (or each row) of logits, in float32."""
     x = np.asarray(logits, dtype=np.float64)

@@ -236,6 +236,10 @@ class Tokenizer:
         """The bytes of a token sequence (may end inside a multi-byte character)."""
         return b"".join(self.token_bytes(int(t), special=special) for t in ids)
 
+    def hf_json(self) -> str:
+        """The tokenizer as Hugging Face's ``tokenizer.json`` text (what llguidance builds from)."""
+        return self._full.to_str()
+
     def token_to_id(self, token: str) -> Optional[int]:
         """The id of a token string (e.g. ``"<|end|>"``), or None."""
         return self._full.token_to_id(token)
