@@ -543,3 +543,69 @@ def test_serve_options_and_errors(tmp_path, gguf_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         'sambay serve: error: the server needs FastAPI and uvicorn (missing: fastapi): pip install "sambay[server]"']
+
+
+# ------------------------------------------------------------------------------ structured output
+
+STRICT_ARRAY = {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}
+NUMBERS = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                            "tags": STRICT_ARRAY},
+           "required": ["n", "tags"], "additionalProperties": False}
+
+
+def test_openai_sdk_parse_with_a_pydantic_model(srv):
+    pytest.importorskip("llguidance")
+    from pydantic import BaseModel, Field
+    from typing import Literal
+
+    class Inner(BaseModel):
+        ok: bool
+        tags: list[Literal["a", "b"]] = Field(max_length=2)
+
+    class Reply(BaseModel):
+        op: Literal["add", "sub"]
+        n: int = Field(ge=0, le=99)
+        inner: Inner
+
+    client = srv.client()
+    for seed in range(3):
+        # a budget of 0: a random model that opens a trace would rarely close it
+        out = client.chat.completions.parse(model="m", messages=MESSAGES, response_format=Reply, seed=seed,
+                                            temperature=1.0, max_tokens=200, extra_body={"reasoning_budget": 0})
+        reply = out.choices[0].message.parsed
+        assert isinstance(reply, Reply) and 0 <= reply.n <= 99, out.choices[0].message.content
+
+
+def test_json_schema_grammar_and_json_object_fields(srv):
+    pytest.importorskip("llguidance")
+    client = srv.client()
+    for seed in range(2):
+        text = client.completions.create(model="m", prompt="JSON:", max_tokens=200, seed=seed, temperature=1.0,
+                                         extra_body={"json_schema": NUMBERS}).choices[0].text
+        value = json.loads(text)
+        assert set(value) == {"n", "tags"} and 0 <= value["n"] <= 99 and set(value["tags"]) <= {"a", "b"}
+        text = client.completions.create(model="m", prompt="?", max_tokens=20, seed=seed, temperature=1.0,
+                                         extra_body={"grammar": 'root ::= "yes" | "no"'}).choices[0].text
+        assert text in ("yes", "no")
+    out = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300, seed=0,
+                                         response_format={"type": "json_object"},
+                                         extra_body={"reasoning_budget": 0})
+    assert out.choices[0].finish_reason == "length" or isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+def test_invalid_schemas_and_grammars_are_400(srv):
+    pytest.importorskip("llguidance")
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    for stream in (False, True):
+        err = _error(post("/v1/chat/completions", json={
+            "messages": MESSAGES, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}}), 400)
+        assert err["code"] == "invalid_grammar" and "frob" in err["message"] and err["param"] == "response_format"
+    err = _error(post("/v1/completions", json={"prompt": "x", "grammar": "root ::= nothing"}), 400)
+    assert "nothing" in err["message"] and err["param"] == "grammar"
+    _error(post("/v1/completions", json={"prompt": "x", "response_format": {"type": "yaml"}}), 400)
+    _error(post("/v1/completions", json={"prompt": "x", "grammar": 'root ::= "a"', "json_schema": {}}), 400)
+    # wrong types stay 422
+    _error(post("/v1/completions", json={"prompt": "x", "response_format": "json"}), 422)
+    _error(post("/v1/completions", json={"prompt": "x", "grammar": 5}), 422)
+    assert srv.health()["status"] == "ok"

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ChatTemplateError, ContextFullError
+from ..errors import ChatTemplateError, ContextFullError, MissingDependencyError
+from ..structured import GrammarError, compile_grammar
 from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama, SlotPool
 from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -45,6 +46,8 @@ ERRORS: dict[type, tuple[int, str, Optional[str]]] = {
     ShuttingDown: (503, "server_error", "shutting_down"),
     ContextFullError: (400, "invalid_request_error", "context_length_exceeded"),
     ChatTemplateError: (400, "invalid_request_error", "invalid_messages"),
+    GrammarError: (400, "invalid_request_error", "invalid_grammar"),
+    MissingDependencyError: (501, "server_error", "not_implemented"),
     ValueError: (400, "invalid_request_error", None),
 }
 
@@ -275,6 +278,15 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         if n is None and default_to_limit and token_limit < n_ctx:
             kw["max_tokens"] = token_limit
 
+    def check_constraint(kw: dict[str, Any]) -> None:
+        """An invalid schema or grammar is refused before the request waits for a slot."""
+        given = {k: kw[k] for k in ("response_format", "json_schema", "grammar") if k in kw}
+        try:
+            compile_grammar(**given)
+        except GrammarError as err:
+            err.param = next(iter(given), None)  # type: ignore[attr-defined]
+            raise
+
     async def run(request: Request, work: Callable[[SlotLlama], Any], *, stream: bool,
                   schema: type) -> Any:
         """Acquire a slot, run ``work`` there, answer JSON or an event stream."""
@@ -343,6 +355,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         body: CompletionRequest = await parse_body(request, CompletionRequest)
         kw = body.llama_kwargs()
         check_max_tokens(kw, default_to_limit=False)
+        check_constraint(kw)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         prompt = body.prompt
 
@@ -364,6 +377,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         if reasoning_budget is not None and "reasoning_budget" not in kw and "reasoning_effort" not in kw:
             kw["reasoning_budget"] = reasoning_budget
         check_max_tokens(kw, default_to_limit=True)
+        check_constraint(kw)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         messages = [m.to_template() for m in body.messages]
 

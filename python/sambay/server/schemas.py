@@ -4,7 +4,8 @@ Requests forbid unknown fields (a typo must not be silently ignored). Every samp
 optional: a field left out takes :class:`sambay.Llama`'s default, so a request and the same call
 through the Python API give the same text. Fields OpenAI defines that sambay cannot honour
 (``n > 1``, a non-empty ``logit_bias``, image parts, ...) are rejected with a clear message rather
-than ignored. Responses are validated too, and dumped with ``exclude_unset`` so the JSON keeps
+than ignored. ``response_format``, ``json_schema`` and ``grammar`` constrain the output
+(:mod:`sambay.structured`). Responses are validated too, and dumped with ``exclude_unset`` so the JSON keeps
 exactly the keys the engine produced.
 """
 
@@ -66,6 +67,11 @@ class _Sampling(_Request):
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repeat_penalty: Optional[float] = Field(None, gt=0.0)
+    # structured output (sambay.structured): OpenAI's response_format, llama.cpp's json_schema
+    # and grammar (GBNF); an invalid schema or grammar is a 400 naming the problem
+    response_format: Optional[dict[str, Any]] = None
+    json_schema: Optional[Union[dict[str, Any], bool]] = None
+    grammar: Optional[str] = None
 
     @field_validator("stop")
     @classmethod
@@ -89,7 +95,8 @@ class _Sampling(_Request):
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields that were given, as :class:`sambay.Llama` keyword arguments."""
         names = ("max_tokens", "temperature", "top_p", "stop", "presence_penalty",
-                 "frequency_penalty", "seed", "top_k", "min_p", "repeat_penalty")
+                 "frequency_penalty", "seed", "top_k", "min_p", "repeat_penalty",
+                 "response_format", "json_schema", "grammar")
         return self.model_dump(include=set(names), exclude_unset=True, exclude_none=True)
 
 
@@ -201,7 +208,6 @@ class ChatCompletionRequest(_Sampling):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
     # the <think> trace: OpenAI's effort, llama-server's format, and a budget in tokens
     reasoning_effort: Optional[str] = None
     reasoning_format: Optional[str] = None
@@ -223,13 +229,6 @@ class ChatCompletionRequest(_Sampling):
     def _tool_choice(cls, v: Any) -> Any:
         if isinstance(v, dict):
             raise ValueError("forcing a tool is not supported; use 'auto' or 'none'")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return v
 
     @model_validator(mode="after")
