@@ -275,3 +275,17 @@ def test_stop_must_be_strings_and_a_closed_llama_says_so(gguf_path, llm):
         with pytest.raises(ValueError, match="^this Llama is closed$"):
             call()
     m.close()  # a second close is harmless
+
+
+def test_chat_template_kwargs_reach_the_template(llm):
+    from sambay.chat import ChatFormatter
+
+    llm._chat = ChatFormatter("{% for m in messages %}{{ m.content }}{% endfor %}"
+                              "{% if greeting %}{{ greeting }}{% endif %}")
+    msgs = [{"role": "user", "content": "Compute"}]
+    plain = llm.create_chat_completion(msgs, max_tokens=1, temperature=0)["usage"]["prompt_tokens"]
+    more = llm.create_chat_completion(msgs, max_tokens=1, temperature=0,
+                                      chat_template_kwargs={"greeting": " 12 + 34 = 46"})["usage"]["prompt_tokens"]
+    assert more > plain
+    with pytest.raises(ValueError, match="messages"):
+        llm.create_chat_completion(msgs, chat_template_kwargs={"messages": []})

@@ -217,7 +217,8 @@ def test_sse_framing(srv):
     chunks = [json.loads(e) for e in events[:-1]]
     assert events[-1] == "[DONE]"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
-    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-2]["usage"] == chunks[-1]["usage"]
+    # with include_usage the usage comes once, in the last chunk
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and "usage" not in chunks[-2]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
 
 
@@ -280,13 +281,18 @@ def test_models_health_tokenize(srv, ref):
 
 def test_api_key(model):
     with serving(model, api_key="s3cret") as s:
-        for method, path, body in (("GET", "/health", None), ("GET", "/v1/models", None),
+        for method, path, body in (("GET", "/v1/models", None), ("GET", "/props", None),
                                    ("POST", "/v1/completions", {"prompt": "x"}), ("GET", "/nothing", None)):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                            {"Authorization": "Basic s3cret"}):
                 r = httpx.request(method, s.url + path, json=body, headers=headers, timeout=TIMEOUT)
                 assert _error(r, 401)["code"] == "invalid_api_key"
-        ok = httpx.get(s.url + "/health", headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT)
-        assert ok.status_code == 200
+        # /health is a liveness probe: no key needed
+        assert httpx.get(s.url + "/health", timeout=TIMEOUT).status_code == 200
+        # the scheme in any case (RFC 7235)
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            ok = httpx.get(s.url + "/v1/models", headers={"Authorization": f"{scheme} s3cret"}, timeout=TIMEOUT)
+            assert ok.status_code == 200
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
         out = s.client(api_key="s3cret").completions.create(model="m", prompt=PROMPT, max_tokens=2)
@@ -609,3 +615,77 @@ def test_invalid_schemas_and_grammars_are_400(srv):
     _error(post("/v1/completions", json={"prompt": "x", "response_format": "json"}), 422)
     _error(post("/v1/completions", json={"prompt": "x", "grammar": 5}), 422)
     assert srv.health()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------ what real clients send
+
+
+def test_known_openai_and_llama_cpp_fields_are_accepted(srv, ref, caplog):
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    extras = {"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "cache_prompt": True,
+              "n_keep": 0, "id_slot": -1, "typical_p": 1.0, "mirostat": 0, "samplers": ["top_k"],
+              "timings_per_token": False, "prompt_cache_key": "x"}
+    want = ref.create_chat_completion(MESSAGES, max_tokens=6, temperature=0)["choices"][0]["message"]
+    messages = [{**m, "annotations": [], "id": "msg_1"} for m in MESSAGES]  # extra keys on messages
+    with caplog.at_level("INFO", logger="sambay.server"):
+        for _ in range(2):
+            r = post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0,
+                                                   "reasoning_effort": "low", "chat_template_kwargs": {},
+                                                   "modalities": ["text"], **extras})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want["content"]
+    assert sum("'n_keep'" in m for m in caplog.messages) <= 1  # logged once at most
+    r = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, **extras})
+    assert r.status_code == 200, r.text
+    # the OpenAI SDK's own extras
+    srv.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, store=False,
+                                         metadata={"a": "b"}, service_tier="auto")
+
+
+def test_llama_cpp_fields_with_a_meaning_here_are_mapped(srv, ref):
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    # n_probs -> logprobs
+    r = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "n_probs": 2}).json()
+    assert all(len(t) == 2 for t in r["choices"][0]["logprobs"]["top_logprobs"])
+    r = post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "temperature": 0,
+                                           "n_probs": 2}).json()
+    assert all(len(t["top_logprobs"]) == 2 for t in r["choices"][0]["logprobs"]["content"])
+    # repeat_last_n -> the penalties' window
+    for n in (1, 64):
+        want = ref.create_completion(PROMPT, max_tokens=12, temperature=0, repeat_penalty=1.5,
+                                     penalty_last_n=n)["choices"][0]["text"]
+        got = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                                            "repeat_penalty": 1.5, "repeat_last_n": n}).json()
+        assert got["choices"][0]["text"] == want
+
+
+def test_wrong_types_and_unsupported_values_stay_422(srv):
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    for bad in ({"store": [1]}, {"metadata": "x"}, {"typical_p": 0.5}, {"mirostat": 2}, {"n_probs": -1},
+                {"repeat_last_n": -2}, {"cache_prompt": "maybe"}, {"ignore_eos": True}):
+        err = _error(post("/v1/completions", json={"prompt": "x", **bad}), 422)
+        assert err["param"] == next(iter(bad)) or next(iter(bad)) in err["message"], err
+    _error(post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template_kwargs": {"messages": 1}}), 400)
+    _error(post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template_kwargs": []}), 422)
+
+
+def test_cors_and_props(model):
+    with serving(model, api_key="k", cors_origins=["https://app.example"]) as s:
+        pre = httpx.options(s.url + "/v1/chat/completions", timeout=TIMEOUT, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.get(s.url + "/v1/models", timeout=TIMEOUT,
+                      headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        props = httpx.get(s.url + "/props", headers={"Authorization": "Bearer k"}, timeout=TIMEOUT).json()
+        llm = s.pool.llamas[0]
+        assert props["n_ctx"] == props["default_generation_settings"]["n_ctx"] == llm.n_ctx()
+        assert props["chat_template"] == llm.metadata["tokenizer.chat_template"]
+        assert props["default_generation_settings"]["params"]["temperature"] == llm.sampling_defaults.temperature
+        assert props["total_slots"] == 1
+    with serving(model) as s:  # no --cors-origins: no CORS headers, preflight refused
+        pre = httpx.options(s.url + "/v1/chat/completions", timeout=TIMEOUT, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in pre.headers

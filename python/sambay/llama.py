@@ -569,6 +569,7 @@ class Llama:
         response_format: Optional[dict[str, Any]] = None,
         grammar: Optional[str] = None,
         json_schema: Optional[Union[dict[str, Any], str]] = None,
+        penalty_last_n: Optional[int] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Complete ``prompt`` (OpenAI ``text_completion`` shape; llama-cpp-python's args).
 
@@ -600,7 +601,7 @@ class Llama:
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
         compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
         constraint = None if compiled is None else GrammarConstraint(compiled, self.tokenizer, self.n_vocab())
         prompt_tokens = self._prompt_tokens(prompt, special=False)
@@ -682,6 +683,8 @@ class Llama:
         response_format: Optional[dict[str, Any]] = None,
         grammar: Optional[str] = None,
         json_schema: Optional[Union[dict[str, Any], str]] = None,
+        penalty_last_n: Optional[int] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
@@ -706,6 +709,11 @@ class Llama:
                 :meth:`create_completion`. The constraint applies to the answer: a ``<think>``
                 trace (opened by the prompt or by the reply's first token) stays free, and the
                 grammar starts after ``</think>``.
+            penalty_last_n: how many recent tokens the penalties look at (llama.cpp's
+                ``repeat_last_n``; also on :meth:`create_completion`).
+            chat_template_kwargs: extra variables for the chat template (as transformers'
+                ``apply_chat_template(**kwargs)``); they cannot replace ``messages``, ``tools``,
+                ``add_generation_prompt`` or the special-token names.
 
         A ``reasoning_content`` in the given assistant messages is never rendered into the
         prompt (the template sees ``content`` only).
@@ -722,14 +730,19 @@ class Llama:
         if isinstance(messages, (list, tuple)):
             history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
                        for m in messages]
-        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
+        extra = dict(chat_template_kwargs or {})
+        reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                        "range", "raise_exception"})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
+        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools, **extra)
         prompt_tokens = self.tokenize(prompt, special=True)
         n_top = (top_logprobs or 0) if logprobs else None
         stops = _stop_strings(stop)
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
         split = reasoning_format == "deepseek"
         splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
         constraint = None
