@@ -289,3 +289,39 @@ def test_chat_template_kwargs_reach_the_template(llm):
     assert more > plain
     with pytest.raises(ValueError, match="messages"):
         llm.create_chat_completion(msgs, chat_template_kwargs={"messages": []})
+
+
+def test_logit_bias_logits_processor_and_stopping_criteria(llm):
+    from sambay import LogitsProcessorList, StoppingCriteriaList
+
+    greedy = llm(PROMPT, max_tokens=6, temperature=0)["choices"][0]["text"]
+    target = llm.tokenize(" x")[-1]
+    piece = llm.tokenizer.token_bytes(target).decode()
+    # a large bias makes one token win every step (ids as ints or, as in OpenAI's JSON, strings)
+    for bias in ({target: 1000.0}, {str(target): 1000.0}):
+        assert llm(PROMPT, max_tokens=4, temperature=0, logit_bias=bias)["choices"][0]["text"] == piece * 4
+    # a processor sees the evaluated ids and the scores, and its scores are what is sampled
+    seen = []
+
+    def only_target(input_ids, scores):
+        seen.append(len(input_ids))
+        scores[:] = -np.inf
+        scores[target] = 0.0
+        return scores
+
+    out = llm(PROMPT, max_tokens=3, temperature=0.9, seed=1, logits_processor=LogitsProcessorList([only_target]))
+    assert out["choices"][0]["text"] == piece * 3
+    n_prompt = len(llm.tokenize(PROMPT))
+    assert seen == [n_prompt, n_prompt + 1, n_prompt + 2]
+    # stopping criteria (llama-cpp-python's arguments: the ids evaluated before the new token):
+    # stop at the second generated token, its text included
+    stop_after = StoppingCriteriaList([lambda ids, logits: len(ids) >= n_prompt + 1])
+    out = llm(PROMPT, max_tokens=6, temperature=0, stopping_criteria=stop_after)
+    assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 2
+    assert greedy.startswith(out["choices"][0]["text"]) and out["choices"][0]["text"]
+    chat = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+                                      logit_bias={target: 1000.0})
+    assert chat["choices"][0]["message"]["content"].strip() == (piece * 3).strip()
+    for bad in ({"nope": 1.0}, {llm.n_vocab(): 1.0}, {target: float("nan")}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            llm(PROMPT, max_tokens=1, logit_bias=bad)

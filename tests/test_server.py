@@ -237,7 +237,7 @@ def test_invalid_requests_get_openai_errors_never_500(srv):
     assert err["param"] == "temperature"
     for bad in ({"prompt": "x", "temperature": 3}, {"prompt": "x", "n": 2}, {"prompt": "x", "logprobs": -1},
                 {"prompt": "x", "stop": [""]}, {"prompt": ["a", "b"]}, {}, [1, 2],
-                {"prompt": "x", "logit_bias": {"5": 1.0}}):
+                {"prompt": "x", "logit_bias": {"5": 101.0}}, {"prompt": "x", "logit_bias": {"a": 1.0}}):
         _error(post("/v1/completions", json=bad), 422)
     for bad in ({"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]},
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
@@ -650,6 +650,13 @@ def test_llama_cpp_fields_with_a_meaning_here_are_mapped(srv, ref):
     r = post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "temperature": 0,
                                            "n_probs": 2}).json()
     assert all(len(t["top_logprobs"]) == 2 for t in r["choices"][0]["logprobs"]["content"])
+    # logit_bias (OpenAI's): token ids as strings
+    x = ref.tokenize(" x")[-1]
+    want = ref.create_completion(PROMPT, max_tokens=4, temperature=0, logit_bias={x: 100.0})["choices"][0]["text"]
+    got = srv.client().completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0,
+                                          logit_bias={str(x): 100}).choices[0].text
+    assert got == want == ref.tokenizer.token_bytes(x).decode() * 4
+    _error(post("/v1/completions", json={"prompt": "x", "logit_bias": {"99999999": 1}}), 400)
     # repeat_last_n -> the penalties' window
     for n in (1, 64):
         want = ref.create_completion(PROMPT, max_tokens=12, temperature=0, repeat_penalty=1.5,

@@ -14,7 +14,8 @@ from .errors import (AbortedError, ChatTemplateError, ComputeError, ContextFullE
                      LoadError, MissingDependencyError, PullError, QuantizeError, StateError, TokenizerError)
 from .llama import Llama, LlamaState
 from .quantization import QUANT_TYPES, quantize
-from .sampling import SamplingParams
+from .sampling import LogitsProcessorList, SamplingParams, StoppingCriteriaList
+from .structured import GrammarError
 
 __all__ = [
     "AbortedError",
@@ -22,15 +23,18 @@ __all__ = [
     "ComputeError",
     "ContextFullError",
     "GGUFMetadataError",
+    "GrammarError",
     "Llama",
     "LlamaState",
     "LoadError",
+    "LogitsProcessorList",
     "MissingDependencyError",
     "PullError",
     "QUANT_TYPES",
     "QuantizeError",
     "SamplingParams",
     "StateError",
+    "StoppingCriteriaList",
     "TokenizerError",
     "__version__",
     "demo_model_path",

@@ -21,7 +21,8 @@ from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
 from .reasoning import (FORCED_CLOSE, THINK_OPEN, ReasoningBudget, ReasoningSplitter,
                         check_reasoning_format, prompt_opens_trace, resolve_budget)
-from .sampling import SamplingParams, log_softmax, make_rng, mask_logits, sample
+from .sampling import (LogitsProcessor, SamplingParams, StoppingCriteria, adjust_logits, check_logit_bias,
+                       log_softmax, make_rng, sample)
 from .structured import GrammarConstraint, compile_grammar
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -381,6 +382,8 @@ class Llama:
         reset: bool = True,
         force: Optional[Callable[[], Optional[int]]] = None,
         constraint: Optional[GrammarConstraint] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
         **overrides: Any,
     ) -> Iterator[int]:
         """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
@@ -399,11 +402,15 @@ class Llama:
             constraint: a grammar (:class:`sambay.structured.GrammarConstraint`): the tokens it
                 does not allow are masked out of the logits before sampling, and every token
                 taken is passed to it.
+            logits_processor: llama-cpp-python's: ``(input_ids, scores) -> scores`` (a
+                :class:`~sambay.sampling.LogitsProcessorList` or one callable), before sampling.
+            logit_bias: ``{token id: bias}`` added to the logits before sampling.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
             raise ValueError("the prompt is empty")
         params = (params or self.sampling_defaults).with_overrides(**overrides)
+        bias = check_logit_bias(logit_bias, self.n_vocab())
         rng = make_rng(seed) if seed is not None else self._rng
         self._ctx._c.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
@@ -420,10 +427,9 @@ class Llama:
             if forced is not None:
                 token = forced
             else:
-                logits = self._last_logits
-                allowed = constraint.bitmask() if constraint is not None else None
-                if allowed is not None:
-                    logits = mask_logits(logits, allowed)
+                logits = adjust_logits(self._last_logits, self._input_ids, logits_processor=logits_processor,
+                                       logit_bias=bias,
+                                       bitmask=constraint.bitmask() if constraint is not None else None)
                 token = sample(logits, params, rng, self._input_ids)
             if constraint is not None:
                 constraint.accept(token)
@@ -471,6 +477,9 @@ class Llama:
         prompt_text: str,
         force: Optional[Callable[[], Optional[int]]] = None,
         constraint: Optional[GrammarConstraint] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
+        stopping_criteria: Optional[StoppingCriteria] = None,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
         self._ctx.check_fits(len(prompt_tokens))
@@ -493,7 +502,8 @@ class Llama:
             yield prompt_text, lp, None
         count = 0
         for token in self.generate(prompt_tokens, params=params, seed=seed, force=force,
-                                   constraint=constraint):
+                                   constraint=constraint, logits_processor=logits_processor,
+                                   logit_bias=logit_bias):
             if token in tok.eog_ids:
                 yield stops.feed(decoder.flush()) + stops.flush(), None, "stop"
                 return
@@ -504,7 +514,11 @@ class Llama:
                 assert self._last_logits is not None
                 lp = self._token_logprobs(self._last_logits, token, logprobs, text_offset)
                 text_offset += len(piece)
-            if stops.stopped:
+            # llama-cpp-python's check: the evaluated tokens (not yet this one) and its logits
+            if stops.stopped or (stopping_criteria is not None and stopping_criteria(
+                    np.asarray(self._input_ids, dtype=np.intc), self._last_logits)):
+                if not stops.stopped:
+                    piece += stops.feed(decoder.flush()) + stops.flush()
                 yield piece, lp, "stop"
                 return
             if budget is not None and count >= budget:
@@ -570,6 +584,9 @@ class Llama:
         grammar: Optional[str] = None,
         json_schema: Optional[Union[dict[str, Any], str]] = None,
         penalty_last_n: Optional[int] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        stopping_criteria: Optional[StoppingCriteria] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Complete ``prompt`` (OpenAI ``text_completion`` shape; llama-cpp-python's args).
 
@@ -585,6 +602,12 @@ class Llama:
         (``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema":
         ...}}``), ``json_schema`` (a JSON Schema) or ``grammar`` (a GBNF grammar) restricts the
         text to what they allow (see :mod:`sambay.structured`).
+
+        As in llama-cpp-python: ``logit_bias`` (``{token id: bias}``, added to the logits),
+        ``logits_processor`` (``(input_ids, scores) -> scores``, e.g. a
+        :class:`~sambay.sampling.LogitsProcessorList`) and ``stopping_criteria``
+        (``(input_ids, logits) -> bool``, checked after each token; True ends the text there
+        with ``finish_reason`` "stop").
 
         Raises:
             ValueError: invalid arguments or invalid token ids.
@@ -616,6 +639,7 @@ class Llama:
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
             logprobs=logprobs, echo=echo, prompt_text=prompt_text, constraint=constraint,
+            logits_processor=logits_processor, logit_bias=logit_bias, stopping_criteria=stopping_criteria,
         )
 
         def chunk(text: str, lp: Optional[dict[str, Any]], reason: Optional[str]) -> dict[str, Any]:
@@ -685,6 +709,9 @@ class Llama:
         json_schema: Optional[Union[dict[str, Any], str]] = None,
         penalty_last_n: Optional[int] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        stopping_criteria: Optional[StoppingCriteria] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
@@ -714,6 +741,7 @@ class Llama:
             chat_template_kwargs: extra variables for the chat template (as transformers'
                 ``apply_chat_template(**kwargs)``); they cannot replace ``messages``, ``tools``,
                 ``add_generation_prompt`` or the special-token names.
+            logit_bias, logits_processor, stopping_criteria: as for :meth:`create_completion`.
 
         A ``reasoning_content`` in the given assistant messages is never rendered into the
         prompt (the template sees ``content`` only).
@@ -756,6 +784,7 @@ class Llama:
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
             logprobs=n_top, echo=False, prompt_text=prompt, force=force, constraint=constraint,
+            logits_processor=logits_processor, logit_bias=logit_bias, stopping_criteria=stopping_criteria,
         )
 
         def parts() -> Iterator[tuple[str, str, Optional[dict[str, Any]], Optional[str]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -166,6 +166,67 @@ def sample(
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
     return int(cand[rng.choice(len(cand), p=probs)])
+
+
+class LogitsProcessorList(list):
+    """llama-cpp-python's ``LogitsProcessorList``: callables ``(input_ids, scores) -> scores``
+    applied in turn (``input_ids``: the evaluated tokens, ``scores``: the next token's logits)."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(list):
+    """llama-cpp-python's ``StoppingCriteriaList``: callables ``(input_ids, logits) -> bool``;
+    generation stops once any says so."""
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return any(criterion(input_ids, logits) for criterion in self)
+
+
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
+
+
+def check_logit_bias(bias: Optional[Mapping[Any, Any]], n_vocab: int) -> dict[int, float]:
+    """``bias`` as ``{token id: float}`` (OpenAI's JSON gives the ids as strings).
+
+    Raises:
+        ValueError: a key that is not a token id, or a value that is not a finite number.
+    """
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias: {key!r} is not a token id") from None
+        if isinstance(key, (bool, float)) or not 0 <= tid < n_vocab:
+            raise ValueError(f"logit_bias: {key!r} is not a token id (n_vocab is {n_vocab})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"logit_bias[{key!r}] must be a finite number, got {value!r}")
+        out[tid] = float(value)
+    return out
+
+
+def adjust_logits(logits: np.ndarray, input_ids: Sequence[int], *,
+                  logits_processor: Optional[LogitsProcessor] = None,
+                  logit_bias: Optional[Mapping[int, float]] = None,
+                  bitmask: Optional[np.ndarray] = None) -> np.ndarray:
+    """The logits the sampler sees, in llama-cpp-python's order: the user's processors, the
+    logit bias (added), then a grammar's mask (:func:`mask_logits`). ``logits`` itself is
+    never modified."""
+    if logits_processor is not None:
+        logits = np.asarray(logits_processor(np.asarray(input_ids, dtype=np.intc), logits.copy()),
+                            dtype=np.float32)
+    if logit_bias:
+        logits = logits.copy()
+        ids = np.fromiter(logit_bias.keys(), dtype=np.int64, count=len(logit_bias))
+        logits[ids] += np.fromiter(logit_bias.values(), dtype=np.float32, count=len(logit_bias))
+    if bitmask is not None:
+        logits = mask_logits(logits, bitmask)
+    return logits
 
 
 def mask_logits(logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 Requests forbid unknown fields (a typo must not be silently ignored). Every sampling knob is
 optional: a field left out takes :class:`sambay.Llama`'s default, so a request and the same call
 through the Python API give the same text. Fields OpenAI defines that sambay cannot honour
-(``n > 1``, a non-empty ``logit_bias``, image parts, ...) are rejected with a clear message rather
+(``n > 1``, image parts, ...) are rejected with a clear message rather
 than ignored. ``response_format``, ``json_schema`` and ``grammar`` constrain the output
 (:mod:`sambay.structured`). Responses are validated too, and dumped with ``exclude_unset`` so the JSON keeps
 exactly the keys the engine produced.
@@ -132,16 +132,19 @@ class _Sampling(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (v or {}).items():  # OpenAI's rules; the token ids are checked by the model
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields that were given, as :class:`sambay.Llama` keyword arguments."""
         names = ("max_tokens", "temperature", "top_p", "stop", "presence_penalty",
                  "frequency_penalty", "seed", "top_k", "min_p", "repeat_penalty",
-                 "response_format", "json_schema", "grammar")
+                 "response_format", "json_schema", "grammar", "logit_bias")
         kw = self.model_dump(include=set(names), exclude_unset=True, exclude_none=True)
         if self.repeat_last_n is not None:
             kw["penalty_last_n"] = self.repeat_last_n if self.repeat_last_n >= 0 else 2**31 - 1
