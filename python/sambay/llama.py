@@ -6,6 +6,7 @@ chunks from it, and the non-streaming calls drain the same stream, so the two ca
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from . import _compat
 from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
@@ -27,6 +29,7 @@ from .structured import GrammarConstraint, compile_grammar
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = Union[str, bytes, Sequence[int]]
+_log = logging.getLogger("sambay")
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,13 @@ class Llama:
         n_threads: threads for single-token decoding (default: half the cores; 0: all cores).
         n_threads_batch: threads for prompt processing (default and 0: all cores).
         n_gpu_layers: layers to put on a GPU when the installed ggml has one (-1: all, 0: none).
-        seed: seed of the sampler's generator (None: fresh entropy); a call's ``seed`` wins.
+        seed: seed of the sampler's generator (None, or llama-cpp-python's -1: fresh entropy);
+            a call's ``seed`` wins.
         logits_all: keep the logits of every prompt position (needed for prompt logprobs
             with ``echo``); otherwise only the last position's logits are computed, and the
             cross-decoder runs on one row during prefill.
-        chat_format: ignored unless ``"chatml"``-style names are registered later; the chat
-            template comes from the GGUF (``tokenizer.chat_template``).
+        chat_format: must be None: the chat template comes from the GGUF
+            (``tokenizer.chat_template``); another format raises ValueError.
         kv_type: ``"f16"`` (default), ``"bf16"`` or ``"f32"`` for the attention caches.
         device: ``"auto"`` (a GPU when present), ``"cpu"``, or a ggml device name.
         max_snapshots: how many prompt-end state snapshots to keep for prefix reuse.
@@ -105,6 +109,12 @@ class Llama:
         model: an already-loaded :class:`sambay.engine.Model` of ``model_path`` to share
             (its weights are not loaded again; ``device``, ``n_gpu_layers`` and ``use_mmap``
             are then the model's). See :meth:`from_model`.
+        n_ubatch, flash_attn, type_k, type_v: llama-cpp-python's: ``n_ubatch`` bounds
+            ``n_batch`` (the micro-batch here), ``flash_attn`` uses ggml's fused attention,
+            ``type_k``/``type_v`` (ggml type ids or names; the same for both) set ``kv_type``.
+        **llama_cpp_kwargs: llama-cpp-python's other keywords (``use_mlock``, ``rope_freq_base``,
+            ``offload_kqv``, ...: :data:`sambay._compat.IGNORED_KEYWORDS`) are accepted with one
+            warning each, as they change nothing here; any other keyword is a TypeError.
 
     Attributes:
         sampling_defaults: the :class:`~sambay.sampling.SamplingParams` a call's sampling
@@ -135,7 +145,18 @@ class Llama:
         max_snapshots: int = 4,
         verbose: bool = True,
         model: Optional[Model] = None,
+        n_ubatch: Optional[int] = None,
+        flash_attn: bool = False,
+        type_k: Any = None,
+        type_v: Any = None,
+        **llama_cpp_kwargs: Any,
     ) -> None:
+        # llama-cpp-python's keywords (sambay._compat): mapped, or a warning once
+        n_batch, kv_type, seed = _compat.resolve(llama_cpp_kwargs, n_batch=n_batch, n_ubatch=n_ubatch,
+                                                 kv_type=kv_type, type_k=type_k, type_v=type_v, seed=seed)
+        if chat_format is not None:
+            raise ValueError(f"chat_format={chat_format!r}: sambay renders the GGUF's own chat template "
+                             "(tokenizer.chat_template); leave chat_format unset")
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)
@@ -162,7 +183,7 @@ class Llama:
             path, device=device, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         self._ctx = Context(
             self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type,
+            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type, flash_attn=flash_attn,
         )
         self.metadata: dict[str, Any] = dict(self._model.metadata())
         # the file's recommended settings (general.sampling.*) over the library's defaults
@@ -181,6 +202,12 @@ class Llama:
         self._snapshots: list[LlamaState] = []
         self.last_timings = Timings()
         self.n_tokens_evaluated = 0  # total tokens run through the engine (prefix-reuse tests)
+        if verbose:
+            mem = self.memory_breakdown()
+            _log.info("loaded %s: n_vocab %d, n_embd %d, device %s; context n_ctx %d, n_batch %d, kv %s, "
+                      "flash_attn %s, %.1f MiB", path, self.n_vocab(), self.n_embd(), self.device,
+                      self.n_ctx(), self._ctx.n_batch, kv_type, self._ctx.flash_attn,
+                      sum(mem.values()) / 2**20)
 
     @classmethod
     def from_model(cls, model: Model, **kwargs: Any) -> "Llama":
@@ -243,8 +270,41 @@ class Llama:
         """Rows of the output layer (the vocabulary size)."""
         return int(self._model.n_vocab)
 
+    def n_embd(self) -> int:
+        """Width of the model's hidden state."""
+        return int(self._model.n_embd)
+
     def token_eos(self) -> Optional[int]:
         return self.tokenizer.eos_id
+
+    def token_nl(self) -> int:
+        """The id of the newline token."""
+        return self.tokenize("\n")[-1]
+
+    def set_seed(self, seed: int) -> None:
+        """Reseed the sampler's generator (llama-cpp-python's; -1: fresh entropy)."""
+        self._rng = make_rng(None if seed in _compat.RANDOM_SEEDS else seed)
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens the context has evaluated."""
+        return len(self._input_ids)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Logits, float32 ``[rows, n_vocab]``: with ``logits_all``, one row per token of the
+        last :meth:`eval` call (a prompt's positions; a generation step evaluates one token),
+        else the row after the last evaluated token (empty before any)."""
+        if self.logits_all and self._all_logits:
+            return np.stack(self._all_logits)
+        if self._last_logits is None:
+            return np.zeros((0, self.n_vocab()), dtype=np.float32)
+        return self._last_logits[None, :].copy()
+
+    @property
+    def eval_logits(self) -> list[list[float]]:
+        """:attr:`scores` as lists (llama-cpp-python's ``eval_logits``)."""
+        return self.scores.tolist()
 
     def token_bos(self) -> Optional[int]:
         return self.tokenizer.bos_id
