@@ -98,3 +98,18 @@ def test_min_p_prefilter_without_top_k_matches_the_definition():
     n = int(np.searchsorted(np.cumsum(probs), 0.9)) + 1
     n = min(n, int(np.count_nonzero(probs >= 0.02 * probs[0])))
     assert list(got) == list(order[:n])
+
+
+def test_typical_p_matches_llama_cpp():
+    # p 0.5 .2 .15 .1 .05: entropy 1.333 nats; |surprise - entropy| orders the tokens 1, 2, 0, 3, 4
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))
+    keep = lambda typical, **kw: list(candidates(logits, SamplingParams(  # noqa: E731
+        top_k=kw.get("top_k", 0), top_p=1.0, min_p=0.0, typical_p=typical)))
+    assert keep(0.1) == [1]  # at least one
+    assert keep(0.3) == [1, 2]  # 0.2 + 0.15 > 0.3
+    assert keep(0.5) == [0, 1, 2]  # 0.2 + 0.15 + 0.5 > 0.5, most likely first again
+    assert keep(1.0) == [0, 1, 2, 3, 4]
+    # after top-k the distribution is that of the k kept (p .5/.7, .2/.7: entropy 0.598 nats)
+    assert keep(0.5, top_k=2) == [0]
+    with pytest.raises(ValueError, match="typical_p"):
+        SamplingParams(typical_p=1.5)

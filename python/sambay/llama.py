@@ -644,6 +644,7 @@ class Llama:
         grammar: Optional[str] = None,
         json_schema: Optional[Union[dict[str, Any], str]] = None,
         penalty_last_n: Optional[int] = None,
+        typical_p: Optional[float] = None,
         logit_bias: Optional[dict[Any, float]] = None,
         logits_processor: Optional[LogitsProcessor] = None,
         stopping_criteria: Optional[StoppingCriteria] = None,
@@ -684,7 +685,7 @@ class Llama:
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p)
         compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
         constraint = None if compiled is None else GrammarConstraint(compiled, self.tokenizer, self.n_vocab())
         prompt_tokens = self._prompt_tokens(prompt, special=False)
@@ -768,6 +769,7 @@ class Llama:
         grammar: Optional[str] = None,
         json_schema: Optional[Union[dict[str, Any], str]] = None,
         penalty_last_n: Optional[int] = None,
+        typical_p: Optional[float] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
         logit_bias: Optional[dict[Any, float]] = None,
         logits_processor: Optional[LogitsProcessor] = None,
@@ -798,6 +800,8 @@ class Llama:
                 grammar starts after ``</think>``.
             penalty_last_n: how many recent tokens the penalties look at (llama.cpp's
                 ``repeat_last_n``; also on :meth:`create_completion`).
+            typical_p: locally typical sampling's probability mass (1: off; also on
+                :meth:`create_completion`).
             chat_template_kwargs: extra variables for the chat template (as transformers'
                 ``apply_chat_template(**kwargs)``); they cannot replace ``messages``, ``tools``,
                 ``add_generation_prompt`` or the special-token names.
@@ -830,7 +834,7 @@ class Llama:
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p)
         split = reasoning_format == "deepseek"
         splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
         constraint = None

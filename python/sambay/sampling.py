@@ -1,7 +1,8 @@
 """Token sampling with llama.cpp's semantics, on NumPy.
 
 The chain, as llama-cpp-python runs it: repetition/frequency/presence penalties over the last
-``penalty_last_n`` tokens, then top-k, top-p and min-p on the temperature-1 distribution, then
+``penalty_last_n`` tokens, then top-k, locally typical (``typical_p``), top-p and min-p on the
+temperature-1 distribution, then
 temperature, then a draw from a seeded generator. ``temperature <= 0`` is greedy (argmax after
 the penalties).
 """
@@ -39,10 +40,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
+    typical_p: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty"):
+                     "frequency_penalty", "typical_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -52,6 +54,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not 0.0 <= self.typical_p <= 1.0:
+            raise ValueError(f"typical_p must be in [0, 1], got {self.typical_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0.0:
@@ -136,6 +140,8 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         total = float(np.exp(logits.astype(np.float64) - top).sum())
     else:
         order = np.argsort(-logits, kind="stable")
+    if params.typical_p < 1.0:
+        order, total = _typical(logits, order, params.typical_p), None
     if params.top_p >= 1.0 and params.min_p <= 0.0:
         return order
     top = logits[order].astype(np.float64)
@@ -147,6 +153,21 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.min_p > 0.0:
         n = min(n, max(1, int(np.count_nonzero(probs >= params.min_p * probs[0]))))
     return order[: max(1, n)]
+
+
+def _typical(logits: np.ndarray, order: np.ndarray, p: float) -> np.ndarray:
+    """Locally typical sampling (llama.cpp's ``typical``): of the candidates ``order``, keep
+    those whose surprise is closest to the distribution's entropy, up to probability mass
+    ``p`` (at least one); most likely first again."""
+    x = logits[order].astype(np.float64)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    logp = np.log(np.maximum(probs, np.finfo(np.float64).tiny))
+    entropy = -float(np.sum(probs * logp))
+    by_typicality = np.argsort(np.abs(-logp - entropy), kind="stable")
+    n = int(np.searchsorted(np.cumsum(probs[by_typicality]), p, side="right")) + 1  # llama.cpp: sum > p
+    kept = np.sort(by_typicality[: max(1, n)])  # positions in order: sorted = most likely first
+    return order[kept]
 
 
 def sample(
