@@ -325,3 +325,12 @@ def test_logit_bias_logits_processor_and_stopping_criteria(llm):
     for bad in ({"nope": 1.0}, {llm.n_vocab(): 1.0}, {target: float("nan")}):
         with pytest.raises(ValueError, match="logit_bias"):
             llm(PROMPT, max_tokens=1, logit_bias=bad)
+
+
+def test_mirostat_generation_is_seeded(llm):
+    kw = dict(max_tokens=8, temperature=0.9, mirostat_mode=2, mirostat_tau=3.0, mirostat_eta=0.2)
+    a = llm(PROMPT, seed=4, **kw)["choices"][0]["text"]
+    assert a == llm(PROMPT, seed=4, **kw)["choices"][0]["text"]
+    assert llm(PROMPT, seed=4, **{**kw, "mirostat_mode": 1})["usage"]["completion_tokens"] >= 1
+    with pytest.raises(ValueError, match="mirostat"):
+        llm(PROMPT, max_tokens=1, mirostat_mode=5)

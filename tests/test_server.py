@@ -657,11 +657,13 @@ def test_llama_cpp_fields_with_a_meaning_here_are_mapped(srv, ref):
                                           logit_bias={str(x): 100}).choices[0].text
     assert got == want == ref.tokenizer.token_bytes(x).decode() * 4
     _error(post("/v1/completions", json={"prompt": "x", "logit_bias": {"99999999": 1}}), 400)
-    # typical_p: the same text as the Python API
-    want = ref.create_completion(PROMPT, max_tokens=8, temperature=0.9, seed=5, typical_p=0.3)["choices"][0]["text"]
-    got = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0.9, "seed": 5,
-                                        "typical_p": 0.3}).json()["choices"][0]["text"]
-    assert got == want
+    # typical_p and mirostat: the same text as the Python API
+    for api, http in (({"typical_p": 0.3}, {"typical_p": 0.3}),
+                      ({"mirostat_mode": 2, "mirostat_tau": 3.0}, {"mirostat": 2, "mirostat_tau": 3.0})):
+        want = ref.create_completion(PROMPT, max_tokens=8, temperature=0.9, seed=5, **api)["choices"][0]["text"]
+        got = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0.9, "seed": 5,
+                                            **http}).json()["choices"][0]["text"]
+        assert got == want
     # repeat_last_n -> the penalties' window
     for n in (1, 64):
         want = ref.create_completion(PROMPT, max_tokens=12, temperature=0, repeat_penalty=1.5,
@@ -673,7 +675,7 @@ def test_llama_cpp_fields_with_a_meaning_here_are_mapped(srv, ref):
 
 def test_wrong_types_and_unsupported_values_stay_422(srv):
     post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
-    for bad in ({"store": [1]}, {"metadata": "x"}, {"typical_p": 1.5}, {"mirostat": 2}, {"n_probs": -1},
+    for bad in ({"store": [1]}, {"metadata": "x"}, {"typical_p": 1.5}, {"mirostat": 3}, {"tfs_z": 0.5}, {"n_probs": -1},
                 {"repeat_last_n": -2}, {"cache_prompt": "maybe"}, {"ignore_eos": True}):
         err = _error(post("/v1/completions", json={"prompt": "x", **bad}), 422)
         assert err["param"] == next(iter(bad)) or next(iter(bad)) in err["message"], err

@@ -23,8 +23,8 @@ from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
 from .reasoning import (FORCED_CLOSE, THINK_OPEN, ReasoningBudget, ReasoningSplitter,
                         check_reasoning_format, prompt_opens_trace, resolve_budget)
-from .sampling import (LogitsProcessor, SamplingParams, StoppingCriteria, adjust_logits, check_logit_bias,
-                       log_softmax, make_rng, sample)
+from .sampling import (LogitsProcessor, MirostatState, SamplingParams, StoppingCriteria, adjust_logits,
+                       check_logit_bias, log_softmax, make_rng, sample)
 from .structured import GrammarConstraint, compile_grammar
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -471,6 +471,7 @@ class Llama:
             raise ValueError("the prompt is empty")
         params = (params or self.sampling_defaults).with_overrides(**overrides)
         bias = check_logit_bias(logit_bias, self.n_vocab())
+        mirostat = MirostatState(params) if params.mirostat else None
         rng = make_rng(seed) if seed is not None else self._rng
         self._ctx._c.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
@@ -490,7 +491,7 @@ class Llama:
                 logits = adjust_logits(self._last_logits, self._input_ids, logits_processor=logits_processor,
                                        logit_bias=bias,
                                        bitmask=constraint.bitmask() if constraint is not None else None)
-                token = sample(logits, params, rng, self._input_ids)
+                token = sample(logits, params, rng, self._input_ids, mirostat)
             if constraint is not None:
                 constraint.accept(token)
             self.last_timings.generated_tokens += 1
@@ -645,6 +646,9 @@ class Llama:
         json_schema: Optional[Union[dict[str, Any], str]] = None,
         penalty_last_n: Optional[int] = None,
         typical_p: Optional[float] = None,
+        mirostat_mode: Optional[int] = None,
+        mirostat_tau: Optional[float] = None,
+        mirostat_eta: Optional[float] = None,
         logit_bias: Optional[dict[Any, float]] = None,
         logits_processor: Optional[LogitsProcessor] = None,
         stopping_criteria: Optional[StoppingCriteria] = None,
@@ -685,7 +689,8 @@ class Llama:
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p,
+            mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
         compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
         constraint = None if compiled is None else GrammarConstraint(compiled, self.tokenizer, self.n_vocab())
         prompt_tokens = self._prompt_tokens(prompt, special=False)
@@ -770,6 +775,9 @@ class Llama:
         json_schema: Optional[Union[dict[str, Any], str]] = None,
         penalty_last_n: Optional[int] = None,
         typical_p: Optional[float] = None,
+        mirostat_mode: Optional[int] = None,
+        mirostat_tau: Optional[float] = None,
+        mirostat_eta: Optional[float] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
         logit_bias: Optional[dict[Any, float]] = None,
         logits_processor: Optional[LogitsProcessor] = None,
@@ -802,6 +810,9 @@ class Llama:
                 ``repeat_last_n``; also on :meth:`create_completion`).
             typical_p: locally typical sampling's probability mass (1: off; also on
                 :meth:`create_completion`).
+            mirostat_mode, mirostat_tau, mirostat_eta: llama.cpp's Mirostat (mode 1) or
+                Mirostat 2.0 (mode 2) instead of top-k/typical/top-p/min-p, aiming at ``tau``
+                bits of surprise with learning rate ``eta`` (also on :meth:`create_completion`).
             chat_template_kwargs: extra variables for the chat template (as transformers'
                 ``apply_chat_template(**kwargs)``); they cannot replace ``messages``, ``tools``,
                 ``add_generation_prompt`` or the special-token names.
@@ -834,7 +845,8 @@ class Llama:
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p,
+            mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
         split = reasoning_format == "deepseek"
         splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
         constraint = None

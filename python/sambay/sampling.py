@@ -4,7 +4,9 @@ The chain, as llama-cpp-python runs it: repetition/frequency/presence penalties 
 ``penalty_last_n`` tokens, then top-k, locally typical (``typical_p``), top-p and min-p on the
 temperature-1 distribution, then
 temperature, then a draw from a seeded generator. ``temperature <= 0`` is greedy (argmax after
-the penalties).
+the penalties). With ``mirostat`` 1 or 2 (llama.cpp's Mirostat samplers) the truncation is
+Mirostat's instead: penalties, temperature, then Mirostat, which keeps its target surprise
+``mu`` across the tokens of one generation (:class:`MirostatState`).
 """
 
 from __future__ import annotations
@@ -41,19 +43,24 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     typical_p: float = 1.0
+    mirostat: int = 0  # 0: off, 1: Mirostat, 2: Mirostat 2.0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty", "typical_p"):
+                     "frequency_penalty", "typical_p", "mirostat_tau", "mirostat_eta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("top_k", "penalty_last_n"):
+        for name in ("top_k", "penalty_last_n", "mirostat"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.mirostat not in (0, 1, 2):
+            raise ValueError(f"mirostat must be 0 (off), 1 or 2, got {self.mirostat}")
         if not 0.0 <= self.typical_p <= 1.0:
             raise ValueError(f"typical_p must be in [0, 1], got {self.typical_p}")
         if not 0.0 <= self.min_p <= 1.0:
@@ -170,16 +177,58 @@ def _typical(logits: np.ndarray, order: np.ndarray, p: float) -> np.ndarray:
     return order[kept]
 
 
+class MirostatState:
+    """Mirostat's running target surprise ``mu`` (bits), for the tokens of one generation."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.mu = 2.0 * params.mirostat_tau
+
+
+def _mirostat(scaled: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+              state: MirostatState) -> int:
+    """llama.cpp's Mirostat (1) and Mirostat 2.0 (2) on temperature-scaled logits."""
+    order = np.argsort(-scaled, kind="stable")
+    x = scaled[order].astype(np.float64)
+    probs = np.exp(x - x[0])
+    probs /= probs.sum()
+    tiny = np.finfo(np.float64).tiny
+    if params.mirostat == 1:
+        # the Zipf exponent s_hat from the m = 100 most likely tokens, then the top k for mu
+        m = min(100, len(probs)) - 1
+        i = np.arange(m, dtype=np.float64)
+        t = np.log((i + 2) / (i + 1))
+        b = np.log(np.maximum(probs[:m], tiny) / np.maximum(probs[1:m + 1], tiny))
+        s_hat = float(np.sum(t * b) / np.sum(t * t)) if m > 0 else 1.0
+        eps = s_hat - 1.0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            k = float(np.power(eps * np.power(2.0, state.mu) / (1.0 - np.power(-eps, float(len(probs)))),
+                               1.0 / s_hat))
+        n = len(probs) if k == math.inf else max(1, int(k)) if math.isfinite(k) else 1
+    else:  # the tokens whose surprise -log2 p is at most mu
+        n = int(np.count_nonzero(-np.log2(np.maximum(probs, tiny)) <= state.mu))
+    n = min(max(1, n), len(probs))
+    kept = probs[:n] / probs[:n].sum()
+    idx = int(rng.choice(n, p=kept))
+    state.mu -= params.mirostat_eta * (-math.log2(kept[idx]) - params.mirostat_tau)
+    return int(order[idx])
+
+
 def sample(
     logits: np.ndarray,
     params: SamplingParams,
     rng: np.random.Generator,
     recent: Sequence[int] = (),
+    mirostat: Optional[MirostatState] = None,
 ) -> int:
-    """Draw the next token id from one row of logits."""
+    """Draw the next token id from one row of logits (``mirostat``: the state Mirostat keeps
+    across one generation's tokens; needed when ``params.mirostat`` is on)."""
     adjusted = apply_penalties(logits, recent, params)
     if params.greedy:
         return int(np.argmax(adjusted))
+    if params.mirostat:
+        if mirostat is None:
+            raise ValueError("mirostat sampling needs a MirostatState")
+        return _mirostat(adjusted / np.float32(params.temperature), params, rng, mirostat)
     cand = candidates(adjusted, params)
     if len(cand) == 1:
         return int(cand[0])

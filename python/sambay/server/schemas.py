@@ -102,8 +102,10 @@ class _Sampling(_Request):
     post_sampling_probs: Optional[bool] = None
     samplers: Optional[list[str]] = None
     typical_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    mirostat: Optional[int] = Field(None, ge=0, le=2, description="0: off, 1: Mirostat, 2: Mirostat 2.0")
+    mirostat_tau: Optional[float] = Field(None, ge=0.0)
+    mirostat_eta: Optional[float] = Field(None, ge=0.0)
     # llama.cpp samplers sambay does not have: accepted at the value that turns them off
-    mirostat: Optional[int] = None
     tfs_z: Optional[float] = None
     dry_multiplier: Optional[float] = None
     xtc_probability: Optional[float] = None
@@ -144,8 +146,11 @@ class _Sampling(_Request):
         """The fields that were given, as :class:`sambay.Llama` keyword arguments."""
         names = ("max_tokens", "temperature", "top_p", "stop", "presence_penalty",
                  "frequency_penalty", "seed", "top_k", "min_p", "repeat_penalty",
-                 "response_format", "json_schema", "grammar", "logit_bias", "typical_p")
+                 "response_format", "json_schema", "grammar", "logit_bias", "typical_p",
+                 "mirostat_tau", "mirostat_eta")
         kw = self.model_dump(include=set(names), exclude_unset=True, exclude_none=True)
+        if self.mirostat is not None:
+            kw["mirostat_mode"] = self.mirostat
         if self.repeat_last_n is not None:
             kw["penalty_last_n"] = self.repeat_last_n if self.repeat_last_n >= 0 else 2**31 - 1
         log_ignored_once(name for name in (*IGNORED_FIELDS, *NEUTRAL_FIELDS, "cache_prompt")
@@ -157,7 +162,7 @@ IGNORED_FIELDS = ("store", "metadata", "service_tier", "prompt_cache_key", "safe
                   "id_slot", "t_max_predict_ms", "timings_per_token", "return_tokens", "post_sampling_probs",
                   "samplers", "modalities", "verbosity", "parallel_tool_calls", "user")
 # a llama.cpp sampler's field -> the value that turns it off (the only one accepted)
-NEUTRAL_FIELDS: dict[str, Any] = {"mirostat": 0, "tfs_z": 1.0, "dry_multiplier": 0.0,
+NEUTRAL_FIELDS: dict[str, Any] = {"tfs_z": 1.0, "dry_multiplier": 0.0,
                                   "xtc_probability": 0.0, "dynatemp_range": 0.0, "ignore_eos": False}
 
 
