@@ -108,23 +108,16 @@ def test_chat_completion_and_stream(llm):
 
 
 def test_chat_stops_at_end_of_generation_token(gguf_path):
-    # make <|end|> the certain next token by biasing through a tiny monkeypatch of the sampler
+    # make <|end|> the certain next token after a few, through a logits processor
     with Llama(gguf_path, n_ctx=128, verbose=False) as m:
         end = m.tokenizer.token_to_id("<|end|>")
-        import sambay.llama as L
 
-        real = L.sample
+        def biased(input_ids, scores):
+            scores[end] = 1e9 if len(input_ids) > 12 else scores[end]
+            return scores
 
-        def biased(logits, params, rng, recent=()):
-            logits = np.array(logits)
-            logits[end] = 1e9 if len(recent) > 12 else logits[end]
-            return real(logits, params, rng, recent)
-
-        L.sample = biased
-        try:
-            out = m.create_chat_completion([{"role": "user", "content": "hello there"}], max_tokens=50)
-        finally:
-            L.sample = real
+        out = m.create_chat_completion([{"role": "user", "content": "hello there"}], max_tokens=50,
+                                       logits_processor=biased)
         assert out["choices"][0]["finish_reason"] == "stop"
         assert "<|end|>" not in out["choices"][0]["message"]["content"]
 

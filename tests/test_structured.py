@@ -211,3 +211,13 @@ def test_missing_llguidance_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(MissingDependencyError, match=r"sambay\[structured\]"):
         compile_grammar(json_schema={"type": "object"})
+
+
+def test_a_grammar_that_starts_like_the_tag_is_not_taken_for_a_trace(demo):
+    open_ids = demo.tokenize(THINK_OPEN, special=True)
+    first = demo.tokenizer.token_bytes(open_ids[0]).decode()
+    c = GrammarConstraint(compile_grammar(grammar=f'root ::= "{first}b>"'), demo.tokenizer, demo.n_vocab(),
+                          trace="maybe", open_tokens=open_ids)
+    assert c.bitmask() is not None
+    c.accept(open_ids[0])
+    assert c.forced() is None and c.active  # the grammar's token, not the start of a trace

@@ -165,6 +165,7 @@ class GrammarConstraint:
             trace = "none"
         self._state = {"open": "thinking", "maybe": "start", "none": "active"}[trace]
         self._queue: list[int] = []  # the rest of <think> once its first token was taken
+        self._open_allowed = False  # the tag's first token opens a trace (the grammar has no use for it)
         self._tail = b""  # the end of the trace so far, to find </think>
 
     @property
@@ -183,13 +184,17 @@ class GrammarConstraint:
         self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         if self._state == "start":  # the reply may still open a trace
             t = self._open[0]
-            self._bitmask.view(np.uint32)[t // 32] |= np.uint32(1 << (t % 32))
+            words = self._bitmask.view(np.uint32)
+            bit = np.uint32(1 << (t % 32))
+            # a grammar that itself allows the tag's first token (one starting with "<") keeps it
+            self._open_allowed = not words[t // 32] & bit
+            words[t // 32] |= bit
         return self._bitmask
 
     def accept(self, token: int) -> None:
         """The token that was chosen (sampled or forced)."""
         if self._state == "start":
-            if token == self._open[0]:
+            if token == self._open[0] and self._open_allowed:
                 self._state = "thinking"
                 self._queue = self._open[1:]
                 return
