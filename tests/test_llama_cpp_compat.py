@@ -31,6 +31,11 @@ def script_body(Llama, LogitsProcessorList, StoppingCriteriaList, model_path):  
     llm.set_seed(1337)
     tokens = llm.tokenize(b"Hello, world!")
     assert llm.detokenize(tokens) == b"Hello, world!"
+    tokenizer = llm.tokenizer()
+    assert tokenizer.encode("Hello, world!") == tokens
+    assert tokenizer.decode(tokens) == "Hello, world!"
+    end = tokenizer.encode("<|end|>")  # special tokens parsed by default, as in llama-cpp-python
+    assert len(end) == 1 and len(tokenizer.encode("<|end|>", special=False)) > 1
     llm.reset()
     llm.eval(tokens)
     assert llm.n_tokens == len(tokens)
