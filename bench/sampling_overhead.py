@@ -36,7 +36,8 @@ def synthetic_tokenizer(n_vocab: int) -> Tokenizer:
             seen.add(s)
             tokens.append(s)
     meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1] * n_vocab,
-            "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "default"}
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.eos_token_id": n_vocab - 1}
     return Tokenizer.from_metadata(meta)
 
 

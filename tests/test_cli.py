@@ -170,3 +170,25 @@ def test_out_of_memory_is_one_line(ctx, batch, message):
                           "-b", batch, "-p", "x", "-n", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     assert out.stderr.splitlines() == [f"sambay run: error: {message}"]
+
+
+def test_run_holds_the_answer_to_a_json_schema_or_a_grammar(tmp_path):
+    pytest.importorskip("llguidance")
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9999}},
+              "required": ["answer"], "additionalProperties": False}
+    # the built-in demo model: its trace stays free, the answer after </think> is the JSON
+    out = sambay("run", "-p", "What is 347 + 582?", "--temp", "0", "--hide-thinking", "-q",
+                 "--json-schema", json.dumps(schema))
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout)) == {"answer"}
+    gbnf = tmp_path / "yn.gbnf"
+    gbnf.write_text('root ::= "yes" | "no"\n')
+    out = sambay("run", "-p", "Is 2 + 2 = 4?", "--temp", "0", "--hide-thinking", "-q", "--grammar-file", str(gbnf))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("yes", "no")
+    out = sambay("run", "-p", "x", "-q", "-j", '{"type": "frob"}')
+    assert out.returncode == 1 and "frob" in out.stderr and "Traceback" not in out.stderr
+    out = sambay("run", "-p", "x", "-q", "-j", "{}", "--grammar", 'root ::= "a"')
+    assert out.returncode == 2  # one of them

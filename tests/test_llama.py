@@ -105,23 +105,16 @@ def test_chat_completion_and_stream(llm):
 
 
 def test_chat_stops_at_end_of_generation_token(gguf_path):
-    # make <|end|> the certain next token by biasing through a tiny monkeypatch of the sampler
+    # make <|end|> the certain next token after a few, through a logits processor
     with Llama(gguf_path, n_ctx=128, verbose=False) as m:
         end = m.tokenizer.token_to_id("<|end|>")
-        import sambay.llama as L
 
-        real = L.sample
+        def biased(input_ids, scores):
+            scores[end] = 1e9 if len(input_ids) > 12 else scores[end]
+            return scores
 
-        def biased(logits, params, rng, recent=()):
-            logits = np.array(logits)
-            logits[end] = 1e9 if len(recent) > 12 else logits[end]
-            return real(logits, params, rng, recent)
-
-        L.sample = biased
-        try:
-            out = m.create_chat_completion([{"role": "user", "content": "hello there"}], max_tokens=50)
-        finally:
-            L.sample = real
+        out = m.create_chat_completion([{"role": "user", "content": "hello there"}], max_tokens=50,
+                                       logits_processor=biased)
         assert out["choices"][0]["finish_reason"] == "stop"
         assert "<|end|>" not in out["choices"][0]["message"]["content"]
 
@@ -285,3 +278,62 @@ def test_stop_must_be_strings_and_a_closed_llama_says_so(gguf_path, llm):
         with pytest.raises(ValueError, match="^this Llama is closed$"):
             call()
     m.close()  # a second close is harmless
+
+
+def test_chat_template_kwargs_reach_the_template(llm):
+    from sambay.chat import ChatFormatter
+
+    llm._chat = ChatFormatter("{% for m in messages %}{{ m.content }}{% endfor %}"
+                              "{% if greeting %}{{ greeting }}{% endif %}")
+    msgs = [{"role": "user", "content": "Compute"}]
+    plain = llm.create_chat_completion(msgs, max_tokens=1, temperature=0)["usage"]["prompt_tokens"]
+    more = llm.create_chat_completion(msgs, max_tokens=1, temperature=0,
+                                      chat_template_kwargs={"greeting": " 12 + 34 = 46"})["usage"]["prompt_tokens"]
+    assert more > plain
+    with pytest.raises(ValueError, match="messages"):
+        llm.create_chat_completion(msgs, chat_template_kwargs={"messages": []})
+
+
+def test_logit_bias_logits_processor_and_stopping_criteria(llm):
+    from sambay import LogitsProcessorList, StoppingCriteriaList
+
+    greedy = llm(PROMPT, max_tokens=6, temperature=0)["choices"][0]["text"]
+    target = llm.tokenize(" x")[-1]
+    piece = llm.tokenizer.token_bytes(target).decode()
+    # a large bias makes one token win every step (ids as ints or, as in OpenAI's JSON, strings)
+    for bias in ({target: 1000.0}, {str(target): 1000.0}):
+        assert llm(PROMPT, max_tokens=4, temperature=0, logit_bias=bias)["choices"][0]["text"] == piece * 4
+    # a processor sees the evaluated ids and the scores, and its scores are what is sampled
+    seen = []
+
+    def only_target(input_ids, scores):
+        seen.append(len(input_ids))
+        scores[:] = -np.inf
+        scores[target] = 0.0
+        return scores
+
+    out = llm(PROMPT, max_tokens=3, temperature=0.9, seed=1, logits_processor=LogitsProcessorList([only_target]))
+    assert out["choices"][0]["text"] == piece * 3
+    n_prompt = len(llm.tokenize(PROMPT))
+    assert seen == [n_prompt, n_prompt + 1, n_prompt + 2]
+    # stopping criteria (llama-cpp-python's arguments: the ids evaluated before the new token):
+    # stop at the second generated token, its text included
+    stop_after = StoppingCriteriaList([lambda ids, logits: len(ids) >= n_prompt + 1])
+    out = llm(PROMPT, max_tokens=6, temperature=0, stopping_criteria=stop_after)
+    assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 2
+    assert greedy.startswith(out["choices"][0]["text"]) and out["choices"][0]["text"]
+    chat = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+                                      logit_bias={target: 1000.0})
+    assert chat["choices"][0]["message"]["content"].strip() == (piece * 3).strip()
+    for bad in ({"nope": 1.0}, {llm.n_vocab(): 1.0}, {target: float("nan")}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            llm(PROMPT, max_tokens=1, logit_bias=bad)
+
+
+def test_mirostat_generation_is_seeded(llm):
+    kw = dict(max_tokens=8, temperature=0.9, mirostat_mode=2, mirostat_tau=3.0, mirostat_eta=0.2)
+    a = llm(PROMPT, seed=4, **kw)["choices"][0]["text"]
+    assert a == llm(PROMPT, seed=4, **kw)["choices"][0]["text"]
+    assert llm(PROMPT, seed=4, **{**kw, "mirostat_mode": 1})["usage"]["completion_tokens"] >= 1
+    with pytest.raises(ValueError, match="mirostat"):
+        llm(PROMPT, max_tokens=1, mirostat_mode=5)

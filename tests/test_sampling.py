@@ -98,3 +98,50 @@ def test_min_p_prefilter_without_top_k_matches_the_definition():
     n = int(np.searchsorted(np.cumsum(probs), 0.9)) + 1
     n = min(n, int(np.count_nonzero(probs >= 0.02 * probs[0])))
     assert list(got) == list(order[:n])
+
+
+def test_typical_p_matches_llama_cpp():
+    # p 0.5 .2 .15 .1 .05: entropy 1.333 nats; |surprise - entropy| orders the tokens 1, 2, 0, 3, 4
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))
+    keep = lambda typical, **kw: list(candidates(logits, SamplingParams(  # noqa: E731
+        top_k=kw.get("top_k", 0), top_p=1.0, min_p=0.0, typical_p=typical)))
+    assert keep(0.1) == [1]  # at least one
+    assert keep(0.3) == [1, 2]  # 0.2 + 0.15 > 0.3
+    assert keep(0.5) == [0, 1, 2]  # 0.2 + 0.15 + 0.5 > 0.5, most likely first again
+    assert keep(1.0) == [0, 1, 2, 3, 4]
+    # after top-k the distribution is that of the k kept (p .5/.7, .2/.7: entropy 0.598 nats)
+    assert keep(0.5, top_k=2) == [0]
+    with pytest.raises(ValueError, match="typical_p"):
+        SamplingParams(typical_p=1.5)
+
+
+def test_mirostat_2_truncates_by_surprise_and_learns_mu():
+    from sambay.sampling import MirostatState
+
+    logits = np.log(np.array([0.6, 0.3, 0.1], dtype=np.float32))
+    # tau tiny: mu = 2 tau keeps no token's surprise, so the most likely one (at least one kept)
+    p = SamplingParams(mirostat=2, mirostat_tau=0.01, temperature=1.0)
+    assert {sample(logits, p, make_rng(s), mirostat=MirostatState(p)) for s in range(20)} == {0}
+    # mu 2 bits keeps surprise <= 2 (p >= 0.25): tokens 0 and 1, renormalised to 2/3 and 1/3
+    p = SamplingParams(mirostat=2, mirostat_tau=1.0, mirostat_eta=0.5, temperature=1.0)
+    state = MirostatState(p)
+    assert state.mu == 2.0
+    t = sample(logits, p, make_rng(0), mirostat=state)
+    assert t in (0, 1)
+    surprise = -np.log2({0: 2 / 3, 1: 1 / 3}[t])
+    assert state.mu == pytest.approx(2.0 - 0.5 * (surprise - 1.0))
+    with pytest.raises(ValueError, match="MirostatState"):
+        sample(logits, p, make_rng(0))
+    with pytest.raises(ValueError, match="mirostat"):
+        SamplingParams(mirostat=3)
+
+
+def test_mirostat_1_keeps_the_zipf_top_k():
+    from sambay.sampling import MirostatState
+
+    # Zipf with exponent 1.5: s_hat = 1.5, k = (0.5 * 2**mu) ** (1 / 1.5) = 64 for mu = 10
+    n = 1000
+    logits = (-1.5 * np.log(np.arange(1, n + 1))).astype(np.float32)
+    p = SamplingParams(mirostat=1, mirostat_tau=5.0, temperature=1.0)
+    draws = [sample(logits, p, make_rng(s), mirostat=MirostatState(p)) for s in range(400)]
+    assert max(draws) < 64 and max(draws) > 16

@@ -219,7 +219,8 @@ def test_sse_framing(srv):
     chunks = [json.loads(e) for e in events[:-1]]
     assert events[-1] == "[DONE]"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
-    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-2]["usage"] == chunks[-1]["usage"]
+    # with include_usage the usage comes once, in the last chunk
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and "usage" not in chunks[-2]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
 
 
@@ -238,7 +239,7 @@ def test_invalid_requests_get_openai_errors_never_500(srv):
     assert err["param"] == "temperature"
     for bad in ({"prompt": "x", "temperature": 3}, {"prompt": "x", "n": 2}, {"prompt": "x", "logprobs": -1},
                 {"prompt": "x", "stop": [""]}, {"prompt": ["a", "b"]}, {}, [1, 2],
-                {"prompt": "x", "logit_bias": {"5": 1.0}}):
+                {"prompt": "x", "logit_bias": {"5": 101.0}}, {"prompt": "x", "logit_bias": {"a": 1.0}}):
         _error(post("/v1/completions", json=bad), 422)
     for bad in ({"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]},
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
@@ -282,13 +283,18 @@ def test_models_health_tokenize(srv, ref):
 
 def test_api_key(model):
     with serving(model, api_key="s3cret") as s:
-        for method, path, body in (("GET", "/health", None), ("GET", "/v1/models", None),
+        for method, path, body in (("GET", "/v1/models", None), ("GET", "/props", None),
                                    ("POST", "/v1/completions", {"prompt": "x"}), ("GET", "/nothing", None)):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                            {"Authorization": "Basic s3cret"}):
                 r = httpx.request(method, s.url + path, json=body, headers=headers, timeout=TIMEOUT)
                 assert _error(r, 401)["code"] == "invalid_api_key"
-        ok = httpx.get(s.url + "/health", headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT)
-        assert ok.status_code == 200
+        # /health is a liveness probe: no key needed
+        assert httpx.get(s.url + "/health", timeout=TIMEOUT).status_code == 200
+        # the scheme in any case (RFC 7235)
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            ok = httpx.get(s.url + "/v1/models", headers={"Authorization": f"{scheme} s3cret"}, timeout=TIMEOUT)
+            assert ok.status_code == 200
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
         out = s.client(api_key="s3cret").completions.create(model="m", prompt=PROMPT, max_tokens=2)
@@ -596,3 +602,157 @@ def test_serve_options_and_errors(tmp_path, gguf_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         'sambay serve: error: the server needs FastAPI and uvicorn (missing: fastapi): pip install "sambay[server]"']
+
+
+# ------------------------------------------------------------------------------ structured output
+
+STRICT_ARRAY = {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}
+NUMBERS = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                            "tags": STRICT_ARRAY},
+           "required": ["n", "tags"], "additionalProperties": False}
+
+
+def test_openai_sdk_parse_with_a_pydantic_model(srv):
+    pytest.importorskip("llguidance")
+    from pydantic import BaseModel, Field
+    from typing import Literal
+
+    class Inner(BaseModel):
+        ok: bool
+        tags: list[Literal["a", "b"]] = Field(max_length=2)
+
+    class Reply(BaseModel):
+        op: Literal["add", "sub"]
+        n: int = Field(ge=0, le=99)
+        inner: Inner
+
+    client = srv.client()
+    for seed in range(3):
+        # a budget of 0: a random model that opens a trace would rarely close it
+        out = client.chat.completions.parse(model="m", messages=MESSAGES, response_format=Reply, seed=seed,
+                                            temperature=1.0, max_tokens=200, extra_body={"reasoning_budget": 0})
+        reply = out.choices[0].message.parsed
+        assert isinstance(reply, Reply) and 0 <= reply.n <= 99, out.choices[0].message.content
+
+
+def test_json_schema_grammar_and_json_object_fields(srv):
+    pytest.importorskip("llguidance")
+    client = srv.client()
+    for seed in range(2):
+        text = client.completions.create(model="m", prompt="JSON:", max_tokens=200, seed=seed, temperature=1.0,
+                                         extra_body={"json_schema": NUMBERS}).choices[0].text
+        value = json.loads(text)
+        assert set(value) == {"n", "tags"} and 0 <= value["n"] <= 99 and set(value["tags"]) <= {"a", "b"}
+        text = client.completions.create(model="m", prompt="?", max_tokens=20, seed=seed, temperature=1.0,
+                                         extra_body={"grammar": 'root ::= "yes" | "no"'}).choices[0].text
+        assert text in ("yes", "no")
+    out = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300, seed=0,
+                                         response_format={"type": "json_object"},
+                                         extra_body={"reasoning_budget": 0})
+    assert out.choices[0].finish_reason == "length" or isinstance(json.loads(out.choices[0].message.content), dict)
+
+
+def test_invalid_schemas_and_grammars_are_400(srv):
+    pytest.importorskip("llguidance")
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    for stream in (False, True):
+        err = _error(post("/v1/chat/completions", json={
+            "messages": MESSAGES, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}}), 400)
+        assert err["code"] == "invalid_grammar" and "frob" in err["message"] and err["param"] == "response_format"
+    err = _error(post("/v1/completions", json={"prompt": "x", "grammar": "root ::= nothing"}), 400)
+    assert "nothing" in err["message"] and err["param"] == "grammar"
+    _error(post("/v1/completions", json={"prompt": "x", "response_format": {"type": "yaml"}}), 400)
+    _error(post("/v1/completions", json={"prompt": "x", "grammar": 'root ::= "a"', "json_schema": {}}), 400)
+    # wrong types stay 422
+    _error(post("/v1/completions", json={"prompt": "x", "response_format": "json"}), 422)
+    _error(post("/v1/completions", json={"prompt": "x", "grammar": 5}), 422)
+    assert srv.health()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------ what real clients send
+
+
+def test_known_openai_and_llama_cpp_fields_are_accepted(srv, ref, caplog):
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    extras = {"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "cache_prompt": True,
+              "n_keep": 0, "id_slot": -1, "typical_p": 1.0, "mirostat": 0, "samplers": ["top_k"],
+              "timings_per_token": False, "prompt_cache_key": "x"}
+    want = ref.create_chat_completion(MESSAGES, max_tokens=6, temperature=0)["choices"][0]["message"]
+    messages = [{**m, "annotations": [], "id": "msg_1"} for m in MESSAGES]  # extra keys on messages
+    with caplog.at_level("INFO", logger="sambay.server"):
+        for _ in range(2):
+            r = post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0,
+                                                   "reasoning_effort": "low", "chat_template_kwargs": {},
+                                                   "modalities": ["text"], **extras})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == want["content"]
+    assert sum("'n_keep'" in m for m in caplog.messages) <= 1  # logged once at most
+    r = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, **extras})
+    assert r.status_code == 200, r.text
+    # the OpenAI SDK's own extras
+    srv.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, store=False,
+                                         metadata={"a": "b"}, service_tier="auto")
+
+
+def test_llama_cpp_fields_with_a_meaning_here_are_mapped(srv, ref):
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    # n_probs -> logprobs
+    r = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "n_probs": 2}).json()
+    assert all(len(t) == 2 for t in r["choices"][0]["logprobs"]["top_logprobs"])
+    r = post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "temperature": 0,
+                                           "n_probs": 2}).json()
+    assert all(len(t["top_logprobs"]) == 2 for t in r["choices"][0]["logprobs"]["content"])
+    # logit_bias (OpenAI's): token ids as strings
+    x = ref.tokenize(" x")[-1]
+    want = ref.create_completion(PROMPT, max_tokens=4, temperature=0, logit_bias={x: 100.0})["choices"][0]["text"]
+    got = srv.client().completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0,
+                                          logit_bias={str(x): 100}).choices[0].text
+    assert got == want == ref.tokenizer.token_bytes(x).decode() * 4
+    _error(post("/v1/completions", json={"prompt": "x", "logit_bias": {"99999999": 1}}), 400)
+    # typical_p and mirostat: the same text as the Python API
+    for api, http in (({"typical_p": 0.3}, {"typical_p": 0.3}),
+                      ({"mirostat_mode": 2, "mirostat_tau": 3.0}, {"mirostat": 2, "mirostat_tau": 3.0})):
+        want = ref.create_completion(PROMPT, max_tokens=8, temperature=0.9, seed=5, **api)["choices"][0]["text"]
+        got = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0.9, "seed": 5,
+                                            **http}).json()["choices"][0]["text"]
+        assert got == want
+    # repeat_last_n -> the penalties' window
+    for n in (1, 64):
+        want = ref.create_completion(PROMPT, max_tokens=12, temperature=0, repeat_penalty=1.5,
+                                     penalty_last_n=n)["choices"][0]["text"]
+        got = post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                                            "repeat_penalty": 1.5, "repeat_last_n": n}).json()
+        assert got["choices"][0]["text"] == want
+
+
+def test_wrong_types_and_unsupported_values_stay_422(srv):
+    post = lambda path, **kw: httpx.post(srv.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    for bad in ({"store": [1]}, {"metadata": "x"}, {"typical_p": 1.5}, {"mirostat": 3}, {"tfs_z": 0.5}, {"n_probs": -1},
+                {"repeat_last_n": -2}, {"cache_prompt": "maybe"}, {"ignore_eos": True}):
+        err = _error(post("/v1/completions", json={"prompt": "x", **bad}), 422)
+        assert err["param"] == next(iter(bad)) or next(iter(bad)) in err["message"], err
+    _error(post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template_kwargs": {"messages": 1}}), 400)
+    _error(post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template_kwargs": []}), 422)
+
+
+def test_cors_and_props(model):
+    with serving(model, api_key="k", cors_origins=["https://app.example"]) as s:
+        pre = httpx.options(s.url + "/v1/chat/completions", timeout=TIMEOUT, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert pre.status_code == 200
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.get(s.url + "/v1/models", timeout=TIMEOUT,
+                      headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        props = httpx.get(s.url + "/props", headers={"Authorization": "Bearer k"}, timeout=TIMEOUT).json()
+        llm = s.pool.llamas[0]
+        assert props["n_ctx"] == props["default_generation_settings"]["n_ctx"] == llm.n_ctx()
+        assert props["chat_template"] == llm.metadata["tokenizer.chat_template"]
+        assert props["default_generation_settings"]["params"]["temperature"] == llm.sampling_defaults.temperature
+        assert props["total_slots"] == 1
+    with serving(model) as s:  # no --cors-origins: no CORS headers, preflight refused
+        pre = httpx.options(s.url + "/v1/chat/completions", timeout=TIMEOUT, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in pre.headers

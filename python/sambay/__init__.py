@@ -15,7 +15,8 @@ from .errors import (AbortedError, ChatTemplateError, ComputeError, ContextFullE
 from .llama import Llama, LlamaState
 from .llm import LLM, CompletionOutput, GenerationParams, RequestOutput
 from .quantization import QUANT_TYPES, quantize
-from .sampling import SamplingParams
+from .sampling import LogitsProcessorList, SamplingParams, StoppingCriteriaList
+from .structured import GrammarError
 
 __all__ = [
     "AbortedError",
@@ -26,9 +27,11 @@ __all__ = [
     "CompletionOutput",
     "GenerationParams",
     "LLM",
+    "GrammarError",
     "Llama",
     "LlamaState",
     "LoadError",
+    "LogitsProcessorList",
     "MissingDependencyError",
     "PullError",
     "QUANT_TYPES",
@@ -36,6 +39,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "StateError",
+    "StoppingCriteriaList",
     "TokenizerError",
     "__version__",
     "demo_model_path",

@@ -118,6 +118,23 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _constraint_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--json-schema`` / ``--json-schema-file`` / ``--grammar`` / ``--grammar-file`` as the
+    API's ``json_schema`` / ``grammar`` (llama.cpp's options; the API checks them)."""
+    kw: dict[str, Any] = {}
+    if args.json_schema is not None:
+        kw["json_schema"] = args.json_schema
+    if args.json_schema_file is not None:
+        with open(args.json_schema_file, encoding="utf-8") as f:
+            kw["json_schema"] = f.read()
+    if args.grammar is not None:
+        kw["grammar"] = args.grammar
+    if args.grammar_file is not None:
+        with open(args.grammar_file, encoding="utf-8") as f:
+            kw["grammar"] = f.read()
+    return kw
+
+
 class _ReplyPrinter:
     """Writes a streamed chat reply: the ``<think>`` trace dimmed on a terminal (between its
     tags when the output is piped, so the text is the model's), or not at all; collects the
@@ -197,7 +214,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     prompt = _prompt_text(args)
     llm = _load(args)
     kw = dict(_sampling_kwargs(args), max_tokens=args.n_predict, stream=True,
-              stop=args.stop or None)
+              stop=args.stop or None, **_constraint_kwargs(args))
     use_chat = not args.raw and llm.metadata.get("tokenizer.chat_template")
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -244,7 +261,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
         for chunk in llm.create_chat_completion(history, stream=True, max_tokens=args.n_predict,
                                                 reasoning_budget=args.reasoning_budget,
-                                                **_sampling_kwargs(args)):
+                                                **_sampling_kwargs(args), **_constraint_kwargs(args)):
             printer.write(chunk["choices"][0]["delta"])
         printer.finish()
         # the trace stays out of the next turn's prompt unless --keep-thinking
@@ -404,6 +421,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="do not show the <think> trace (shown dimmed on a terminal otherwise)")
     p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
                    help="end the trace after N tokens by forcing </think> (default: unlimited)")
+    # structured output (needs sambay[structured]); one of them, applied after the trace
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
+                   help="hold the answer to this JSON Schema (JSON text; '{}': any JSON)")
+    g.add_argument("--json-schema-file", default=None, metavar="FILE", help="the same, from a file")
+    g.add_argument("--grammar", default=None, metavar="GBNF", help="hold the answer to this GBNF grammar")
+    g.add_argument("--grammar-file", default=None, metavar="FILE", help="the same, from a file")
 
 
 def _non_negative_int(text: str) -> int:

@@ -7,6 +7,7 @@ chunks from it, and the non-streaming calls drain the same stream, so the two ca
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import time
@@ -16,18 +17,22 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from . import _compat
 from ._native import _core
 from ._stream import StopStringFilter
 from .chat import ChatFormatter
 from .batch import SharedContext
 from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
-from .reasoning import (FORCED_CLOSE, ReasoningBudget, ReasoningSplitter, check_reasoning_format,
-                        prompt_opens_trace, resolve_budget)
-from .sampling import SamplingParams, log_softmax, make_rng, sample
+from .reasoning import (FORCED_CLOSE, THINK_OPEN, ReasoningBudget, ReasoningSplitter,
+                        check_reasoning_format, prompt_opens_trace, resolve_budget)
+from .sampling import (LogitsProcessor, MirostatState, SamplingParams, StoppingCriteria, adjust_logits,
+                       check_logit_bias, log_softmax, make_rng, sample)
+from .structured import GrammarConstraint, compile_grammar
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = Union[str, bytes, Sequence[int]]
+_log = logging.getLogger("sambay")
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,13 @@ class Llama:
         n_threads: threads for single-token decoding (default: half the cores; 0: all cores).
         n_threads_batch: threads for prompt processing (default and 0: all cores).
         n_gpu_layers: layers to put on a GPU when the installed ggml has one (-1: all, 0: none).
-        seed: seed of the sampler's generator (None: fresh entropy); a call's ``seed`` wins.
+        seed: seed of the sampler's generator (None, or llama-cpp-python's -1: fresh entropy);
+            a call's ``seed`` wins.
         logits_all: keep the logits of every prompt position (needed for prompt logprobs
             with ``echo``); otherwise only the last position's logits are computed, and the
             cross-decoder runs on one row during prefill.
-        chat_format: ignored unless ``"chatml"``-style names are registered later; the chat
-            template comes from the GGUF (``tokenizer.chat_template``).
+        chat_format: must be None: the chat template comes from the GGUF
+            (``tokenizer.chat_template``); another format raises ValueError.
         kv_type: ``"f16"`` (default), ``"bf16"`` or ``"f32"`` for the attention caches.
         device: ``"auto"`` (a GPU when present), ``"cpu"``, or a ggml device name.
         max_snapshots: how many prompt-end state snapshots to keep for prefix reuse.
@@ -113,6 +119,12 @@ class Llama:
         model: an already-loaded :class:`sambay.engine.Model` of ``model_path`` to share
             (its weights are not loaded again; ``device``, ``n_gpu_layers`` and ``use_mmap``
             are then the model's). See :meth:`from_model`.
+        n_ubatch, flash_attn, type_k, type_v: llama-cpp-python's: ``n_ubatch`` bounds
+            ``n_batch`` (the micro-batch here), ``flash_attn`` uses ggml's fused attention,
+            ``type_k``/``type_v`` (ggml type ids or names; the same for both) set ``kv_type``.
+        **llama_cpp_kwargs: llama-cpp-python's other keywords (``use_mlock``, ``rope_freq_base``,
+            ``offload_kqv``, ...: :data:`sambay._compat.IGNORED_KEYWORDS`) are accepted with one
+            warning each, as they change nothing here; any other keyword is a TypeError.
 
     Attributes:
         sampling_defaults: the :class:`~sambay.sampling.SamplingParams` a call's sampling
@@ -144,7 +156,18 @@ class Llama:
         n_seq_max: int = 1,
         verbose: bool = True,
         model: Optional[Model] = None,
+        n_ubatch: Optional[int] = None,
+        flash_attn: bool = False,
+        type_k: Any = None,
+        type_v: Any = None,
+        **llama_cpp_kwargs: Any,
     ) -> None:
+        # llama-cpp-python's keywords (sambay._compat): mapped, or a warning once
+        n_batch, kv_type, seed = _compat.resolve(llama_cpp_kwargs, n_batch=n_batch, n_ubatch=n_ubatch,
+                                                 kv_type=kv_type, type_k=type_k, type_v=type_v, seed=seed)
+        if chat_format is not None:
+            raise ValueError(f"chat_format={chat_format!r}: sambay renders the GGUF's own chat template "
+                             "(tokenizer.chat_template); leave chat_format unset")
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)
@@ -172,7 +195,8 @@ class Llama:
             path, device=device, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         ctx = Context(
             self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type, n_seq_max=n_seq_max,
+            n_threads_batch=n_threads_batch, logits_all=logits_all, kv_type=kv_type, flash_attn=flash_attn,
+            n_seq_max=n_seq_max,
         )
         # several sequences: every one (this Llama's own is sequence 0) goes through the
         # scheduler that batches their evaluations
@@ -198,6 +222,12 @@ class Llama:
         # one generation and one evaluation at a time: a second one raises (never corrupts)
         self._generating = False
         self._evaluating = threading.Lock()
+        if verbose:
+            mem = self.memory_breakdown()
+            _log.info("loaded %s: n_vocab %d, n_embd %d, device %s; context n_ctx %d, n_batch %d, kv %s, "
+                      "flash_attn %s, %.1f MiB", path, self.n_vocab(), self.n_embd(), self.device,
+                      self.n_ctx(), self._ctx.n_batch, kv_type, self._ctx.flash_attn,
+                      sum(mem.values()) / 2**20)
 
     @classmethod
     def from_model(cls, model: Model, **kwargs: Any) -> "Llama":
@@ -289,8 +319,41 @@ class Llama:
         """Rows of the output layer (the vocabulary size)."""
         return int(self._model.n_vocab)
 
+    def n_embd(self) -> int:
+        """Width of the model's hidden state."""
+        return int(self._model.n_embd)
+
     def token_eos(self) -> Optional[int]:
         return self.tokenizer.eos_id
+
+    def token_nl(self) -> int:
+        """The id of the newline token."""
+        return self.tokenize("\n")[-1]
+
+    def set_seed(self, seed: int) -> None:
+        """Reseed the sampler's generator (llama-cpp-python's; -1: fresh entropy)."""
+        self._rng = make_rng(None if seed in _compat.RANDOM_SEEDS else seed)
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens the context has evaluated."""
+        return len(self._input_ids)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Logits, float32 ``[rows, n_vocab]``: with ``logits_all``, one row per token of the
+        last :meth:`eval` call (a prompt's positions; a generation step evaluates one token),
+        else the row after the last evaluated token (empty before any)."""
+        if self.logits_all and self._all_logits:
+            return np.stack(self._all_logits)
+        if self._last_logits is None:
+            return np.zeros((0, self.n_vocab()), dtype=np.float32)
+        return self._last_logits[None, :].copy()
+
+    @property
+    def eval_logits(self) -> list[list[float]]:
+        """:attr:`scores` as lists (llama-cpp-python's ``eval_logits``)."""
+        return self.scores.tolist()
 
     def token_bos(self) -> Optional[int]:
         return self.tokenizer.bos_id
@@ -447,6 +510,9 @@ class Llama:
         seed: Optional[int] = None,
         reset: bool = True,
         force: Optional[Callable[[], Optional[int]]] = None,
+        constraint: Optional[GrammarConstraint] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
         **overrides: Any,
     ) -> Iterator[int]:
         """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
@@ -462,11 +528,18 @@ class Llama:
             reset: accepted for llama-cpp-python compatibility; prefix reuse decides.
             force: called before each token is sampled; a token id it returns is taken
                 instead of sampling (how a reasoning budget forces the trace's close tag).
+            constraint: a grammar (:class:`sambay.structured.GrammarConstraint`): the tokens it
+                does not allow are masked out of the logits before sampling, and every token
+                taken is passed to it.
+            logits_processor: llama-cpp-python's: ``(input_ids, scores) -> scores`` (a
+                :class:`~sambay.sampling.LogitsProcessorList` or one callable), before sampling.
+            logit_bias: ``{token id: bias}`` added to the logits before sampling.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
             raise ValueError("the prompt is empty")
         params = (params or self.sampling_defaults).with_overrides(**overrides)
+        bias = check_logit_bias(logit_bias, self.n_vocab())
         with _GUARD:
             if self._generating:
                 raise RuntimeError(
@@ -475,12 +548,14 @@ class Llama:
                     "or another Llama")
             self._generating = True
         try:
-            yield from self._generate(tokens, params, seed, force)
+            yield from self._generate(tokens, params, seed, force, constraint, logits_processor, bias)
         finally:
             self._generating = False
 
     def _generate(self, tokens: list[int], params: SamplingParams, seed: Optional[int],
-                  force: Optional[Callable[[], Optional[int]]]) -> Iterator[int]:
+                  force: Optional[Callable[[], Optional[int]]], constraint: Optional[GrammarConstraint],
+                  logits_processor: Optional[LogitsProcessor], bias: Any) -> Iterator[int]:
+        mirostat = MirostatState(params) if params.mirostat else None
         rng = make_rng(seed) if seed is not None else self._rng
         self._ctx.clear_cancel()  # a cancel() that came after the previous call ended
         t0 = time.perf_counter()
@@ -493,7 +568,17 @@ class Llama:
             while True:
                 assert self._last_logits is not None
                 forced = force() if force is not None else None
-                token = forced if forced is not None else sample(self._last_logits, params, rng, self._input_ids)
+                if forced is None and constraint is not None:
+                    forced = constraint.forced()
+                if forced is not None:
+                    token = forced
+                else:
+                    logits = adjust_logits(self._last_logits, self._input_ids, logits_processor=logits_processor,
+                                           logit_bias=bias,
+                                           bitmask=constraint.bitmask() if constraint is not None else None)
+                    token = sample(logits, params, rng, self._input_ids, mirostat)
+                if constraint is not None:
+                    constraint.accept(token)
                 self.last_timings.generated_tokens += 1
                 self.last_timings.generate_seconds = time.perf_counter() - t1
                 yield token
@@ -545,6 +630,10 @@ class Llama:
         echo: bool,
         prompt_text: str,
         force: Optional[Callable[[], Optional[int]]] = None,
+        constraint: Optional[GrammarConstraint] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
+        stopping_criteria: Optional[StoppingCriteria] = None,
     ) -> Iterator[tuple[str, Optional[dict[str, Any]], Optional[str]]]:
         """Yield (text, logprobs piece, finish_reason) triples; the last has the reason."""
         self._ctx.check_fits(len(prompt_tokens))
@@ -566,7 +655,9 @@ class Llama:
                 lp = self._prompt_logprobs(prompt_tokens, logprobs)
             yield prompt_text, lp, None
         count = 0
-        for token in self.generate(prompt_tokens, params=params, seed=seed, force=force):
+        for token in self.generate(prompt_tokens, params=params, seed=seed, force=force,
+                                   constraint=constraint, logits_processor=logits_processor,
+                                   logit_bias=logit_bias):
             if token in tok.eog_ids:
                 yield stops.feed(decoder.flush()) + stops.flush(), None, "stop"
                 return
@@ -577,7 +668,11 @@ class Llama:
                 assert self._last_logits is not None
                 lp = self._token_logprobs(self._last_logits, token, logprobs, text_offset)
                 text_offset += len(piece)
-            if stops.stopped:
+            # llama-cpp-python's check: the evaluated tokens (not yet this one) and its logits
+            if stops.stopped or (stopping_criteria is not None and stopping_criteria(
+                    np.asarray(self._input_ids, dtype=np.intc), self._last_logits)):
+                if not stops.stopped:
+                    piece += stops.feed(decoder.flush()) + stops.flush()
                 yield piece, lp, "stop"
                 return
             if budget is not None and count >= budget:
@@ -639,6 +734,17 @@ class Llama:
         stream: bool = False,
         seed: Optional[int] = None,
         model: Optional[str] = None,
+        response_format: Optional[dict[str, Any]] = None,
+        grammar: Optional[str] = None,
+        json_schema: Optional[Union[dict[str, Any], str]] = None,
+        penalty_last_n: Optional[int] = None,
+        typical_p: Optional[float] = None,
+        mirostat_mode: Optional[int] = None,
+        mirostat_tau: Optional[float] = None,
+        mirostat_eta: Optional[float] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        stopping_criteria: Optional[StoppingCriteria] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Complete ``prompt`` (OpenAI ``text_completion`` shape; llama-cpp-python's args).
 
@@ -650,8 +756,20 @@ class Llama:
         (``None`` or <= 0: until the context is full; "length"). A sampling argument left
         ``None`` takes :attr:`sampling_defaults` (the model file's recommended settings).
 
+        Structured output (needs ``pip install "sambay[structured]"``): ``response_format``
+        (``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema":
+        ...}}``), ``json_schema`` (a JSON Schema) or ``grammar`` (a GBNF grammar) restricts the
+        text to what they allow (see :mod:`sambay.structured`).
+
+        As in llama-cpp-python: ``logit_bias`` (``{token id: bias}``, added to the logits),
+        ``logits_processor`` (``(input_ids, scores) -> scores``, e.g. a
+        :class:`~sambay.sampling.LogitsProcessorList`) and ``stopping_criteria``
+        (``(input_ids, logits) -> bool``, checked after each token; True ends the text there
+        with ``finish_reason`` "stop").
+
         Raises:
             ValueError: invalid arguments or invalid token ids.
+            sambay.structured.GrammarError: an invalid schema or grammar (a ValueError).
             ContextFullError: a prompt longer than n_ctx (also a ValueError).
         """
         if suffix:
@@ -664,7 +782,10 @@ class Llama:
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p,
+            mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
+        compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
+        constraint = None if compiled is None else GrammarConstraint(compiled, self.tokenizer, self.n_vocab())
         prompt_tokens = self._prompt_tokens(prompt, special=False)
         if not prompt_tokens:
             raise ValueError("the prompt is empty (it has no tokens)")
@@ -676,7 +797,8 @@ class Llama:
         model_name = model or self.model_path
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
-            logprobs=logprobs, echo=echo, prompt_text=prompt_text,
+            logprobs=logprobs, echo=echo, prompt_text=prompt_text, constraint=constraint,
+            logits_processor=logits_processor, logit_bias=logit_bias, stopping_criteria=stopping_criteria,
         )
 
         def chunk(text: str, lp: Optional[dict[str, Any]], reason: Optional[str]) -> dict[str, Any]:
@@ -720,8 +842,8 @@ class Llama:
             self._chat = ChatFormatter(template, eos_token=text(tok.eos_id), bos_token=text(tok.bos_id))
         return self._chat
 
-    def chat_prompt(self, messages: Sequence[dict[str, Any]],
-                    tools: Optional[Sequence[Any]] = None) -> tuple[str, list[int]]:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: Optional[Sequence[Any]] = None,
+                    chat_template_kwargs: Optional[dict[str, Any]] = None) -> tuple[str, list[int]]:
         """The prompt text and tokens a conversation is answered from (the GGUF's chat
         template with the generation prompt; a ``reasoning_content`` sent back in the history
         is never rendered).
@@ -733,7 +855,12 @@ class Llama:
         if isinstance(messages, (list, tuple)):
             history = [{k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
                        for m in messages]
-        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools)
+        extra = dict(chat_template_kwargs or {})
+        reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                        "range", "raise_exception"})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
+        prompt = self.chat_formatter.render(history, add_generation_prompt=True, tools=tools, **extra)
         return prompt, self.tokenize(prompt, special=True)
 
     def create_chat_completion(
@@ -757,6 +884,18 @@ class Llama:
         reasoning_format: str = "deepseek",
         reasoning_budget: Optional[int] = None,
         reasoning_effort: Optional[str] = None,
+        response_format: Optional[dict[str, Any]] = None,
+        grammar: Optional[str] = None,
+        json_schema: Optional[Union[dict[str, Any], str]] = None,
+        penalty_last_n: Optional[int] = None,
+        typical_p: Optional[float] = None,
+        mirostat_mode: Optional[int] = None,
+        mirostat_tau: Optional[float] = None,
+        mirostat_eta: Optional[float] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+        logit_bias: Optional[dict[Any, float]] = None,
+        logits_processor: Optional[LogitsProcessor] = None,
+        stopping_criteria: Optional[StoppingCriteria] = None,
     ) -> Union[dict[str, Any], Iterator[dict[str, Any]]]:
         """Answer a conversation (OpenAI ``chat.completion`` shape).
 
@@ -777,6 +916,21 @@ class Llama:
                 so the answer still comes (None: unlimited; 0: close it at once).
             reasoning_effort: OpenAI's ``"low"``, ``"medium"`` or ``"high"``, mapped to
                 budgets (:data:`sambay.reasoning.EFFORT_BUDGETS`); ``reasoning_budget`` wins.
+            response_format, json_schema, grammar: structured output, as for
+                :meth:`create_completion`. The constraint applies to the answer: a ``<think>``
+                trace (opened by the prompt or by the reply's first token) stays free, and the
+                grammar starts after ``</think>``.
+            penalty_last_n: how many recent tokens the penalties look at (llama.cpp's
+                ``repeat_last_n``; also on :meth:`create_completion`).
+            typical_p: locally typical sampling's probability mass (1: off; also on
+                :meth:`create_completion`).
+            mirostat_mode, mirostat_tau, mirostat_eta: llama.cpp's Mirostat (mode 1) or
+                Mirostat 2.0 (mode 2) instead of top-k/typical/top-p/min-p, aiming at ``tau``
+                bits of surprise with learning rate ``eta`` (also on :meth:`create_completion`).
+            chat_template_kwargs: extra variables for the chat template (as transformers'
+                ``apply_chat_template(**kwargs)``); they cannot replace ``messages``, ``tools``,
+                ``add_generation_prompt`` or the special-token names.
+            logit_bias, logits_processor, stopping_criteria: as for :meth:`create_completion`.
 
         A ``reasoning_content`` in the given assistant messages is never rendered into the
         prompt (the template sees ``content`` only).
@@ -788,21 +942,29 @@ class Llama:
         """
         check_reasoning_format(reasoning_format)
         budget = resolve_budget(reasoning_budget, reasoning_effort)
-        prompt, prompt_tokens = self.chat_prompt(messages, tools=tools)
+        compiled = compile_grammar(response_format=response_format, json_schema=json_schema, grammar=grammar)
+        prompt, prompt_tokens = self.chat_prompt(messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
         n_top = (top_logprobs or 0) if logprobs else None
         stops = _stop_strings(stop)
         params = self.sampling_defaults.with_overrides(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty)
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n, typical_p=typical_p,
+            mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
         split = reasoning_format == "deepseek"
         splitter = ReasoningSplitter(started=prompt_opens_trace(prompt))
+        constraint = None
+        if compiled is not None:
+            constraint = GrammarConstraint(
+                compiled, self.tokenizer, self.n_vocab(), trace="open" if prompt_opens_trace(prompt) else "maybe",
+                open_tokens=self.tokenize(THINK_OPEN, special=True))
         force = None
         if budget is not None:
             force = ReasoningBudget(budget, splitter, self.tokenize(FORCED_CLOSE, special=True)).next_forced
         pieces = self._completion_stream(
             prompt_tokens, max_tokens=max_tokens, params=params, stop=stops, seed=seed,
-            logprobs=n_top, echo=False, prompt_text=prompt, force=force,
+            logprobs=n_top, echo=False, prompt_text=prompt, force=force, constraint=constraint,
+            logits_processor=logits_processor, logit_bias=logit_bias, stopping_criteria=stopping_criteria,
         )
 
         def parts() -> Iterator[tuple[str, str, Optional[dict[str, Any]], Optional[str]]]:

@@ -1,16 +1,19 @@
 """Token sampling with llama.cpp's semantics, on NumPy.
 
 The chain, as llama-cpp-python runs it: repetition/frequency/presence penalties over the last
-``penalty_last_n`` tokens, then top-k, top-p and min-p on the temperature-1 distribution, then
+``penalty_last_n`` tokens, then top-k, locally typical (``typical_p``), top-p and min-p on the
+temperature-1 distribution, then
 temperature, then a draw from a seeded generator. ``temperature <= 0`` is greedy (argmax after
-the penalties).
+the penalties). With ``mirostat`` 1 or 2 (llama.cpp's Mirostat samplers) the truncation is
+Mirostat's instead: penalties, temperature, then Mirostat, which keeps its target surprise
+``mu`` across the tokens of one generation (:class:`MirostatState`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -39,19 +42,27 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
+    typical_p: float = 1.0
+    mirostat: int = 0  # 0: off, 1: Mirostat, 2: Mirostat 2.0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-                     "frequency_penalty"):
+                     "frequency_penalty", "typical_p", "mirostat_tau", "mirostat_eta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("top_k", "penalty_last_n"):
+        for name in ("top_k", "penalty_last_n", "mirostat"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.mirostat not in (0, 1, 2):
+            raise ValueError(f"mirostat must be 0 (off), 1 or 2, got {self.mirostat}")
+        if not 0.0 <= self.typical_p <= 1.0:
+            raise ValueError(f"typical_p must be in [0, 1], got {self.typical_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0.0:
@@ -136,6 +147,8 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         total = float(np.exp(logits.astype(np.float64) - top).sum())
     else:
         order = np.argsort(-logits, kind="stable")
+    if params.typical_p < 1.0:
+        order, total = _typical(logits, order, params.typical_p), None
     if params.top_p >= 1.0 and params.min_p <= 0.0:
         return order
     top = logits[order].astype(np.float64)
@@ -149,16 +162,73 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return order[: max(1, n)]
 
 
+def _typical(logits: np.ndarray, order: np.ndarray, p: float) -> np.ndarray:
+    """Locally typical sampling (llama.cpp's ``typical``): of the candidates ``order``, keep
+    those whose surprise is closest to the distribution's entropy, up to probability mass
+    ``p`` (at least one); most likely first again."""
+    x = logits[order].astype(np.float64)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    logp = np.log(np.maximum(probs, np.finfo(np.float64).tiny))
+    entropy = -float(np.sum(probs * logp))
+    by_typicality = np.argsort(np.abs(-logp - entropy), kind="stable")
+    n = int(np.searchsorted(np.cumsum(probs[by_typicality]), p, side="right")) + 1  # llama.cpp: sum > p
+    kept = np.sort(by_typicality[: max(1, n)])  # positions in order: sorted = most likely first
+    return order[kept]
+
+
+class MirostatState:
+    """Mirostat's running target surprise ``mu`` (bits), for the tokens of one generation."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.mu = 2.0 * params.mirostat_tau
+
+
+def _mirostat(scaled: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+              state: MirostatState) -> int:
+    """llama.cpp's Mirostat (1) and Mirostat 2.0 (2) on temperature-scaled logits."""
+    order = np.argsort(-scaled, kind="stable")
+    x = scaled[order].astype(np.float64)
+    probs = np.exp(x - x[0])
+    probs /= probs.sum()
+    tiny = np.finfo(np.float64).tiny
+    if params.mirostat == 1:
+        # the Zipf exponent s_hat from the m = 100 most likely tokens, then the top k for mu
+        m = min(100, len(probs)) - 1
+        i = np.arange(m, dtype=np.float64)
+        t = np.log((i + 2) / (i + 1))
+        b = np.log(np.maximum(probs[:m], tiny) / np.maximum(probs[1:m + 1], tiny))
+        s_hat = float(np.sum(t * b) / np.sum(t * t)) if m > 0 else 1.0
+        eps = s_hat - 1.0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            k = float(np.power(eps * np.power(2.0, state.mu) / (1.0 - np.power(-eps, float(len(probs)))),
+                               1.0 / s_hat))
+        n = len(probs) if k == math.inf else max(1, int(k)) if math.isfinite(k) else 1
+    else:  # the tokens whose surprise -log2 p is at most mu
+        n = int(np.count_nonzero(-np.log2(np.maximum(probs, tiny)) <= state.mu))
+    n = min(max(1, n), len(probs))
+    kept = probs[:n] / probs[:n].sum()
+    idx = int(rng.choice(n, p=kept))
+    state.mu -= params.mirostat_eta * (-math.log2(kept[idx]) - params.mirostat_tau)
+    return int(order[idx])
+
+
 def sample(
     logits: np.ndarray,
     params: SamplingParams,
     rng: np.random.Generator,
     recent: Sequence[int] = (),
+    mirostat: Optional[MirostatState] = None,
 ) -> int:
-    """Draw the next token id from one row of logits."""
+    """Draw the next token id from one row of logits (``mirostat``: the state Mirostat keeps
+    across one generation's tokens; needed when ``params.mirostat`` is on)."""
     adjusted = apply_penalties(logits, recent, params)
     if params.greedy:
         return int(np.argmax(adjusted))
+    if params.mirostat:
+        if mirostat is None:
+            raise ValueError("mirostat sampling needs a MirostatState")
+        return _mirostat(adjusted / np.float32(params.temperature), params, rng, mirostat)
     cand = candidates(adjusted, params)
     if len(cand) == 1:
         return int(cand[0])
@@ -166,6 +236,77 @@ def sample(
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
     return int(cand[rng.choice(len(cand), p=probs)])
+
+
+class LogitsProcessorList(list):
+    """llama-cpp-python's ``LogitsProcessorList``: callables ``(input_ids, scores) -> scores``
+    applied in turn (``input_ids``: the evaluated tokens, ``scores``: the next token's logits)."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(list):
+    """llama-cpp-python's ``StoppingCriteriaList``: callables ``(input_ids, logits) -> bool``;
+    generation stops once any says so."""
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return any(criterion(input_ids, logits) for criterion in self)
+
+
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
+
+
+def check_logit_bias(bias: Optional[Mapping[Any, Any]], n_vocab: int) -> dict[int, float]:
+    """``bias`` as ``{token id: float}`` (OpenAI's JSON gives the ids as strings).
+
+    Raises:
+        ValueError: a key that is not a token id, or a value that is not a finite number.
+    """
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias: {key!r} is not a token id") from None
+        if isinstance(key, (bool, float)) or not 0 <= tid < n_vocab:
+            raise ValueError(f"logit_bias: {key!r} is not a token id (n_vocab is {n_vocab})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"logit_bias[{key!r}] must be a finite number, got {value!r}")
+        out[tid] = float(value)
+    return out
+
+
+def adjust_logits(logits: np.ndarray, input_ids: Sequence[int], *,
+                  logits_processor: Optional[LogitsProcessor] = None,
+                  logit_bias: Optional[Mapping[int, float]] = None,
+                  bitmask: Optional[np.ndarray] = None) -> np.ndarray:
+    """The logits the sampler sees, in llama-cpp-python's order: the user's processors, the
+    logit bias (added), then a grammar's mask (:func:`mask_logits`). ``logits`` itself is
+    never modified."""
+    if logits_processor is not None:
+        logits = np.asarray(logits_processor(np.asarray(input_ids, dtype=np.intc), logits.copy()),
+                            dtype=np.float32)
+    if logit_bias:
+        logits = logits.copy()
+        ids = np.fromiter(logit_bias.keys(), dtype=np.int64, count=len(logit_bias))
+        logits[ids] += np.fromiter(logit_bias.values(), dtype=np.float32, count=len(logit_bias))
+    if bitmask is not None:
+        logits = mask_logits(logits, bitmask)
+    return logits
+
+
+def mask_logits(logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
+    """A copy of ``logits`` with every token whose bit is 0 in ``bitmask`` (int32 words, token
+    ``i`` at bit ``i % 32`` of word ``i // 32``: llguidance's layout) set to -inf; tokens past
+    the mask's end are not allowed either."""
+    allowed = np.unpackbits(bitmask.astype("<i4", copy=False).view(np.uint8), bitorder="little")[: logits.shape[0]].view(bool)
+    if allowed.shape[0] < logits.shape[0]:
+        allowed = np.concatenate([allowed, np.zeros(logits.shape[0] - allowed.shape[0], dtype=bool)])
+    return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -236,9 +236,40 @@ class Tokenizer:
         """The bytes of a token sequence (may end inside a multi-byte character)."""
         return b"".join(self.token_bytes(int(t), special=special) for t in ids)
 
+    def __call__(self) -> "LlamaCppTokenizer":
+        """llama-cpp-python's ``llm.tokenizer()``: this tokenizer with its ``LlamaTokenizer``
+        methods and defaults (``llm.tokenizer`` itself is this object)."""
+        return LlamaCppTokenizer(self)
+
+    def hf_json(self) -> str:
+        """The tokenizer as Hugging Face's ``tokenizer.json`` text (what llguidance builds from)."""
+        return self._full.to_str()
+
     def token_to_id(self, token: str) -> Optional[int]:
         """The id of a token string (e.g. ``"<|end|>"``), or None."""
         return self._full.token_to_id(token)
+
+
+class LlamaCppTokenizer:
+    """llama-cpp-python's ``LlamaTokenizer`` over a :class:`Tokenizer`: ``tokenize``/``encode``
+    parse special tokens and add BOS when the model does, unless told otherwise;
+    ``detokenize`` gives bytes and ``decode`` text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self._tok.encode(text, add_bos=None if add_bos else False, special=special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
+                   special: bool = False) -> bytes:
+        return self._tok.decode(tokens, special=special)
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.detokenize(tokens).decode("utf-8", errors="ignore")
 
 
 class StreamDecoder:

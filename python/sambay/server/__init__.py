@@ -99,7 +99,7 @@ def serve(settings: ServerSettings) -> int:
         app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
                          max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes,
                          reasoning_format=settings.reasoning_format,
-                         reasoning_budget=settings.reasoning_budget)
+                         reasoning_budget=settings.reasoning_budget, cors_origins=settings.cors_origins)
         port = sock.getsockname()[1]
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         auth = "API key required" if settings.api_key else "no API key"

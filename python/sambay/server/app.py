@@ -14,7 +14,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Optional
+from dataclasses import asdict
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ChatTemplateError, ContextFullError
+from ..errors import ChatTemplateError, ContextFullError, MissingDependencyError
+from ..structured import GrammarError, compile_grammar
 from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama, SlotPool
 from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -45,6 +47,8 @@ ERRORS: dict[type, tuple[int, str, Optional[str]]] = {
     ShuttingDown: (503, "server_error", "shutting_down"),
     ContextFullError: (400, "invalid_request_error", "context_length_exceeded"),
     ChatTemplateError: (400, "invalid_request_error", "invalid_messages"),
+    GrammarError: (400, "invalid_request_error", "invalid_grammar"),
+    MissingDependencyError: (501, "server_error", "not_implemented"),
     ValueError: (400, "invalid_request_error", None),
 }
 
@@ -93,16 +97,20 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], headers: Opti
 
 
 class ApiKeyMiddleware:
-    """401 for every request without ``Authorization: Bearer <key>``."""
+    """401 for every request without ``Authorization: Bearer <key>`` (the scheme in any case,
+    as RFC 7235 says), except the liveness probe ``GET /health``."""
+
+    OPEN_PATHS = ("/health",)
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+        if scope["type"] == "http" and scope.get("path") not in self.OPEN_PATHS:
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            ok = hmac.compare_digest(token.strip(), self.expected)
+            if not (scheme.lower() == b"bearer" and ok):
                 await _send_json(send, 401, error_body(
                     "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                     "invalid_request_error", code="invalid_api_key"),
@@ -189,10 +197,10 @@ def _usage(llm: SlotLlama) -> dict[str, int]:
 
 def _with_usage(chunks: Iterator[dict[str, Any]], llm: SlotLlama, include_usage: bool) -> Iterator[dict[str, Any]]:
     """The chunks, the one with the finish reason carrying the usage; with ``include_usage``
-    also OpenAI's extra last chunk with empty ``choices``."""
+    the usage comes once, in OpenAI's extra last chunk with empty ``choices``, instead."""
     last: Optional[dict[str, Any]] = None
     for chunk in chunks:
-        if chunk["choices"] and chunk["choices"][0].get("finish_reason") is not None:
+        if not include_usage and chunk["choices"] and chunk["choices"][0].get("finish_reason") is not None:
             chunk["usage"] = _usage(llm)
         last = chunk
         yield chunk
@@ -202,7 +210,8 @@ def _with_usage(chunks: Iterator[dict[str, Any]], llm: SlotLlama, include_usage:
 
 def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = None,
                max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20,
-               reasoning_format: str = "deepseek", reasoning_budget: Optional[int] = None) -> FastAPI:
+               reasoning_format: str = "deepseek", reasoning_budget: Optional[int] = None,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     """The OpenAI-compatible app over ``pool`` (which the app closes at shutdown).
 
     Args:
@@ -215,6 +224,8 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
             say (``"deepseek"``: in ``reasoning_content``; ``"none"``: inside ``content``).
         reasoning_budget: the trace budget in tokens for requests that give neither
             ``reasoning_budget`` nor ``reasoning_effort`` (None: unlimited).
+        cors_origins: origins a browser may call from (``"*"``: any); CORS preflights are
+            answered without the API key.
     """
     n_ctx = pool.llamas[0].n_ctx()
     token_limit = min(max_tokens or n_ctx, n_ctx)
@@ -234,6 +245,11 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if cors_origins:  # outermost: a preflight never reaches the key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in cors_origins)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -284,6 +300,15 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
             return await run_in_threadpool(make)
         except Exception:  # noqa: BLE001
             return None
+
+    def check_constraint(kw: dict[str, Any]) -> None:
+        """An invalid schema or grammar is refused before the request waits for a slot."""
+        given = {k: kw[k] for k in ("response_format", "json_schema", "grammar") if k in kw}
+        try:
+            compile_grammar(**given)
+        except GrammarError as err:
+            err.param = next(iter(given), None)  # type: ignore[attr-defined]
+            raise
 
     async def run(request: Request, work: Callable[[SlotLlama], Any], *, stream: bool,
                   schema: type, prompt_tokens: Optional[list[int]] = None) -> Any:
@@ -353,6 +378,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         body: CompletionRequest = await parse_body(request, CompletionRequest)
         kw = body.llama_kwargs()
         check_max_tokens(kw, default_to_limit=False)
+        check_constraint(kw)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         prompt = body.prompt
 
@@ -376,6 +402,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         if reasoning_budget is not None and "reasoning_budget" not in kw and "reasoning_effort" not in kw:
             kw["reasoning_budget"] = reasoning_budget
         check_max_tokens(kw, default_to_limit=True)
+        check_constraint(kw)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         messages = [m.to_template() for m in body.messages]
 
@@ -398,6 +425,18 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         """Liveness plus the slot and queue counts."""
         return Health(status="ok", slots_idle=pool.n_slots - pool.n_busy, slots_processing=pool.n_busy,
                       queue=pool.n_waiting, queue_limit=pool.max_queue)
+
+    @app.get("/props")
+    async def props() -> Any:
+        """llama-server's ``/props``: the context, the chat template, the model, and the
+        default sampling settings (the model file's recommended ones over the library's)."""
+        llm = pool.llamas[0]
+        return {"default_generation_settings": {"n_ctx": n_ctx, "model": model_alias,
+                                                "params": {**asdict(llm.sampling_defaults),
+                                                           "n_predict": token_limit}},
+                "total_slots": pool.n_slots, "model_path": model_alias, "model_alias": model_alias,
+                "n_ctx": n_ctx, "chat_template": llm.metadata.get("tokenizer.chat_template") or "",
+                "modalities": {"vision": False, "audio": False}}
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(request: Request) -> Any:

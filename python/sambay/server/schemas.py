@@ -3,18 +3,31 @@
 Requests forbid unknown fields (a typo must not be silently ignored). Every sampling knob is
 optional: a field left out takes :class:`sambay.Llama`'s default, so a request and the same call
 through the Python API give the same text. Fields OpenAI defines that sambay cannot honour
-(``n > 1``, a non-empty ``logit_bias``, image parts, ...) are rejected with a clear message rather
-than ignored. Responses are validated too, and dumped with ``exclude_unset`` so the JSON keeps
+(``n > 1``, image parts, ...) are rejected with a clear message rather
+than ignored. ``response_format``, ``json_schema`` and ``grammar`` constrain the output
+(:mod:`sambay.structured`). Responses are validated too, and dumped with ``exclude_unset`` so the JSON keeps
 exactly the keys the engine produced.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..reasoning import check_reasoning_format, resolve_budget
+
+
+log = logging.getLogger("sambay.server")
+_logged: set[str] = set()
+
+
+def log_ignored_once(names: Any, what: str = "field") -> None:
+    """Say once per process that a request field (or a message key) is accepted and ignored."""
+    for name in sorted(set(names) - _logged):
+        _logged.add(name)
+        log.info("request %s '%s' is accepted and ignored (it has no meaning for this server)", what, name)
 
 
 class _Request(BaseModel):
@@ -66,6 +79,46 @@ class _Sampling(_Request):
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repeat_penalty: Optional[float] = Field(None, gt=0.0)
+    # structured output (sambay.structured): OpenAI's response_format, llama.cpp's json_schema
+    # and grammar (GBNF); an invalid schema or grammar is a 400 naming the problem
+    response_format: Optional[dict[str, Any]] = None
+    json_schema: Optional[Union[dict[str, Any], bool]] = None
+    grammar: Optional[str] = None
+    # llama.cpp's names for knobs that exist here
+    n_probs: Optional[int] = Field(None, ge=0, le=20, description="llama.cpp's logprobs: top tokens per position")
+    repeat_last_n: Optional[int] = Field(None, ge=-1, description="tokens the penalties look at (-1: all)")
+    cache_prompt: Optional[bool] = Field(None, description="accepted: prefix reuse is always on")
+    # accepted and ignored (logged once): OpenAI's and llama.cpp's fields without a meaning here
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    n_keep: Optional[int] = None
+    id_slot: Optional[int] = None
+    t_max_predict_ms: Optional[int] = None
+    timings_per_token: Optional[bool] = None
+    return_tokens: Optional[bool] = None
+    post_sampling_probs: Optional[bool] = None
+    samplers: Optional[list[str]] = None
+    typical_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    mirostat: Optional[int] = Field(None, ge=0, le=2, description="0: off, 1: Mirostat, 2: Mirostat 2.0")
+    mirostat_tau: Optional[float] = Field(None, ge=0.0)
+    mirostat_eta: Optional[float] = Field(None, ge=0.0)
+    # llama.cpp samplers sambay does not have: accepted at the value that turns them off
+    tfs_z: Optional[float] = None
+    dry_multiplier: Optional[float] = None
+    xtc_probability: Optional[float] = None
+    dynatemp_range: Optional[float] = None
+    ignore_eos: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _samplers_off(self) -> "_Sampling":
+        for name, off in NEUTRAL_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and value != off:
+                raise ValueError(f"{name}={value!r} is not supported (only {off!r}, which turns it off)")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -81,16 +134,36 @@ class _Sampling(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (v or {}).items():  # OpenAI's rules; the token ids are checked by the model
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields that were given, as :class:`sambay.Llama` keyword arguments."""
         names = ("max_tokens", "temperature", "top_p", "stop", "presence_penalty",
-                 "frequency_penalty", "seed", "top_k", "min_p", "repeat_penalty")
-        return self.model_dump(include=set(names), exclude_unset=True, exclude_none=True)
+                 "frequency_penalty", "seed", "top_k", "min_p", "repeat_penalty",
+                 "response_format", "json_schema", "grammar", "logit_bias", "typical_p",
+                 "mirostat_tau", "mirostat_eta")
+        kw = self.model_dump(include=set(names), exclude_unset=True, exclude_none=True)
+        if self.mirostat is not None:
+            kw["mirostat_mode"] = self.mirostat
+        if self.repeat_last_n is not None:
+            kw["penalty_last_n"] = self.repeat_last_n if self.repeat_last_n >= 0 else 2**31 - 1
+        log_ignored_once(name for name in (*IGNORED_FIELDS, *NEUTRAL_FIELDS, "cache_prompt")
+                         if getattr(self, name, None) is not None)
+        return kw
+
+
+IGNORED_FIELDS = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "n_keep",
+                  "id_slot", "t_max_predict_ms", "timings_per_token", "return_tokens", "post_sampling_probs",
+                  "samplers", "modalities", "verbosity", "parallel_tool_calls", "user")
+# a llama.cpp sampler's field -> the value that turns it off (the only one accepted)
+NEUTRAL_FIELDS: dict[str, Any] = {"tfs_z": 1.0, "dry_multiplier": 0.0,
+                                  "xtc_probability": 0.0, "dynatemp_range": 0.0, "ignore_eos": False}
 
 
 # ------------------------------------------------------------------------------ completions
@@ -130,8 +203,8 @@ class CompletionRequest(_Sampling):
 
     def llama_kwargs(self) -> dict[str, Any]:
         kw = self.sampling_kwargs()
-        if self.logprobs is not None:
-            kw["logprobs"] = self.logprobs
+        if self.logprobs is not None or self.n_probs is not None:
+            kw["logprobs"] = self.logprobs if self.logprobs is not None else self.n_probs
         if self.echo:
             kw["echo"] = True
         return kw
@@ -177,6 +250,18 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
+    """One message; keys this server does not know (``annotations``, ``audio``, ``id``, ...) are
+    dropped, never rendered (logged once)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            log_ignored_once(set(data) - set(cls.model_fields), "message key")
+        return data
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
@@ -201,11 +286,13 @@ class ChatCompletionRequest(_Sampling):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[Literal["none", "auto"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
     # the <think> trace: OpenAI's effort, llama-server's format, and a budget in tokens
     reasoning_effort: Optional[str] = None
     reasoning_format: Optional[str] = None
     reasoning_budget: Optional[int] = Field(None, ge=0)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    modalities: Optional[list[Literal["text"]]] = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None
 
     @field_validator("reasoning_effort")
     @classmethod
@@ -225,13 +312,6 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("forcing a tool is not supported; use 'auto' or 'none'")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
-
     @model_validator(mode="after")
     def _one_max(self) -> "ChatCompletionRequest":
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -243,13 +323,13 @@ class ChatCompletionRequest(_Sampling):
         kw = self.sampling_kwargs()
         if self.max_completion_tokens is not None:
             kw["max_tokens"] = self.max_completion_tokens
-        if self.logprobs:
+        if self.logprobs or self.n_probs:
             kw["logprobs"] = True
-            kw["top_logprobs"] = self.top_logprobs or 0
+            kw["top_logprobs"] = self.top_logprobs if self.top_logprobs is not None else (self.n_probs or 0)
         if self.tools and self.tool_choice != "none":
             kw["tools"] = self.tools
-        kw.update(self.model_dump(include={"reasoning_effort", "reasoning_format", "reasoning_budget"},
-                                  exclude_none=True))
+        kw.update(self.model_dump(include={"reasoning_effort", "reasoning_format", "reasoning_budget",
+                                           "chat_template_kwargs"}, exclude_none=True))
         return kw
 
 

@@ -31,6 +31,7 @@ class ServerSettings:
         reasoning_format: ``"deepseek"`` (the ``<think>`` trace in ``reasoning_content``) or
             ``"none"`` (left in ``content``), for chat requests that do not say.
         reasoning_budget: trace budget in tokens for chat requests that give none.
+        cors_origins: origins browsers may call the API from (``"*"``: any; none by default).
     """
 
     model: str
@@ -52,6 +53,7 @@ class ServerSettings:
     log_level: str = "info"
     reasoning_format: str = "deepseek"
     reasoning_budget: Optional[int] = None
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
@@ -109,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
                    help="end the trace after N tokens by forcing </think> (default: unlimited); "
                         "a request's reasoning_budget or reasoning_effort wins")
+    p.add_argument("--cors-origins", default="", metavar="ORIGINS",
+                   help="comma-separated origins a browser may call the API from, '*' for any "
+                        "(default: none; CORS preflights never need the API key)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -121,4 +126,5 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key or None, model_alias=args.model_alias, max_tokens=args.max_tokens,
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
         reasoning_format=args.reasoning_format, reasoning_budget=args.reasoning_budget,
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
     )
