@@ -190,6 +190,8 @@ def report(res: dict) -> str:
     lines = [f"# Many sequences at once ({res['mode']})", "",
              f"Machine: {res['machine']}; {res['threads']} threads for each engine; commit {res['commit']}. "
              "Aggregate decode tok/s of S sequences, each at depth D, one token per sequence per step.", ""]
+    if res.get("notes"):
+        lines += [res["notes"], ""]
     for qt, by_depth in res["sweep"].items():
         for D, rows in by_depth.items():
             lines += [f"## {qt}, depth {D}", "",
@@ -199,7 +201,9 @@ def report(res: dict) -> str:
                 sb, lc = r.get("sambay", {}), r.get("llamacpp", {})
                 a, b = sb.get("decode_tok_s"), lc.get("decode_tok_s")
                 ratio = f"{a / b:.2f}x" if a and b else "-"
-                lines.append(f"| {S} | {a or 0:.1f} | {b or 0:.1f} | {ratio} | {sb.get('step_ms', 0):.1f} |")
+                fa = f"{a:.1f}" if a else "-"
+                fb = f"{b:.1f}" if b else "not measured"
+                lines.append(f"| {S} | {fa} | {fb} | {ratio} | {sb.get('step_ms', 0):.1f} |")
             pre = res.get("prefill", {}).get(qt)
             one = rows.get("1", {}).get("sambay", {}).get("decode_tok_s")
             if pre and one:
@@ -267,6 +271,7 @@ def main() -> None:
     ap.add_argument("--llamacpp-no-extra-bufts", dest="no_extra_bufts", action="store_true",
                     help="llama.cpp without extra buffer types (AMX, repacking): its native build's AMX "
                          "matmul crashes on batches on AMX CPUs")
+    ap.add_argument("--report-only", action="store_true", help="redraw the markdown and plot from the JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--n-seq", type=int, help=argparse.SUPPRESS)
@@ -281,6 +286,13 @@ def main() -> None:
         return
 
     m = "full" if a.full else "quick"
+    if a.report_only:
+        out = Path(a.out)
+        res = json.loads((out / f"batched_{m}.json").read_text())
+        (out / f"batched_{m}.md").write_text(report(res) + "\n")
+        plot(res, out / f"batched_{m}.png")
+        print(report(res))
+        return
     types = a.types.split(",")
     engines = a.engines.split(",")
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="sambay-batched-"))
@@ -324,7 +336,14 @@ def main() -> None:
             res["budget"][qt] = b
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"batched_{m}.json").write_text(json.dumps(res, indent=1) + "\n")
+    old = out / f"batched_{m}.json"
+    if old.exists():  # results of other types stay (a run can be done type by type)
+        prev = json.loads(old.read_text())
+        for key in ("sweep", "prefill", "budget"):
+            res[key] = {**prev.get(key, {}), **res[key]}
+        if prev.get("notes"):
+            res["notes"] = prev["notes"]
+    old.write_text(json.dumps(res, indent=1) + "\n")
     (out / f"batched_{m}.md").write_text(report(res) + "\n")
     plot(res, out / f"batched_{m}.png")
     print(report(res))
