@@ -12,13 +12,13 @@
 #   native  then ggml built from source for a Pi 5's CPU (scripts/build-ggml.sh native with
 #           GGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16, as a build made elsewhere for a Pi 5
 #           would be: GGML_NATIVE cannot see the CPU under qemu), sambay rebuilt against it,
-#           `sambay system-info` and the engine tests on an emulated CPU that has those features
-#           (QEMU_CPU, default cortex-a76)
+#           `sambay system-info` and the engine tests
 #   all     both
 #
 # Environment: SAMBAY_AARCH64_ROOT (default /var/tmp/sambay-aarch64-root; kept between runs,
 # never inside the repository), SAMBAY_AARCH64_TESTS (the test files, default below),
-# QEMU_CPU for the native step, DEBIAN_MIRROR. Needs root (debootstrap, chroot, mounts) and
+# QEMU_CPU (the emulated CPU, default cortex-a76: a Pi 5's core, with dotprod and fp16 but no
+# i8mm or SVE), DEBIAN_MIRROR. Needs root (debootstrap, chroot, mounts) and
 # Debian's qemu-user-static and debootstrap packages (installed if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,7 @@ case "$mode" in wheel|native|all) ;; *) echo "usage: $0 [wheel|native|all]" >&2;
 root=${SAMBAY_AARCH64_ROOT:-/var/tmp/sambay-aarch64-root}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 tests=${SAMBAY_AARCH64_TESTS:-"tests/test_package.py tests/test_engine_errors.py tests/test_engine.py tests/test_batch.py tests/test_convert.py tests/test_convert_exact.py tests/test_quant_types.py tests/test_quantize.py tests/test_demo_model.py"}
-native_cpu=${QEMU_CPU:-cortex-a76}
-unset QEMU_CPU  # the wheel step runs on qemu's default CPU
+export QEMU_CPU=${QEMU_CPU:-cortex-a76}
 
 case "$root" in "$repo"|"$repo"/*) echo "$0: keep the root outside the repository" >&2; exit 1 ;; esac
 [ "$(id -u)" = 0 ] || { echo "$0: needs root (debootstrap, chroot, mounts)" >&2; exit 1; }
@@ -114,7 +113,7 @@ if [ "$mode" != native ]; then
              echo "install: $(( $(date +%s) - s )) s, venv $(du -sm /opt/venv | cut -f1) MB"
              if python -c "import torch" 2>/dev/null; then echo "torch was installed"; exit 1; fi
              sambay system-info'
-    stamp "tests (wheel ggml): $tests"
+    stamp "tests (wheel ggml, QEMU_CPU=$QEMU_CPU): $tests"
     in_root "s=\$(date +%s); python -m pytest -q -p no:cacheprovider $tests; echo \"tests: \$(( \$(date +%s) - s )) s\""
 fi
 
@@ -123,7 +122,6 @@ if [ "$mode" != wheel ]; then
     stamp "ggml from source for a Pi 5 (armv8.2-a+dotprod+fp16), sambay against it"
     in_root 'SAMBAY_GGML_DEFINES="GGML_NATIVE=OFF GGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" \
              scripts/build-ggml.sh native .'
-    export QEMU_CPU=$native_cpu
     stamp "system-info and the engine tests on QEMU_CPU=$QEMU_CPU"
     in_root 'sambay system-info; python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_quant_types.py'
 fi
