@@ -209,7 +209,10 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
                                                                  : std::string("each sequence keeps what it evaluated")) + ")");
         }
         // equal lengths adjacent (the Mamba groups)
-        std::stable_sort(picks.begin(), picks.end(), [](const auto & a, const auto & b) { return a.second < b.second; });
+        // (and, within equal lengths, by slot: a decode step on consecutive slots is one group)
+        std::stable_sort(picks.begin(), picks.end(), [&](const auto & a, const auto & b) {
+            return a.second != b.second ? a.second < b.second : batch[a.first].seq < batch[b.first].seq;
+        });
         ubatch ub;
         ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn;
         tokens.clear();

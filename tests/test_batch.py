@@ -231,3 +231,16 @@ def test_memory_per_sequence(model):
     assert many["per_sequence"] == one["per_sequence"] == sum(one[k] for k in caches)
     for k in caches:
         assert many[k] == 4 * one[k]
+
+
+@pytest.mark.parametrize("n_batch", [512, 5])
+def test_decode_steps_on_consecutive_slots_equal_single_runs(model, n_batch):
+    # every sequence decoding one token on slots 0..S-1: the attention of all of them runs as
+    # one batched product over a view of their cells (other depths padded and masked)
+    W, v = model.hparams()["n_swa"], model.n_vocab
+    lens = [1, W - 1, W + 2, 3 * W + 5]
+    plan = {s: (0, _ids(n, v, 50 + s), _ids(2 * W + 3, v, 60 + s)) for s, n in enumerate(lens)}
+    got = _schedule(model, plan, n_batch=n_batch)
+    for s, (_, prompt, toks) in plan.items():
+        err = np.abs(got[s] - _alone(model, prompt, toks, n_batch=n_batch)).max()
+        assert err < ATOL, f"slot {s}: max |batched - alone| = {err:.3g}"
