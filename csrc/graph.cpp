@@ -74,23 +74,6 @@ ggml_tensor * graph_builder::build() {
         si.full_mask = ggml_new_tensor_2d(ctx_, mask_type(), si.n_kv_full, n);
         ggml_set_input(si.full_mask); ggml_format_name(si.full_mask, "inp_full_mask-s%zu", i);
     }
-    // one decode token per sequence on consecutive slots: grouped attention (mul_mat path)
-    grouped_ = !ub_.flash_attn && ub_.seqs.size() >= 2;
-    for (size_t i = 0; grouped_ && i < ub_.seqs.size(); ++i) {
-        const ubatch_seq & us = ub_.seqs[i];
-        grouped_ = us.n_tokens == 1 && us.n_out == 1 && us.seq == ub_.seqs[0].seq + i;
-    }
-    if (grouped_) {
-        for (const seq_inputs & si : inp_.seqs) {
-            inp_.grp_n_kv_swa  = std::max(inp_.grp_n_kv_swa, si.n_kv_swa);
-            inp_.grp_n_kv_full = std::max(inp_.grp_n_kv_full, si.n_kv_full);
-        }
-        const int64_t n_s = (int64_t) ub_.seqs.size();
-        inp_.grp_swa_mask = ggml_new_tensor_4d(ctx_, GGML_TYPE_F32, inp_.grp_n_kv_swa, 1, n_s, 1);
-        ggml_set_input(inp_.grp_swa_mask); cb(inp_.grp_swa_mask, "inp_grp_swa_mask", -1);
-        inp_.grp_full_mask = ggml_new_tensor_4d(ctx_, GGML_TYPE_F32, inp_.grp_n_kv_full, 1, n_s, 1);
-        ggml_set_input(inp_.grp_full_mask); cb(inp_.grp_full_mask, "inp_grp_full_mask", -1);
-    }
     // Mamba groups: runs of sequences with equal n_tokens
     for (uint32_t i = 0; i < ub_.seqs.size();) {
         group_inputs g;
@@ -242,22 +225,6 @@ void graph_builder::set_inputs() const {
             }
             set_mask(si.full_mask, mask);
         }
-    }
-    if (is_set(inp_.grp_swa_mask) || is_set(inp_.grp_full_mask)) {
-        // row i: sequence i's one query over the group's cells; cells past its own are masked
-        const uint32_t nks = inp_.grp_n_kv_swa, nkf = inp_.grp_n_kv_full;
-        std::vector<float> ms((size_t) nks * ub_.seqs.size(), ninf), mf((size_t) nkf * ub_.seqs.size(), ninf);
-        for (size_t i = 0; i < ub_.seqs.size(); ++i) {
-            const ubatch_seq & us = ub_.seqs[i];
-            const int64_t pq = us.pos0;  // its one token
-            for (uint32_t c = 0; c < inp_.seqs[i].n_kv_swa; ++c) {
-                const int64_t pk = memory::pos_in_cell(c, us.pos0 + 1, n_cells);
-                if (pk >= 0 && pk <= pq && pk >= pq - (W - 1)) ms[i * nks + c] = 0.0f;
-            }
-            for (uint32_t c = 0; c <= pq && c < inp_.seqs[i].n_kv_full; ++c) mf[i * nkf + c] = 0.0f;
-        }
-        if (is_set(inp_.grp_swa_mask)) set_mask(inp_.grp_swa_mask, ms);
-        if (is_set(inp_.grp_full_mask)) set_mask(inp_.grp_full_mask, mf);
     }
     // write indices (memory's addressing): the K cache row of each token's cell; the elements
     // (slot, j, cell) of the V^T cache

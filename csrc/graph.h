@@ -60,12 +60,6 @@ struct graph_inputs {
     ggml_tensor * full_k_idx = nullptr;  // I64 [n_tokens]
     ggml_tensor * full_v_idx = nullptr;  // I64 [n_tokens*n_embd_kv]
     std::vector<seq_inputs>   seqs;      // per ubatch.seqs entry
-    // a decode step of sequences on consecutive slots (one row each): attention of all of them
-    // as one batched product over a [.., n_seq] view of their cells, with these masks
-    ggml_tensor * grp_swa_mask  = nullptr;  // F32 [n_kv_swa_max, 1, n_seqs, 1]
-    ggml_tensor * grp_full_mask = nullptr;  // F32 [n_kv_full_max, 1, n_seqs, 1]
-    uint32_t grp_n_kv_swa  = 0;
-    uint32_t grp_n_kv_full = 0;
     std::vector<group_inputs> groups;
 };
 
@@ -88,8 +82,6 @@ private:
     // attention of every sequence over its own cells; q: [hd, H, n_rows] of all rows
     ggml_tensor * build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                   uint32_t n_cells, bool is_swa, int il);
-    ggml_tensor * build_attn_grouped(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
-                                     uint32_t n_cells, bool is_swa, int il);
     ggml_tensor * build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all, uint32_t slot,
                                   uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il);
     // rows of the current layer of sequence i: [first, first + count)
@@ -108,7 +100,6 @@ private:
 
     uint32_t n_rows_    = 0;  // rows the current layer runs on (n_tokens, or n_out after the YOCO cut)
     bool     cut_       = false;
-    bool     grouped_   = false;  // see graph_inputs::grp_*
     std::vector<uint32_t> out_row0_;  // first output row of each sequence (after the cut)
 
     graph_inputs  inp_;

@@ -26,9 +26,6 @@ constexpr int64_t COMBINE_MAX_ROWS = 16;
 
 ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                              uint32_t n_cells, bool is_swa, int il) {
-    if (grouped_) {
-        return build_attn_grouped(q, k_all, v_all, n_cells, is_swa, il);
-    }
     // each sequence attends over the cells of its own slot: a subgraph per sequence on its rows,
     // the results joined back into the rows of the micro-batch (the weights stay batched)
     std::vector<ggml_tensor *> outs;
@@ -46,46 +43,6 @@ ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_al
                                        is_swa ? si.n_kv_swa : si.n_kv_full, mask, il));
     }
     ggml_tensor * cur = join_rows(ctx_, outs);  // [2*hd*H/2, n_rows]
-    cb(cur, "diff_attn", il);
-    return build_attn_out(cur, il);
-}
-
-ggml_tensor * graph_builder::build_attn_grouped(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
-                                                uint32_t n_cells, bool is_swa, int il) {
-    // a decode step of S sequences on consecutive slots slot0 .. slot0+S-1, one query row each:
-    // the per-sequence combined-weights path of build_diff_attn, with the sequences as ggml's 4th
-    // dimension (views of the slots' cells, a [n_kv, 1, S, 1] mask padding the shorter ones), so
-    // a layer's attention is a handful of graph nodes instead of ~20 per sequence. The padded
-    // cells are masked; like every unwritten cell they hold finite values (zeroed at allocation
-    // or older positions), so they add exactly nothing.
-    const int64_t hd = hp_.n_embd_head, H2 = hp_.n_head / 2, Hkv = hp_.n_head_kv, Hkv2 = Hkv / 2;
-    const int64_t S = (int64_t) ub_.seqs.size(), n_embd_kv = hp_.n_embd_kv();
-    const uint32_t slot0 = ub_.seqs[0].seq;
-    const uint32_t n_kv  = is_swa ? inp_.grp_n_kv_swa : inp_.grp_n_kv_full;
-    const size_t  kes = ggml_type_size(k_all->type), ves = ggml_type_size(v_all->type);
-    const float   scale = 1.0f / std::sqrt((float) hd);
-
-    // sequences in dimension 2, heads in dimension 3 (so each stripe is a padded view); query
-    // head h reads K head h / (H/Hkv), ggml's broadcast over dimension 3
-    // q [hd, H, S] (row r = sequence r) -> [hd, 1, S, H]
-    ggml_tensor * q4 = ggml_view_4d(ctx_, q, hd, 1, S, hp_.n_head, q->nb[2], q->nb[2], q->nb[1], 0);
-    ggml_tensor * k4 = ggml_view_4d(ctx_, k_all, hd, n_kv, S, Hkv, k_all->nb[1], (size_t) n_cells * k_all->nb[1],
-                                    hd * kes, (size_t) slot0 * n_cells * k_all->nb[1]);
-    ggml_tensor * kq = ggml_mul_mat(ctx_, k4, q4);  // [n_kv, 1, S, H]
-    ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-    kq = ggml_soft_max_ext_inplace(ctx_, kq, is_swa ? inp_.grp_swa_mask : inp_.grp_full_mask, scale, 0.0f);
-    ggml_tensor * p1 = ggml_view_4d(ctx_, kq, n_kv, 1, S, H2, kq->nb[1], kq->nb[2], kq->nb[3], 0);
-    ggml_tensor * p2 = ggml_view_4d(ctx_, kq, n_kv, 1, S, H2, kq->nb[1], kq->nb[2], kq->nb[3], H2 * kq->nb[3]);
-    ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));
-    const size_t vt_slot = (size_t) n_cells * n_embd_kv * ves;  // one slot's V^T block
-    ggml_tensor * v4 = ggml_view_4d(ctx_, v_all, n_kv, 2 * hd, S, Hkv2, (size_t) n_cells * ves, vt_slot,
-                                    2 * hd * (size_t) n_cells * ves, slot0 * vt_slot);
-    ggml_tensor * cur = ggml_mul_mat(ctx_, v4, w);  // [2*hd, 1, S, H/2]
-    cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
-    cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
-    cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
-    cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 2, 3, 1));  // [2*hd, H/2, 1, S]
-    cur = ggml_reshape_2d(ctx_, cur, 2 * hd * H2, S);
     cb(cur, "diff_attn", il);
     return build_attn_out(cur, il);
 }
