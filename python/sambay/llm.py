@@ -119,7 +119,7 @@ class LLM:
         one = GenerationParams.of(params)
         return [one] * n
 
-    def _run(self, jobs: list[Any], stream: bool) -> Iterator[tuple[int, Any]]:
+    def _run(self, jobs: list[Any]) -> Iterator[tuple[int, Any]]:
         """Runs ``job(seq_llama)`` for every job, as many at once as there are sequences;
         yields (index, item) for every item the jobs produce (each job is a generator)."""
         out: "queue.Queue[tuple[int, Any]]" = queue.Queue()
@@ -162,7 +162,7 @@ class LLM:
     # ------------------------------------------------------------------ completions
 
     def _completion_job(self, prompt: Prompt, p: GenerationParams, stream: bool) -> Any:
-        kw = {k: v for k, v in asdict(p).items()}
+        kw = asdict(p)
 
         def job(llm: Llama) -> Iterator[Any]:
             if stream:
@@ -180,7 +180,7 @@ class LLM:
         params = self._params(sampling_params, len(prompts))
         results: list[Optional[RequestOutput]] = [None] * len(prompts)
         jobs = [self._completion_job(pr, pa, False) for pr, pa in zip(prompts, params)]
-        for i, res in self._run(jobs, stream=False):
+        for i, res in self._run(jobs):
             ch = res["choices"][0]
             results[i] = RequestOutput(i, prompts[i], [CompletionOutput(0, ch["text"], ch["finish_reason"])],
                                        usage=dict(res.get("usage") or {}))
@@ -194,7 +194,7 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         params = self._params(sampling_params, len(prompts))
         jobs = [self._completion_job(pr, pa, True) for pr, pa in zip(prompts, params)]
-        for i, chunk in self._run(jobs, stream=True):
+        for i, chunk in self._run(jobs):
             ch = chunk["choices"][0]
             yield i, ch["text"], ch["finish_reason"]
 
@@ -217,7 +217,7 @@ class LLM:
                 yield llm.create_chat_completion(list(conv), **asdict(p), **chat_kwargs)
             return job
 
-        for i, res in self._run([job_for(c, p) for c, p in zip(convs, params)], stream=False):
+        for i, res in self._run([job_for(c, p) for c, p in zip(convs, params)]):
             ch = res["choices"][0]
             msg = ch["message"]
             results[i] = RequestOutput(i, convs[i], [CompletionOutput(0, msg.get("content") or "", ch["finish_reason"],
