@@ -11,6 +11,9 @@ from typing import Optional
 from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+# seconds between SSE keep-alive comments: sse-starlette's (llama-cpp-python's server) default
+# ping interval, well under the 60 s read timeout of common proxies (nginx)
+DEFAULT_KEEP_ALIVE_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class ServerSettings:
             ``"none"`` (left in ``content``), for chat requests that do not say.
         reasoning_budget: trace budget in tokens for chat requests that give none.
         cors_origins: origins browsers may call the API from (``"*"``: any; none by default).
+        keep_alive: seconds between SSE keep-alive comments while a stream has nothing to
+            send (queued, prefilling); 0: none.
+        metrics: serve Prometheus metrics at ``GET /metrics`` (needs prometheus-client).
     """
 
     model: str
@@ -54,6 +60,8 @@ class ServerSettings:
     reasoning_format: str = "deepseek"
     reasoning_budget: Optional[int] = None
     cors_origins: tuple[str, ...] = ()
+    keep_alive: float = DEFAULT_KEEP_ALIVE_SECONDS
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
@@ -65,6 +73,9 @@ class ServerSettings:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if isinstance(self.keep_alive, bool) or not isinstance(self.keep_alive, (int, float)) \
+                or not 0 <= self.keep_alive < float("inf"):
+            raise ValueError(f"keep_alive must be a number of seconds >= 0, got {self.keep_alive!r}")
         check_reasoning_format(self.reasoning_format)
         resolve_budget(self.reasoning_budget, None)
 
@@ -114,6 +125,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origins", default="", metavar="ORIGINS",
                    help="comma-separated origins a browser may call the API from, '*' for any "
                         "(default: none; CORS preflights never need the API key)")
+    p.add_argument("--sse-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_SECONDS, metavar="SECONDS",
+                   help="while a stream has nothing to send (waiting for a slot, prefilling), a "
+                        "': keep-alive' comment line every SECONDS so proxies keep the connection "
+                        "(0: none)")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve Prometheus metrics at GET /metrics (behind the API key if one is set)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -127,4 +144,5 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
         reasoning_format=args.reasoning_format, reasoning_budget=args.reasoning_budget,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        keep_alive=args.sse_keep_alive, metrics=args.metrics,
     )
