@@ -193,3 +193,87 @@ def test_metrics_off_by_default_answers_501(model):
     with serving(model) as s:
         r = httpx.get(s.url + "/metrics", timeout=TIMEOUT)
         assert r.status_code == 501 and "--metrics" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SAMBAY_* environment variables
+
+
+def serve_parser() -> Any:
+    import argparse
+
+    from sambay.server.settings import add_arguments
+
+    p = argparse.ArgumentParser(prog="serve", allow_abbrev=False)
+    add_arguments(p)  # reads os.environ: the test sets it with monkeypatch
+    return p
+
+
+def test_every_serve_option_has_an_environment_variable_shown_in_help(monkeypatch):
+    from sambay.server.settings import ENV_VARS, env_var
+
+    p = serve_parser()
+    options = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    missing = [a.option_strings for a in options if env_var(a) is None]
+    assert not missing, f"add these serve options to settings.ENV_VARS: {missing}"
+    assert sorted(env_var(a) for a in options) == sorted(ENV_VARS.values())  # no stale entries
+    assert all(v.startswith("SAMBAY_") for v in ENV_VARS.values())
+    text = " ".join(p.format_help().split())
+    for var in ENV_VARS.values():
+        assert f"(env: {var})" in text
+
+
+def test_environment_variables_set_serve_options_and_the_command_line_wins(monkeypatch, capsys):
+    from sambay.cli import build_parser
+    from sambay.server import from_args
+
+    env = {"SAMBAY_MODEL": "from-env.gguf", "SAMBAY_PORT": "9001", "SAMBAY_CTX_SIZE": "2048",
+           "SAMBAY_PARALLEL": "3", "SAMBAY_CPU": "yes", "SAMBAY_METRICS": "1", "SAMBAY_API_KEY": "envkey",
+           "SAMBAY_REASONING_FORMAT": "none", "SAMBAY_CORS_ORIGINS": "https://a.example, https://b.example",
+           "SAMBAY_SSE_KEEP_ALIVE": "2.5", "SAMBAY_LOG_LEVEL": "debug", "SAMBAY_HOST": ""}  # empty: unset
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = from_args(build_parser().parse_args(["serve"]))  # -m is not needed: $SAMBAY_MODEL gives it
+    assert (s.model, s.port, s.n_ctx, s.parallel, s.device, s.metrics, s.api_key) == \
+        ("from-env.gguf", 9001, 2048, 3, "cpu", True, "envkey")
+    assert (s.reasoning_format, s.keep_alive, s.log_level, s.host) == ("none", 2.5, "debug", "127.0.0.1")
+    assert s.cors_origins == ("https://a.example", "https://b.example")
+    s = from_args(build_parser().parse_args(["serve", "-m", "cli.gguf", "--port", "9002", "-c", "64",
+                                             "--reasoning-format", "deepseek"]))
+    assert (s.model, s.port, s.n_ctx, s.parallel, s.reasoning_format) == ("cli.gguf", 9002, 64, 3, "deepseek")
+    monkeypatch.setenv("SAMBAY_METRICS", "off")
+    assert from_args(build_parser().parse_args(["serve"])).metrics is False
+
+    # a wrong value names its variable; the command line's errors stay argparse's own
+    for var, value, expect in (("SAMBAY_PORT", "eighty", "$SAMBAY_PORT='eighty'"),
+                               ("SAMBAY_CPU", "maybe", "$SAMBAY_CPU='maybe'"),
+                               ("SAMBAY_LOG_LEVEL", "loud", "choose from critical")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["serve"])
+        assert exc.value.code == 2 and expect in capsys.readouterr().err
+        monkeypatch.delenv(var)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--port", "eighty"])
+    assert "argument --port: invalid int value: 'eighty'" in capsys.readouterr().err
+    # an unrelated command is not stopped by a bad serve variable
+    monkeypatch.setenv("SAMBAY_PORT", "eighty")
+    assert build_parser().parse_args(["run", "-p", "x"]).prompt == "x"
+    monkeypatch.delenv("SAMBAY_MODEL")
+    monkeypatch.delenv("SAMBAY_PORT")
+    with pytest.raises(SystemExit):  # neither -m nor $SAMBAY_MODEL
+        build_parser().parse_args(["serve"])
+    assert "-m/--model" in capsys.readouterr().err
+
+
+def test_metrics_without_prometheus_client_is_one_line(tiny_gguf):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['prometheus_client'] = None; from sambay.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, "serve", "-m", str(tiny_gguf()[1]), "--metrics", "--port", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        'sambay serve: error: --metrics needs prometheus-client: pip install "sambay[server]"']

@@ -100,9 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(continuous batching)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for a free slot; beyond that the server answers 503")
-    p.add_argument("--api-key", default=os.environ.get("SAMBAY_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every request "
-                        "(default: $SAMBAY_API_KEY; none: no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request (default: no key)")
     p.add_argument("--model-alias", default=None, help="the model name clients see (default: the file name)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="the largest max_tokens a request may ask for (default: the context length)")
@@ -131,7 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0: none)")
     p.add_argument("--metrics", action="store_true",
                    help="serve Prometheus metrics at GET /metrics (behind the API key if one is set)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    add_env_defaults(p)
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:
@@ -146,3 +147,92 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         keep_alive=args.sse_keep_alive, metrics=args.metrics,
     )
+
+
+# --- SAMBAY_* environment variables (issue 14) ------------------------------------------------
+# The one table of `serve` options and the environment variables that set them (llama-server's
+# LLAMA_ARG_*): a variable gives the option's default, so the command line still wins; an empty
+# variable counts as unset. A flag (--cpu, --metrics) takes 1/true/yes/on or 0/false/no/off.
+ENV_VARS: dict[str, str] = {
+    "--model": "SAMBAY_MODEL",
+    "--host": "SAMBAY_HOST",
+    "--port": "SAMBAY_PORT",
+    "--ctx-size": "SAMBAY_CTX_SIZE",
+    "--batch-size": "SAMBAY_BATCH_SIZE",
+    "--parallel": "SAMBAY_PARALLEL",
+    "--max-queue": "SAMBAY_MAX_QUEUE",
+    "--api-key": "SAMBAY_API_KEY",
+    "--model-alias": "SAMBAY_MODEL_ALIAS",
+    "--max-tokens": "SAMBAY_MAX_TOKENS",
+    "--max-body-bytes": "SAMBAY_MAX_BODY_BYTES",
+    "--threads": "SAMBAY_THREADS",
+    "--threads-batch": "SAMBAY_THREADS_BATCH",
+    "--n-gpu-layers": "SAMBAY_N_GPU_LAYERS",
+    "--cpu": "SAMBAY_CPU",
+    "--seed": "SAMBAY_SEED",
+    "--reasoning-format": "SAMBAY_REASONING_FORMAT",
+    "--reasoning-budget": "SAMBAY_REASONING_BUDGET",
+    "--cors-origins": "SAMBAY_CORS_ORIGINS",
+    "--sse-keep-alive": "SAMBAY_SSE_KEEP_ALIVE",
+    "--metrics": "SAMBAY_METRICS",
+    "--log-level": "SAMBAY_LOG_LEVEL",
+}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class _FromEnv(str):
+    """An option's default taken from an environment variable (named in error messages)."""
+
+    var: str
+
+
+def _flag(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(f"{text!r} is not one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
+    return word in _TRUE
+
+
+def _env_converter(action: argparse.Action) -> object:
+    """``action``'s type, which also converts (and checks) a default from the environment:
+    argparse converts a string default with the option's type when the option is not given."""
+    is_flag = action.nargs == 0
+    convert = _flag if is_flag else (action.type or str)
+
+    def parse(text: str) -> object:
+        if not isinstance(text, _FromEnv):
+            return convert(text)  # type: ignore[operator]
+        try:
+            value = convert(str(text))  # type: ignore[operator]
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentTypeError(f"${text.var}={str(text)!r}: {err}") from None
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentTypeError(
+                f"${text.var}={str(text)!r}: choose from {', '.join(map(str, action.choices))}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid int value: ..."
+    return parse
+
+
+def env_var(action: argparse.Action) -> Optional[str]:
+    """The environment variable of a ``serve`` option (None for --help)."""
+    return next((ENV_VARS[o] for o in action.option_strings if o in ENV_VARS), None)
+
+
+def add_env_defaults(p: argparse.ArgumentParser, environ: Optional[dict[str, str]] = None) -> None:
+    """Names each option's variable in its help, and makes a set variable its default."""
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    for action in p._actions:
+        var = env_var(action)
+        if var is None:
+            continue
+        action.help = f"{action.help or ''} (env: {var})".lstrip()
+        raw = environ.get(var, "")
+        if raw == "":
+            continue
+        default = _FromEnv(raw)
+        default.var = var
+        action.default = default
+        action.type = _env_converter(action)  # type: ignore[assignment]
+        action.required = False
