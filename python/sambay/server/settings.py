@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a phi4flash GGUF file, a cached model (phi4-flash:q4_k_m) or a Hugging "
                         "Face repo id pulled on first use (fixed for the server's lifetime)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=4096,
                    help="context length of each slot, i.e. each sequence (0: the model's trained context, "
                         "65536 for the real model)")
@@ -102,18 +102,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a free slot; beyond that the server answers 503")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request (default: no key)")
-    p.add_argument("--model-alias", default=None, help="the model name clients see (default: the file name)")
+    p.add_argument("-a", "--alias", "--model-alias", dest="model_alias", default=None,
+                   help="the model name clients see (default: the file name)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="the largest max_tokens a request may ask for (default: the context length)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="the largest request body accepted")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="threads for steps of one token (default: half the cores)")
-    p.add_argument("--threads-batch", type=int, default=None,
+    p.add_argument("-tb", "--threads-batch", type=int, default=None,
                    help="threads for steps of several tokens: prompts, or several sequences (default: the cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("-s", "--seed", type=int, default=None,
                    help="seed of the samplers for requests that give none (slot i: SEED + i)")
     p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek",
                    help="chat replies: the <think> trace in message.reasoning_content (deepseek) "
@@ -162,7 +163,7 @@ ENV_VARS: dict[str, str] = {
     "--parallel": "SAMBAY_PARALLEL",
     "--max-queue": "SAMBAY_MAX_QUEUE",
     "--api-key": "SAMBAY_API_KEY",
-    "--model-alias": "SAMBAY_MODEL_ALIAS",
+    "--alias": "SAMBAY_ALIAS",
     "--max-tokens": "SAMBAY_MAX_TOKENS",
     "--max-body-bytes": "SAMBAY_MAX_BODY_BYTES",
     "--threads": "SAMBAY_THREADS",
