@@ -68,7 +68,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantization import quantize
 
     result = quantize(args.input, args.output, args.type, n_threads=args.threads,
-                      progress=not args.quiet)
+                      progress=not args.quiet and not args.dry_run, pure=args.pure,
+                      output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
+                      leave_output_tensor=args.leave_output_tensor, allow_requantize=args.allow_requantize,
+                      dry_run=args.dry_run)
+    if args.dry_run:  # the plan on stdout, one line per tensor
+        mib = 2**20
+        for name, old, new, n_in, n_out in result["plan"]:
+            print(f"{name:40s} {old:>5s} -> {new:<5s} {n_in / mib:10.3f} -> {n_out / mib:10.3f} MiB")
+        print(f"total: {result['bytes_in'] / mib:.2f} MiB -> {result['bytes_out'] / mib:.2f} MiB of tensor data "
+              f"({len(result['plan'])} tensors; nothing written)")
+        return 0
     if not args.quiet:
         mib_in, mib_out = result["bytes_in"] / 2**20, result["bytes_out"] / 2**20
         print(f"wrote {args.output}: {mib_in:.1f} MiB -> {mib_out:.1f} MiB of tensor data",
@@ -533,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._native import _core
 
     types = [name for name, _, _ in _core.quantize_ftypes()]
+    type_ids = [f"{name} ({code})" for name, code, _ in _core.quantize_ftypes()]
     from .hub import DEFAULT_QUANT, DEFAULT_REPO
 
     p = sub.add_parser("pull", help="download, convert and quantize a model into the cache (needs sambay[hub])",
@@ -566,8 +577,21 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  sambay quantize phi4-flash-bf16.gguf phi4-flash-q4_k_m.gguf Q4_K_M")
     p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
     p.add_argument("output", help="the GGUF file to write")
-    p.add_argument("type", metavar="TYPE", help="one of: " + ", ".join(types))
+    p.add_argument("type", metavar="TYPE",
+                   help="one of: " + ", ".join(type_ids) + "; by name or llama-quantize's numeric id; "
+                        "Q4_K and Q5_K are Q4_K_M and Q5_K_M")
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default and 0: all)")
+    p.add_argument("--pure", action="store_true",
+                   help="every quantized matrix in TYPE's default type (none raised: embedding, attn_qkv, ffn_down)")
+    p.add_argument("--output-tensor-type", default=None, metavar="GGML_TYPE",
+                   help="the output projection's type (q8_0, q6_K, f16, ...; the tied embedding in a model "
+                        "without output.weight)")
+    p.add_argument("--token-embedding-type", default=None, metavar="GGML_TYPE", help="token_embd.weight's type")
+    p.add_argument("--leave-output-tensor", action="store_true", help="keep the output projection as stored")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="accept an already quantized input (the errors of both quantizations add up)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-tensor plan and the sizes; write nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
 
