@@ -47,9 +47,14 @@ static std::string upper(std::string s) {
 }
 
 const quant_ftype & quant_ftype_by_name(const std::string & name) {
-    const std::string key = upper(name);
+    std::string key = upper(name);
+    if (key == "Q4_K" || key == "Q5_K") {  // llama-quantize's aliases of the _M types
+        key += "_M";
+    }
+    const bool numeric = !key.empty() && key.size() <= 4 &&
+                         std::all_of(key.begin(), key.end(), [](unsigned char c) { return std::isdigit(c); });
     for (const auto & ft : quant_ftypes()) {
-        if (ft.name == key) {
+        if (ft.name == key || (numeric && ft.file_type == (uint32_t) std::stoul(key))) {
             return ft;
         }
     }
@@ -58,6 +63,23 @@ const quant_ftype & quant_ftype_by_name(const std::string & name) {
         known += (known.empty() ? "" : ", ") + ft.name;
     }
     throw quantize_error("unknown quantization type '" + name + "' (known: " + known + ")");
+}
+
+// the types the overrides may name: those the rules above can produce
+static const ggml_type writable_types[] = {
+    GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1,
+    GGML_TYPE_Q5_K, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q4_K, GGML_TYPE_Q3_K, GGML_TYPE_Q2_K,
+};
+
+ggml_type quant_type_by_name(const std::string & name) {
+    std::string known;
+    for (ggml_type t : writable_types) {
+        if (upper(ggml_type_name(t)) == upper(name)) {
+            return t;
+        }
+        known += (known.empty() ? "" : ", ") + std::string(ggml_type_name(t));
+    }
+    throw quantize_error("unknown tensor type '" + name + "' (known: " + known + ")");
 }
 
 static bool contains(const std::string & s, const char * part) { return s.find(part) != std::string::npos; }
@@ -98,13 +120,27 @@ static ggml_type fallback_type(ggml_type type, int64_t ne0) {
     return ne0 % ggml_blck_size(alt) == 0 ? alt : GGML_TYPE_F16;
 }
 
-ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t) {
+ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t, const quant_options & opt) {
     if (!allows_quantization(t)) {
         return t.cur_type;
+    }
+    const bool is_embd = t.name == "token_embd.weight";
+    const bool is_output = t.name == "output.weight" || (opt.tied_output && is_embd);
+    if (is_output && opt.leave_output) {
+        return t.cur_type;
+    }
+    if (is_output && opt.output_type != GGML_TYPE_COUNT) {
+        return fallback_type(opt.output_type, t.ne0);
+    }
+    if (is_embd && opt.token_embd_type != GGML_TYPE_COUNT) {
+        return fallback_type(opt.token_embd_type, t.ne0);
     }
     const ggml_type def = ft.default_type;
     if (is_float_type(def)) {
         return def;
+    }
+    if (opt.pure) {  // llama-quantize --pure: no tensor raised above the default
+        return fallback_type(def, t.ne0);
     }
     const std::string & ftn = ft.name;
     ggml_type type = def;
@@ -142,13 +178,19 @@ int layer_of(const std::string & name) {
     return -1;
 }
 
-// src (any float type) -> f32
+// src (a float type, or a quantized one for --allow-requantize) -> f32
 void to_f32(ggml_type type, const void * src, float * dst, int64_t n) {
     switch (type) {
         case GGML_TYPE_F32:  std::memcpy(dst, src, (size_t) n * sizeof(float)); break;
         case GGML_TYPE_F16:  ggml_fp16_to_fp32_row((const ggml_fp16_t *) src, dst, n); break;
         case GGML_TYPE_BF16: ggml_bf16_to_fp32_row((const ggml_bf16_t *) src, dst, n); break;
-        default: throw quantize_error("internal: cannot widen type " + std::string(ggml_type_name(type)));
+        default: {
+            const auto * traits = ggml_get_type_traits(type);
+            if (traits->to_float == nullptr) {
+                throw quantize_error("cannot dequantize type " + std::string(ggml_type_name(type)));
+            }
+            traits->to_float(src, dst, n);
+        }
     }
 }
 
@@ -231,6 +273,23 @@ quantize_result quantize_file(const quantize_params & params) {
     gguf_set_val_u32(out.get(), "general.file_type", ft.file_type);
     gguf_set_val_u32(out.get(), "general.quantization_version", GGML_QNT_VERSION);
 
+    bool has_output = false;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        has_output = has_output || std::string(gguf_get_tensor_name(in.get(), i)) == "output.weight";
+    }
+    quant_options opt = params.options;
+    opt.tied_output = !has_output;
+    if (opt.tied_output && opt.output_type != GGML_TYPE_COUNT && opt.token_embd_type != GGML_TYPE_COUNT &&
+        opt.output_type != opt.token_embd_type) {
+        throw quantize_error("token_embd.weight is also the output projection of this model (tied): the "
+                             "output tensor type and the token embedding type must not differ");
+    }
+    if (opt.tied_output && opt.leave_output && opt.token_embd_type != GGML_TYPE_COUNT) {
+        throw quantize_error("token_embd.weight is also the output projection of this model (tied): "
+                             "leave the output tensor as is, or give it a token embedding type, not both");
+    }
+
+    quantize_result result;
     std::vector<ggml_type> new_types(n_tensors);
     for (int64_t i = 0; i < n_tensors; ++i) {
         const std::string name = gguf_get_tensor_name(in.get(), i);
@@ -238,18 +297,30 @@ quantize_result quantize_file(const quantize_params & params) {
         if (!t) {
             throw quantize_error("internal: tensor '" + name + "' missing from the GGUF context");
         }
-        if (!is_float_type(t->type)) {
+        if (!is_float_type(t->type) && !params.allow_requantize) {
             throw quantize_error("input is already quantized (tensor '" + name + "' is " +
-                                 ggml_type_name(t->type) + "); quantize from an F32, F16 or BF16 GGUF");
+                                 ggml_type_name(t->type) + "); quantize from an F32, F16 or BF16 GGUF, or allow "
+                                 "requantizing (--allow-requantize, allow_requantize=True): the errors of both "
+                                 "quantizations add up");
         }
         const size_t off = data_offset + gguf_get_tensor_offset(in.get(), i);
         if (off > file_size || ggml_nbytes(t) > file_size - off) {
             throw quantize_error("GGUF is truncated: data of tensor '" + name + "' ends past the end of the file");
         }
         tensor_desc desc{name, ggml_n_dims(t), t->ne[0], t->type, layer_of(name), n_layer};
-        new_types[i] = quant_tensor_type(ft, desc);
+        new_types[i] = quant_tensor_type(ft, desc, opt);
         gguf_add_tensor(out.get(), t);
         gguf_set_tensor_type(out.get(), name.c_str(), new_types[i]);
+        const uint64_t bytes_out = ggml_row_size(new_types[i], t->ne[0]) * (uint64_t) (ggml_nelements(t) / t->ne[0]);
+        result.plan.push_back({name, ggml_type_name(t->type), ggml_type_name(new_types[i]), ggml_nbytes(t), bytes_out});
+    }
+    if (params.dry_run) {
+        for (const auto & p : result.plan) {
+            result.bytes_in += p.bytes_in;
+            result.bytes_out += p.bytes_out;
+            result.tensor_types.emplace_back(p.name, p.to);
+        }
+        return result;
     }
 
     // write: metadata, then each tensor's data padded to the alignment
@@ -267,7 +338,6 @@ quantize_result quantize_file(const quantize_params & params) {
     size_t written = meta_buf.size();
 
     const size_t alignment = gguf_get_alignment(out.get());
-    quantize_result result;
     std::vector<char> src_buf, dst_buf;
     std::vector<float> f32_buf;
     for (int64_t i = 0; i < n_tensors; ++i) {

@@ -27,8 +27,24 @@ struct quant_ftype {
 // every supported name, in the order `sambay quantize --help` lists them
 const std::vector<quant_ftype> & quant_ftypes();
 
-// throws quantize_error for an unknown name (case-insensitive)
+// A name (case-insensitive), llama-quantize's alias (Q4_K -> Q4_K_M, Q5_K -> Q5_K_M) or its
+// numeric id (the general.file_type value: 15 -> Q4_K_M); throws quantize_error otherwise
 const quant_ftype & quant_ftype_by_name(const std::string & name);
+
+// A tensor type for the per-tensor overrides, by ggml's name (case-insensitive: q8_0, Q6_K,
+// f16); only types quantize_file can write; throws quantize_error otherwise
+ggml_type quant_type_by_name(const std::string & name);
+
+// llama-quantize's options that change the per-tensor rules
+struct quant_options {
+    bool      pure            = false;           // every quantizable matrix gets the default type
+    ggml_type output_type     = GGML_TYPE_COUNT; // the output projection's type (COUNT: by the rules)
+    ggml_type token_embd_type = GGML_TYPE_COUNT; // token_embd.weight's type (COUNT: by the rules)
+    bool      leave_output    = false;           // keep the output projection as stored
+    // no output.weight: token_embd.weight is also the output projection (tied, as in
+    // Phi-4-mini-flash), so the output options apply to it
+    bool      tied_output     = true;
+};
 
 // The type one tensor gets. `i_layer`/`n_layer` place it in the stack (llama-quantize's
 // use_more_bits rule). Tensors that must stay as they are (norms, biases, SSM constants, conv)
@@ -41,13 +57,16 @@ struct tensor_desc {
     int         i_layer; // -1 for tensors outside blk.N
     int         n_layer;
 };
-ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t);
+ggml_type quant_tensor_type(const quant_ftype & ft, const tensor_desc & t, const quant_options & opt = {});
 
 struct quantize_params {
     std::string input;
     std::string output;
     std::string ftype;   // a quant_ftype name
     int n_threads = 0;   // 0: all hardware threads
+    quant_options options;
+    bool allow_requantize = false; // accept a quantized input (dequantized, then quantized again)
+    bool dry_run = false;          // plan and sizes only: `output` is not opened
     // called after each tensor: (index, count, name, new type name)
     std::function<void(size_t, size_t, const std::string &, const std::string &)> progress;
 };
@@ -56,6 +75,11 @@ struct quantize_result {
     uint64_t bytes_in  = 0;  // tensor data bytes read
     uint64_t bytes_out = 0;  // tensor data bytes written
     std::vector<std::pair<std::string, std::string>> tensor_types; // name -> type name
+    struct tensor_plan {
+        std::string name, from, to;  // type names
+        uint64_t bytes_in, bytes_out;
+    };
+    std::vector<tensor_plan> plan;   // every tensor, in file order
 };
 
 // Writes `output` (created or truncated; opened only once the input has been checked). Making

@@ -195,3 +195,137 @@ def test_cli(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().startswith("sambay quantize: error: unknown quantization type")
     assert "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ llama-quantize's options
+
+
+def _types(path):
+    return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def _file_type(path):
+    return int(gguf.GGUFReader(str(path)).fields["general.file_type"].parts[-1][0])
+
+
+def test_numeric_ids_and_aliases(tmp_path):
+    name = sq._core.quantize_ftype_name
+    assert [name(s) for s in ("15", "q4_k", "Q5_K", "2", "7", "1", "0", "32", "q4_k_s")] == \
+        ["Q4_K_M", "Q4_K_M", "Q5_K_M", "Q4_0", "Q8_0", "F16", "F32", "BF16", "Q4_K_S"]
+    for bad in ("99", "", "Q4", "-1", "15x"):
+        with pytest.raises(QuantizeError, match="unknown quantization type"):
+            name(bad)
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    by_name = quantize(src, tmp_path / "a.gguf", "Q4_K_M", progress=False)
+    by_id = quantize(src, tmp_path / "b.gguf", "15", progress=False)
+    by_alias = quantize(src, tmp_path / "c.gguf", "Q4_K", progress=False)
+    assert by_name["tensor_types"] == by_id["tensor_types"] == by_alias["tensor_types"]
+    assert _file_type(tmp_path / "b.gguf") == _file_type(tmp_path / "c.gguf") == 15
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_pure_keeps_every_matrix_at_the_default_type(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    rules = dict(quantize(src, tmp_path / "rules.gguf", "Q4_K_M", progress=False)["tensor_types"])
+    pure = dict(quantize(src, tmp_path / "pure.gguf", "Q4_K_M", progress=False, pure=True)["tensor_types"])
+    assert (rules["token_embd.weight"], rules["blk.1.attn_qkv.weight"], rules["blk.0.ffn_down.weight"]) == \
+        ("q6_K", "q5_K", "q6_K")
+    assert (pure["token_embd.weight"], pure["blk.1.attn_qkv.weight"], pure["blk.0.ffn_down.weight"]) == \
+        ("q4_K", "q4_K", "q4_K")
+    assert pure["blk.0.ssm_dt.weight"] == "f16"  # 16 columns: no block fits, still a fallback
+    assert pure["blk.0.attn_norm.weight"] == pure["blk.0.ssm_a"] == "f32"  # never quantized
+    assert _types(tmp_path / "pure.gguf") == {k: v.lower() for k, v in pure.items()}
+    assert _type_of("Q4_K_M", "token_embd.weight", 2560) == "q6_K"
+    assert sq._core.quantize_tensor_type("Q4_K_M", "token_embd.weight", 2, 2560, "f32", -1, 8, pure=True) == "q4_K"
+
+
+def test_output_and_embedding_types(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)  # tied: no output.weight, token_embd.weight is the output projection
+    out = tmp_path / "o.gguf"
+    got = dict(quantize(src, out, "Q4_0", progress=False, output_tensor_type="q8_0")["tensor_types"])
+    assert got["token_embd.weight"] == "q8_0" and _types(out)["token_embd.weight"] == "q8_0"
+    got = dict(quantize(src, out, "Q4_0", progress=False, token_embedding_type="F16")["tensor_types"])
+    assert got["token_embd.weight"] == "f16" and _types(out)["token_embd.weight"] == "f16"
+    assert got["blk.0.ssm_in.weight"] == "q4_0"  # the rest as the rules say
+    with pytest.raises(QuantizeError, match="tied"):
+        quantize(src, out, "Q4_0", progress=False, output_tensor_type="q8_0", token_embedding_type="f16")
+    with pytest.raises(QuantizeError, match="unknown tensor type 'q9_0'"):
+        quantize(src, out, "Q4_0", progress=False, output_tensor_type="q9_0")
+    # a model with its own output.weight: the two options reach different tensors
+    rng = np.random.default_rng(1)
+    untied = tmp_path / "untied.gguf"
+    _write_gguf(untied, tensors={"token_embd.weight": rng.standard_normal((64, 256)),
+                                 "output.weight": rng.standard_normal((64, 256)),
+                                 "blk.0.ssm_in.weight": rng.standard_normal((512, 256))})
+    quantize(untied, out, "Q4_0", progress=False, output_tensor_type="q8_0", token_embedding_type="q5_1")
+    assert _types(out) == {"token_embd.weight": "q5_1", "output.weight": "q8_0", "blk.0.ssm_in.weight": "q4_0"}
+    quantize(untied, out, "Q4_0", progress=False, leave_output_tensor=True)
+    assert _types(out) == {"token_embd.weight": "q6_k", "output.weight": "f32", "blk.0.ssm_in.weight": "q4_0"}
+    # the overrides fall back like the rules when the blocks do not divide the rows
+    assert sq._core.quantize_tensor_type("Q4_0", "output.weight", 2, 288, "f32", -1, 8, output_type="q6_K",
+                                         tied_output=False) == "q8_0"
+
+
+def test_leave_output_tensor_on_a_tied_model(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    got = dict(quantize(src, tmp_path / "o.gguf", "Q4_K_M", progress=False, leave_output_tensor=True)["tensor_types"])
+    assert got["token_embd.weight"] == "f32" and _types(tmp_path / "o.gguf")["token_embd.weight"] == "f32"
+    assert got["blk.6.gmu_in.weight"] == "q4_K"
+
+
+def test_requantize_only_when_allowed(tmp_path):
+    q = tmp_path / "q8.gguf"
+    tensors = _write_gguf(q, quantized=True)
+    out = tmp_path / "q4.gguf"
+    with pytest.raises(QuantizeError, match="already quantized.*--allow-requantize"):
+        quantize(q, out, "Q4_0", progress=False)
+    assert not out.exists()
+    got = dict(quantize(q, out, "Q4_0", progress=False, allow_requantize=True)["tensor_types"])
+    reader, back = _read(out)
+    assert _types(out) == {k: v.lower() for k, v in got.items()}
+    assert got["blk.0.ssm_in.weight"] == "q4_0" and got["token_embd.weight"] == "q6_K"
+    ref = np.asarray(tensors["blk.0.ssm_in.weight"], dtype=np.float32)
+    rel = float(np.sqrt(np.mean((back["blk.0.ssm_in.weight"][1] - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)))
+    assert rel <= _BOUND["Q4_0"] + _BOUND["Q8_0"]
+    # a tensor whose type does not change is copied as it is
+    same = tmp_path / "same.gguf"
+    quantize(q, same, "Q8_0", progress=False, allow_requantize=True)
+    assert np.array_equal(gguf.GGUFReader(str(same)).get_tensor(3).data, gguf.GGUFReader(str(q)).get_tensor(3).data)
+
+
+def test_dry_run_plans_without_writing(tmp_path):
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    out = tmp_path / "never.gguf"
+    plan = quantize(src, out, "Q4_K_M", progress=False, dry_run=True)
+    assert not out.exists() and not list(p for p in tmp_path.iterdir() if p.name != "in.gguf")
+    real = quantize(src, tmp_path / "real.gguf", "Q4_K_M", progress=False)
+    assert plan["tensor_types"] == real["tensor_types"]
+    assert (plan["bytes_in"], plan["bytes_out"]) == (real["bytes_in"], real["bytes_out"])
+    assert sum(p[4] for p in plan["plan"]) == plan["bytes_out"]
+    assert [(p[0], p[2]) for p in plan["plan"]] == plan["tensor_types"]
+    assert dict((p[0], p[1]) for p in plan["plan"])["token_embd.weight"] == "f32"
+    run = subprocess.run([sys.executable, "-m", "sambay", "quantize", str(src), str(out), "15", "--dry-run",
+                          "--pure"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == len(plan["plan"]) + 1 and lines[-1].startswith("total: ")
+    assert any(x.split()[:4] == ["token_embd.weight", "f32", "->", "q4_K"] for x in lines)
+    assert not out.exists()
+
+
+def test_cli_options_reach_the_quantizer(tmp_path):
+    q = tmp_path / "q8.gguf"
+    _write_gguf(q, quantized=True)
+    out = tmp_path / "o.gguf"
+    run = subprocess.run([sys.executable, "-m", "sambay", "quantize", str(q), str(out), "Q4_0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "--allow-requantize" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    run = subprocess.run([sys.executable, "-m", "sambay", "quantize", str(q), str(out), "2", "-q", "--allow-requantize",
+                          "--output-tensor-type", "q5_0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert _types(out)["token_embd.weight"] == "q5_0" and _file_type(out) == 2

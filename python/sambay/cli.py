@@ -68,7 +68,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantization import quantize
 
     result = quantize(args.input, args.output, args.type, n_threads=args.threads,
-                      progress=not args.quiet)
+                      progress=not args.quiet and not args.dry_run, pure=args.pure,
+                      output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
+                      leave_output_tensor=args.leave_output_tensor, allow_requantize=args.allow_requantize,
+                      dry_run=args.dry_run)
+    if args.dry_run:  # the plan on stdout, one line per tensor
+        mib = 2**20
+        for name, old, new, n_in, n_out in result["plan"]:
+            print(f"{name:40s} {old:>5s} -> {new:<5s} {n_in / mib:10.3f} -> {n_out / mib:10.3f} MiB")
+        print(f"total: {result['bytes_in'] / mib:.2f} MiB -> {result['bytes_out'] / mib:.2f} MiB of tensor data "
+              f"({len(result['plan'])} tensors; nothing written)")
+        return 0
     if not args.quiet:
         mib_in, mib_out = result["bytes_in"] / 2**20, result["bytes_out"] / 2**20
         print(f"wrote {args.output}: {mib_in:.1f} MiB -> {mib_out:.1f} MiB of tensor data",
@@ -106,7 +116,9 @@ def _load(args: argparse.Namespace) -> Any:
     return Llama(_model_path(args), n_ctx=args.ctx_size, n_batch=args.batch_size,
                  n_threads=args.threads, n_threads_batch=args.threads_batch,
                  n_gpu_layers=args.n_gpu_layers, seed=args.seed,
-                 device="cpu" if args.cpu else "auto", verbose=False)
+                 device="cpu" if args.cpu else "auto", verbose=False,
+                 flash_attn=args.flash_attn == "on", type_k=args.cache_type_k, type_v=args.cache_type_v,
+                 use_mmap=not args.no_mmap)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,7 +126,9 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     given = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p,
              "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
              "presence_penalty": args.presence_penalty,
-             "frequency_penalty": args.frequency_penalty}
+             "frequency_penalty": args.frequency_penalty, "penalty_last_n": args.repeat_last_n,
+             "typical_p": args.typical, "mirostat_mode": args.mirostat,
+             "mirostat_eta": args.mirostat_lr, "mirostat_tau": args.mirostat_ent}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -211,6 +225,10 @@ def _prompt_text(args: argparse.Namespace) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.conversation:  # llama-cli's -cnv: a chat, the -p text as its system prompt
+        if args.prompt is not None or args.file is not None:
+            args.system = args.system or _prompt_text(args)
+        return _cmd_chat(args)
     prompt = _prompt_text(args)
     llm = _load(args)
     kw = dict(_sampling_kwargs(args), max_tokens=args.n_predict, stream=True,
@@ -265,8 +283,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             printer.write(chunk["choices"][0]["delta"])
         printer.finish()
         # the trace stays out of the next turn's prompt unless --keep-thinking
-        history.append({"role": "assistant", "content": printer.history_text(args.keep_thinking)})
-        if args.verbose_speed:
+        history.append({"role": "assistant", "content": printer.history_text(getattr(args, "keep_thinking", False))})
+        if getattr(args, "verbose_speed", False):
             _report_speed(llm)
     return 0
 
@@ -391,32 +409,56 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a phi4flash GGUF file, a cached model (phi4-flash:q4_k_m) or a Hugging "
                         "Face repo id OWNER/NAME[:QUANT], pulled on first use (default: the "
                         "built-in demo model)")
-    p.add_argument("-hf", "--hf-repo", default=None, metavar="REPO[:QUANT]",
+    p.add_argument("-hf", "-hfr", "--hf-repo", default=None, metavar="REPO[:QUANT]",
                    help="a Hugging Face repo id, pulled into the cache on first use")
-    p.add_argument("--hf-file", default=None, metavar="PATTERN",
+    p.add_argument("-hff", "--hf-file", default=None, metavar="PATTERN",
                    help="with -hf: the GGUF file of a repository of GGUF files")
     p.add_argument("-c", "--ctx-size", type=int, default=4096,
                    help="context length (0: the model's trained context, 65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
     p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores; 0: all)")
-    p.add_argument("--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
+    p.add_argument("-tb", "--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1,
+                   help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
-    p.add_argument("-n", "--n-predict", type=int, default=512, help="max tokens to generate (<= 0: until the context is full)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("-fa", "--flash-attn", nargs="?", const="on", default="auto", choices=["on", "off", "auto"],
+                   help="ggml's fused attention kernel (auto: off, the default path; -fa alone: on)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
+                   help="attention cache type: f16, bf16 or f32 (one type for K and V; default: f16)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE", help="the same as -ctk")
+    p.add_argument("--no-mmap", action="store_true", help="read the weights into memory instead of mapping the file")
+    p.add_argument("-n", "--n-predict", "--predict", type=int, default=512,
+                   help="max tokens to generate (<= 0: until the context is full)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="sampling seed (default and -1: random)")
     # sampling: left out, the model file's recommended value (general.sampling.*), else the
     # library's default (SamplingParams)
     d = SamplingParams()
     p.add_argument("--temp", type=float, default=None,
                    help=f"temperature, 0: greedy (default: the model file's, else {d.temperature})")
-    p.add_argument("--top-k", type=int, default=None, help=f"(default: the file's, else {d.top_k})")
-    p.add_argument("--top-p", type=float, default=None, help=f"(default: the file's, else {d.top_p})")
-    p.add_argument("--min-p", type=float, default=None, help=f"(default: the file's, else {d.min_p})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the K most likely tokens, 0: all (default: the file's, else {d.top_k})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling, 1: off (default: the file's, else {d.top_p})")
+    p.add_argument("--min-p", type=float, default=None,
+                   help=f"drop tokens below P times the top one's probability, 0: off "
+                        f"(default: the file's, else {d.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=None,
-                   help=f"(default: the file's, else {d.repeat_penalty})")
-    p.add_argument("--presence-penalty", type=float, default=None, help=f"(default: {d.presence_penalty})")
-    p.add_argument("--frequency-penalty", type=float, default=None, help=f"(default: {d.frequency_penalty})")
-    p.add_argument("--system", default=None, help="a system message")
+                   help=f"penalise repeated tokens, 1: off (default: the file's, else {d.repeat_penalty})")
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help=f"OpenAI's presence penalty, 0: off (default: {d.presence_penalty})")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help=f"OpenAI's frequency penalty, 0: off (default: {d.frequency_penalty})")
+    p.add_argument("--repeat-last-n", type=int, default=None, metavar="N",
+                   help=f"recent tokens the penalties look at, -1: all (default: the file's, else {d.penalty_last_n})")
+    p.add_argument("--typical", type=float, default=None, metavar="P",
+                   help=f"locally typical sampling, 1: off (default: {d.typical_p})")
+    p.add_argument("--mirostat", type=int, default=None, choices=[0, 1, 2],
+                   help=f"Mirostat sampling, 1 or 2 (0: off; default: {d.mirostat})")
+    p.add_argument("--mirostat-lr", type=float, default=None, metavar="ETA",
+                   help=f"Mirostat learning rate (default: {d.mirostat_eta})")
+    p.add_argument("--mirostat-ent", type=float, default=None, metavar="TAU",
+                   help=f"Mirostat target entropy (default: {d.mirostat_tau})")
+    p.add_argument("-sys", "--system", "--system-prompt", default=None, help="a system message")
     p.add_argument("--hide-thinking", action="store_true",
                    help="do not show the <think> trace (shown dimmed on a terminal otherwise)")
     p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
@@ -425,7 +467,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
                    help="hold the answer to this JSON Schema (JSON text; '{}': any JSON)")
-    g.add_argument("--json-schema-file", default=None, metavar="FILE", help="the same, from a file")
+    g.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE", help="the same, from a file")
     g.add_argument("--grammar", default=None, metavar="GBNF", help="hold the answer to this GBNF grammar")
     g.add_argument("--grammar-file", default=None, metavar="FILE", help="the same, from a file")
 
@@ -444,13 +486,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's default shown (unless its help already
+    says it, or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or "%(default)" in text or not action.option_strings
+                or default in (None, False, argparse.SUPPRESS) or default == []):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching of long options (llama.cpp's spellings must never be read as
+    abbreviations of others), and the formatter above; subcommands' parsers are of this class
+    too (argparse makes them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sambay", description="Run Phi-4-mini-flash-reasoning (SambaY) GGUF models on ggml.")
     parser.add_argument("--version", action="version", version=f"sambay {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and ggml's log on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    ex = argparse.RawDescriptionHelpFormatter
+    ex = _HelpFormatter
 
     p = sub.add_parser("system-info", help="versions, CPU features, backends and devices",
                        formatter_class=ex, epilog="example:\n  sambay system-info")
@@ -477,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._native import _core
 
     types = [name for name, _, _ in _core.quantize_ftypes()]
+    type_ids = [f"{name} ({code})" for name, code, _ in _core.quantize_ftypes()]
     from .hub import DEFAULT_QUANT, DEFAULT_REPO
 
     p = sub.add_parser("pull", help="download, convert and quantize a model into the cache (needs sambay[hub])",
@@ -510,8 +577,21 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  sambay quantize phi4-flash-bf16.gguf phi4-flash-q4_k_m.gguf Q4_K_M")
     p.add_argument("input", help="an F32, F16 or BF16 GGUF from `sambay convert`")
     p.add_argument("output", help="the GGUF file to write")
-    p.add_argument("type", metavar="TYPE", help="one of: " + ", ".join(types))
+    p.add_argument("type", metavar="TYPE",
+                   help="one of: " + ", ".join(type_ids) + "; by name or llama-quantize's numeric id; "
+                        "Q4_K and Q5_K are Q4_K_M and Q5_K_M")
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default and 0: all)")
+    p.add_argument("--pure", action="store_true",
+                   help="every quantized matrix in TYPE's default type (none raised: embedding, attn_qkv, ffn_down)")
+    p.add_argument("--output-tensor-type", default=None, metavar="GGML_TYPE",
+                   help="the output projection's type (q8_0, q6_K, f16, ...; the tied embedding in a model "
+                        "without output.weight)")
+    p.add_argument("--token-embedding-type", default=None, metavar="GGML_TYPE", help="token_embd.weight's type")
+    p.add_argument("--leave-output-tensor", action="store_true", help="keep the output projection as stored")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="accept an already quantized input (the errors of both quantizations add up)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-tensor plan and the sizes; write nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
 
@@ -524,7 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("-p", "--prompt", default=None, help="the prompt text")
     source.add_argument("-f", "--file", default=None, help="read the prompt from a file")
     p.add_argument("--raw", action="store_true", help="plain completion (no chat template)")
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("-r", "--reverse-prompt", "--stop", dest="stop", action="append", default=[],
+                   help="a stop string (repeatable)")
+    p.add_argument("-cnv", "--conversation", action="store_true",
+                   help="chat interactively instead (as `sambay chat`; the -p/-f text becomes the system prompt)")
+    p.add_argument("-no-cnv", "--no-conversation", action="store_false", dest="conversation",
+                   help="one answer to -p/-f and exit (what run does without -cnv)")
     p.add_argument("-q", "--quiet", action="store_true", help="no speed report")
     p.set_defaults(func=_cmd_run)
 

@@ -88,6 +88,11 @@ def serve(settings: ServerSettings) -> int:
     require_dependencies()
     from .app import create_app, make_server
 
+    if settings.metrics:
+        from .metrics import require_prometheus
+
+        require_prometheus()
+
     from ..engine import LoadError
     from ..gguf_metadata import check_model_file
 
@@ -99,7 +104,8 @@ def serve(settings: ServerSettings) -> int:
         app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
                          max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes,
                          reasoning_format=settings.reasoning_format,
-                         reasoning_budget=settings.reasoning_budget, cors_origins=settings.cors_origins)
+                         reasoning_budget=settings.reasoning_budget, cors_origins=settings.cors_origins,
+                         keep_alive=settings.keep_alive, metrics=settings.metrics)
         port = sock.getsockname()[1]
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         auth = "API key required" if settings.api_key else "no API key"

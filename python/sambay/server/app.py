@@ -19,14 +19,17 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ChatTemplateError, ContextFullError, MissingDependencyError
 from ..structured import GrammarError, compile_grammar
+from .settings import DEFAULT_KEEP_ALIVE_SECONDS
+from .metrics import MetricsMiddleware, ServerMetrics
 from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama, SlotPool
+from .sse import sse_events, start_stream
 from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                       Health, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -211,7 +214,9 @@ def _with_usage(chunks: Iterator[dict[str, Any]], llm: SlotLlama, include_usage:
 def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = None,
                max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20,
                reasoning_format: str = "deepseek", reasoning_budget: Optional[int] = None,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               cors_origins: Sequence[str] = (),
+               keep_alive: Optional[float] = DEFAULT_KEEP_ALIVE_SECONDS,
+               metrics: bool = False) -> FastAPI:
     """The OpenAI-compatible app over ``pool`` (which the app closes at shutdown).
 
     Args:
@@ -226,6 +231,14 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
             ``reasoning_budget`` nor ``reasoning_effort`` (None: unlimited).
         cors_origins: origins a browser may call from (``"*"``: any); CORS preflights are
             answered without the API key.
+        keep_alive: seconds between SSE keep-alive comments on a stream that has nothing
+            else to send (queued, prefilling, or a slow token); None or 0: none (the
+            response then starts with the first token). See :mod:`.sse`.
+        metrics: serve ``GET /metrics`` (Prometheus; behind the API key, as llama-server's);
+            without it the endpoint answers 501, as llama-server's without ``--metrics``.
+
+    Raises:
+        MissingDependencyError: ``metrics`` without prometheus-client installed.
     """
     n_ctx = pool.llamas[0].n_ctx()
     token_limit = min(max_tokens or n_ctx, n_ctx)
@@ -250,6 +263,20 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in cors_origins)
+    # --- /metrics (issue 14): outermost, so refused requests (401, 413) are counted too
+    server_metrics = ServerMetrics(pool) if metrics else None
+    if server_metrics is not None:
+        app.add_middleware(MetricsMiddleware, metrics=server_metrics)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Any:
+        """The server's counters in Prometheus' text format (see :mod:`.metrics`)."""
+        if server_metrics is None:
+            return error_response(501, "metrics are off: start the server with --metrics", "server_error",
+                                  code="not_implemented")
+        body, content_type = server_metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+    # --- end /metrics
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -326,17 +353,17 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         watcher = asyncio.create_task(watch())
         handed_over = False
         try:
-            try:
-                llm = await pool.acquire(gone, prompt_tokens)
-            except GenerationCancelled:
-                return error_response(499, "client closed the request", code="client_closed")
-            except (QueueFull, ShuttingDown) as err:
-                return exception_response(err)
-            job = pool.start(llm, work, stream=stream)
-            job_box.append(job)
-            if gone.is_set():
-                job.cancel()
             if not stream:
+                try:
+                    llm = await pool.acquire(gone, prompt_tokens)
+                except GenerationCancelled:
+                    return error_response(499, "client closed the request", code="client_closed")
+                except (QueueFull, ShuttingDown) as err:
+                    return exception_response(err)
+                job = pool.start(llm, work, stream=False)
+                job_box.append(job)
+                if gone.is_set():
+                    job.cancel()
                 try:
                     result = await job.result()
                 except Exception as err:
@@ -344,29 +371,42 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
                 if result is None:
                     return error_response(499, "client closed the request", code="client_closed")
                 return result
-            try:
-                await job.started()
-            except Exception as err:
-                return exception_response(err)
-
-            async def events() -> AsyncIterator[str]:
+            # --- SSE keep-alive (issue 14) -----------------------------------------------------
+            # the wait for a slot and the prefill run as a task; an error that comes within the
+            # first keep-alive interval still gets its HTTP status, a longer wait starts the
+            # event stream with comment lines so that proxies keep the connection
+            ready = asyncio.ensure_future(start_stream(pool, work, gone, prompt_tokens, job_box))
+            await asyncio.wait({ready}, timeout=keep_alive or None)
+            if ready.done():
                 try:
-                    async for chunk in job:
-                        yield "data: " + schema.model_validate(chunk).model_dump_json(exclude_unset=True) + "\n\n"
-                except Exception as err:  # headers are sent: report in the stream, as OpenAI does
-                    status, type_, code = classify(err)
-                    if status == 500:
-                        log.error("generation failed", exc_info=err)
-                    message = str(err) if status != 500 else "internal server error"
-                    yield "data: " + json.dumps(error_body(message, type_, code=code)) + "\n\n"
-                    return
-                finally:
-                    watcher.cancel()
-                yield "data: [DONE]\n\n"
+                    ready.result()
+                except GenerationCancelled:
+                    return error_response(499, "client closed the request", code="client_closed")
+                except Exception as err:
+                    return exception_response(err)
+
+            def encode(chunk: Any) -> str:
+                return schema.model_validate(chunk).model_dump_json(exclude_unset=True)
+
+            def encode_error(err: BaseException) -> str:
+                status, type_, code = classify(err)
+                if status == 500:
+                    log.error("generation failed", exc_info=err)
+                return json.dumps(error_body(str(err) if status != 500 else "internal server error",
+                                             type_, code=code))
+
+            def cleanup() -> None:
+                watcher.cancel()
+                gone.set()  # a request still waiting for its slot gives up
+                for job in job_box:
+                    job.cancel()  # harmless once the job is done
 
             handed_over = True
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(sse_events(ready, interval=keep_alive, encode=encode,
+                                                encode_error=encode_error, cleanup=cleanup),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            # --- end SSE keep-alive ------------------------------------------------------------
         finally:
             if not handed_over:
                 watcher.cancel()

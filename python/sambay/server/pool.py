@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
 
 from ..engine import AbortedError
-from ..llama import Llama
+from ..llama import Llama, Timings
 
 
 class QueueFull(Exception):
@@ -185,6 +186,7 @@ class SlotPool:
         self.shutting_down = False
         self.n_rejected = 0
         self.n_cancelled = 0
+        self.totals = Timings()  # summed over finished jobs (/metrics)
 
     @classmethod
     def of_sequences(cls, base: SlotLlama, *, max_queue: int, seed: Optional[int] = None) -> "SlotPool":
@@ -280,6 +282,7 @@ class SlotPool:
                 stop.set()
 
         def run() -> None:
+            llm.last_timings = Timings()  # a job that fails before generating counts nothing
             llm.stop_request = stop
             llm.on_first_token = lambda: put(_STARTED)
             try:
@@ -317,11 +320,16 @@ class SlotPool:
 
         def done(_: Any) -> None:
             self._running.discard(stop)
+            self._add_timings(llm.last_timings)
             self._release(llm)
 
         fut = loop.run_in_executor(self._executor, run)
         fut.add_done_callback(done)
         return job
+
+    def _add_timings(self, t: Timings) -> None:
+        for f in dataclasses.fields(Timings):
+            setattr(self.totals, f.name, getattr(self.totals, f.name) + getattr(t, f.name))
 
     def _count_cancel(self) -> None:
         self.n_cancelled += 1

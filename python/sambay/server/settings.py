@@ -11,6 +11,9 @@ from typing import Optional
 from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+# seconds between SSE keep-alive comments: sse-starlette's (llama-cpp-python's server) default
+# ping interval, well under the 60 s read timeout of common proxies (nginx)
+DEFAULT_KEEP_ALIVE_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class ServerSettings:
             ``"none"`` (left in ``content``), for chat requests that do not say.
         reasoning_budget: trace budget in tokens for chat requests that give none.
         cors_origins: origins browsers may call the API from (``"*"``: any; none by default).
+        keep_alive: seconds between SSE keep-alive comments while a stream has nothing to
+            send (queued, prefilling); 0: none.
+        metrics: serve Prometheus metrics at ``GET /metrics`` (needs prometheus-client).
     """
 
     model: str
@@ -54,6 +60,8 @@ class ServerSettings:
     reasoning_format: str = "deepseek"
     reasoning_budget: Optional[int] = None
     cors_origins: tuple[str, ...] = ()
+    keep_alive: float = DEFAULT_KEEP_ALIVE_SECONDS
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
@@ -65,6 +73,9 @@ class ServerSettings:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if isinstance(self.keep_alive, bool) or not isinstance(self.keep_alive, (int, float)) \
+                or not 0 <= self.keep_alive < float("inf"):
+            raise ValueError(f"keep_alive must be a number of seconds >= 0, got {self.keep_alive!r}")
         check_reasoning_format(self.reasoning_format)
         resolve_budget(self.reasoning_budget, None)
 
@@ -79,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a phi4flash GGUF file, a cached model (phi4-flash:q4_k_m) or a Hugging "
                         "Face repo id pulled on first use (fixed for the server's lifetime)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=4096,
                    help="context length of each slot, i.e. each sequence (0: the model's trained context, "
                         "65536 for the real model)")
@@ -89,21 +100,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(continuous batching)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for a free slot; beyond that the server answers 503")
-    p.add_argument("--api-key", default=os.environ.get("SAMBAY_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every request "
-                        "(default: $SAMBAY_API_KEY; none: no key)")
-    p.add_argument("--model-alias", default=None, help="the model name clients see (default: the file name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request (default: no key)")
+    p.add_argument("-a", "--alias", "--model-alias", dest="model_alias", default=None,
+                   help="the model name clients see (default: the file name)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="the largest max_tokens a request may ask for (default: the context length)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="the largest request body accepted")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="threads for steps of one token (default: half the cores)")
-    p.add_argument("--threads-batch", type=int, default=None,
+    p.add_argument("-tb", "--threads-batch", type=int, default=None,
                    help="threads for steps of several tokens: prompts, or several sequences (default: the cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("-s", "--seed", type=int, default=None,
                    help="seed of the samplers for requests that give none (slot i: SEED + i)")
     p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek",
                    help="chat replies: the <think> trace in message.reasoning_content (deepseek) "
@@ -114,7 +125,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origins", default="", metavar="ORIGINS",
                    help="comma-separated origins a browser may call the API from, '*' for any "
                         "(default: none; CORS preflights never need the API key)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--sse-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_SECONDS, metavar="SECONDS",
+                   help="while a stream has nothing to send (waiting for a slot, prefilling), a "
+                        "': keep-alive' comment line every SECONDS so proxies keep the connection "
+                        "(0: none)")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve Prometheus metrics at GET /metrics (behind the API key if one is set)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    add_env_defaults(p)
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:
@@ -127,4 +146,94 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
         reasoning_format=args.reasoning_format, reasoning_budget=args.reasoning_budget,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        keep_alive=args.sse_keep_alive, metrics=args.metrics,
     )
+
+
+# --- SAMBAY_* environment variables (issue 14) ------------------------------------------------
+# The one table of `serve` options and the environment variables that set them (llama-server's
+# LLAMA_ARG_*): a variable gives the option's default, so the command line still wins; an empty
+# variable counts as unset. A flag (--cpu, --metrics) takes 1/true/yes/on or 0/false/no/off.
+ENV_VARS: dict[str, str] = {
+    "--model": "SAMBAY_MODEL",
+    "--host": "SAMBAY_HOST",
+    "--port": "SAMBAY_PORT",
+    "--ctx-size": "SAMBAY_CTX_SIZE",
+    "--batch-size": "SAMBAY_BATCH_SIZE",
+    "--parallel": "SAMBAY_PARALLEL",
+    "--max-queue": "SAMBAY_MAX_QUEUE",
+    "--api-key": "SAMBAY_API_KEY",
+    "--alias": "SAMBAY_ALIAS",
+    "--max-tokens": "SAMBAY_MAX_TOKENS",
+    "--max-body-bytes": "SAMBAY_MAX_BODY_BYTES",
+    "--threads": "SAMBAY_THREADS",
+    "--threads-batch": "SAMBAY_THREADS_BATCH",
+    "--n-gpu-layers": "SAMBAY_N_GPU_LAYERS",
+    "--cpu": "SAMBAY_CPU",
+    "--seed": "SAMBAY_SEED",
+    "--reasoning-format": "SAMBAY_REASONING_FORMAT",
+    "--reasoning-budget": "SAMBAY_REASONING_BUDGET",
+    "--cors-origins": "SAMBAY_CORS_ORIGINS",
+    "--sse-keep-alive": "SAMBAY_SSE_KEEP_ALIVE",
+    "--metrics": "SAMBAY_METRICS",
+    "--log-level": "SAMBAY_LOG_LEVEL",
+}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class _FromEnv(str):
+    """An option's default taken from an environment variable (named in error messages)."""
+
+    var: str
+
+
+def _flag(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(f"{text!r} is not one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
+    return word in _TRUE
+
+
+def _env_converter(action: argparse.Action) -> object:
+    """``action``'s type, which also converts (and checks) a default from the environment:
+    argparse converts a string default with the option's type when the option is not given."""
+    is_flag = action.nargs == 0
+    convert = _flag if is_flag else (action.type or str)
+
+    def parse(text: str) -> object:
+        if not isinstance(text, _FromEnv):
+            return convert(text)  # type: ignore[operator]
+        try:
+            value = convert(str(text))  # type: ignore[operator]
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            raise argparse.ArgumentTypeError(f"${text.var}={str(text)!r}: {err}") from None
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentTypeError(
+                f"${text.var}={str(text)!r}: choose from {', '.join(map(str, action.choices))}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid int value: ..."
+    return parse
+
+
+def env_var(action: argparse.Action) -> Optional[str]:
+    """The environment variable of a ``serve`` option (None for --help)."""
+    return next((ENV_VARS[o] for o in action.option_strings if o in ENV_VARS), None)
+
+
+def add_env_defaults(p: argparse.ArgumentParser, environ: Optional[dict[str, str]] = None) -> None:
+    """Names each option's variable in its help, and makes a set variable its default."""
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    for action in p._actions:
+        var = env_var(action)
+        if var is None:
+            continue
+        action.help = f"{action.help or ''} (env: {var})".lstrip()
+        raw = environ.get(var, "")
+        if raw == "":
+            continue
+        default = _FromEnv(raw)
+        default.var = var
+        action.default = default
+        action.type = _env_converter(action)  # type: ignore[assignment]
+        action.required = False

@@ -1,0 +1,130 @@
+"""The command line's spellings: llama.cpp's option names as aliases, no abbreviations, help
+that shows every default (issue 14)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from sambay import Llama
+from sambay.cli import build_parser
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def sambay(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sambay", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_no_parser_takes_abbreviations(capsys):
+    parser = build_parser()
+    assert not parser.allow_abbrev
+    assert all(not p.allow_abbrev for p in subparsers(parser).values())
+    for argv in (["--deb", "list"], ["run", "--hide", "-p", "x"], ["run", "--mirostat-l", "1", "-p", "x"],
+                 ["serve", "-m", "x", "--max-q", "3"], ["quantize", "a", "b", "Q8_0", "--qui"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(argv)
+        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("command, argv, dest, value", [
+    ("run", ["-cnv"], "conversation", True),  # not -c nv
+    ("run", ["-cnv", "-no-cnv"], "conversation", False),
+    ("run", ["-s", "5"], "seed", 5),
+    ("run", ["--predict", "7"], "n_predict", 7),
+    ("run", ["-tb", "3"], "threads_batch", 3),
+    ("run", ["--gpu-layers", "0"], "n_gpu_layers", 0),
+    ("run", ["-sys", "be terse"], "system", "be terse"),
+    ("run", ["--system-prompt", "be terse"], "system", "be terse"),
+    ("run", ["-r", "X", "--reverse-prompt", "Y", "--stop", "Z"], "stop", ["X", "Y", "Z"]),
+    ("run", ["--repeat-last-n", "8"], "repeat_last_n", 8),
+    ("run", ["-fa"], "flash_attn", "on"),
+    ("run", ["-fa", "off"], "flash_attn", "off"),
+    ("run", [], "flash_attn", "auto"),
+    ("run", ["-ctk", "f32", "-ctv", "f32"], "cache_type_v", "f32"),
+    ("run", ["--no-mmap"], "no_mmap", True),
+    ("run", ["-jf", "s.json"], "json_schema_file", "s.json"),
+    ("chat", ["-hfr", "o/n", "-hff", "*.gguf"], "hf_file", "*.gguf"),
+    ("chat", ["--typical", "0.9", "--mirostat", "2", "--mirostat-lr", "0.2", "--mirostat-ent", "4"],
+     "mirostat_ent", 4.0),
+    ("serve", ["-m", "x", "-s", "3"], "seed", 3),
+    ("serve", ["-m", "x", "-a", "phi"], "model_alias", "phi"),
+    ("serve", ["-m", "x", "--model-alias", "phi"], "model_alias", "phi"),
+    ("serve", ["-m", "x", "-tb", "2", "--gpu-layers", "0"], "threads_batch", 2),
+    ("serve", ["-m", "x", "--ctx-size", "64"], "n_ctx", 64),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_llama_cpp_spellings(command, argv, dest, value):
+    args = build_parser().parse_args([command, *argv])
+    assert getattr(args, dest) == value
+
+
+def test_every_option_has_help_and_shows_its_default():
+    for name, p in subparsers(build_parser()).items():
+        fmt = p.formatter_class(prog=p.prog)
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"sambay {name} {action.option_strings[-1]} has no help"
+            shown = fmt._get_help_string(action)
+            if action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in shown, f"sambay {name} {action.option_strings[-1]}: {shown!r}"
+    text = " ".join(sambay("run", "--help").stdout.split())
+    assert "prompt tokens per step (default: 512)" in text
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    return tiny_gguf("tiny-8", seed=1)[1]
+
+
+def test_aliases_reach_the_model_and_sampler(model):
+    messages = [{"role": "user", "content": "Compute 12 + 34"}]
+    with Llama(model, n_ctx=128, verbose=False, seed=3, kv_type="f32", flash_attn=True) as llm:
+        want = llm.create_chat_completion(messages, max_tokens=8, temperature=0.9, penalty_last_n=8,
+                                          repeat_penalty=1.3, typical_p=0.9)["choices"][0]["message"]["content"]
+    out = sambay("run", "-m", str(model), "-p", "Compute 12 + 34", "--predict", "8", "-s", "3", "--temp", "0.9",
+                 "--repeat-last-n", "8", "--repeat-penalty", "1.3", "--typical", "0.9", "-ctk", "f32", "-fa",
+                 "--no-mmap", "-c", "128", "-t", "1", "-q")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want + "\n"
+    out = sambay("run", "-m", str(model), "-p", "x", "-ctk", "f32", "-ctv", "f16")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "sambay run: error: type_k and type_v must be the same here (one type for both caches), got 'f32' and 'f16'"]
+
+
+def test_conversation_flag_chats_with_the_prompt_as_system(model):
+    system, turn = "You are terse.", "2+2?"
+    with Llama(model, n_ctx=128, verbose=False) as llm:
+        want = llm.create_chat_completion([{"role": "system", "content": system}, {"role": "user", "content": turn}],
+                                          max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
+    out = sambay("run", "-m", str(model), "-cnv", "-p", system, "-n", "6", "--temp", "0", "-c", "128", "-t", "1",
+                 stdin=turn + "\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want + "\n"
+
+
+def test_engine_options_reach_llama(monkeypatch, model):
+    import sambay.llama
+    from sambay import cli
+
+    seen: dict = {}
+
+    class Recorder:
+        def __init__(self, path: str, **kw: object) -> None:
+            seen.update(kw, path=path)
+
+    monkeypatch.setattr(sambay.llama, "Llama", Recorder)
+    cli._load(build_parser().parse_args(["run", "-m", str(model), "-fa", "-ctk", "bf16", "-ctv", "bf16",
+                                         "--no-mmap", "-s", "4", "-tb", "2", "--gpu-layers", "0"]))
+    assert (seen["flash_attn"], seen["type_k"], seen["type_v"], seen["use_mmap"], seen["seed"],
+            seen["n_threads_batch"], seen["n_gpu_layers"]) == (True, "bf16", "bf16", False, 4, 2, 0)
+    cli._load(build_parser().parse_args(["run", "-m", str(model)]))
+    assert (seen["flash_attn"], seen["type_k"], seen["use_mmap"]) == (False, None, True)
