@@ -117,6 +117,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """``sambay serve --ray``'s options (replicas on a Ray cluster, see :mod:`sambay.ray_serve`)."""
+    g = p.add_argument_group("Ray cluster (needs sambay[ray])")
+    g.add_argument("--ray", action="store_true",
+                   help="serve replicas of the engine on a Ray cluster behind one ingress at --host:--port")
+    g.add_argument("--replicas", type=int, default=None, metavar="N", help="engine replicas (default: 1)")
+    g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="let Ray Serve add and remove replicas between MIN and MAX")
+    g.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a local one is started)")
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError for Ray options without ``--ray``, or both ``--replicas`` and ``--autoscale``."""
+    given = [f"--{n}" for n in ("replicas", "autoscale", "address") if getattr(args, n) is not None]
+    if given and not args.ray:
+        raise ValueError(f"{', '.join(given)} only apply with --ray")
+    if args.replicas is not None and args.autoscale is not None:
+        raise ValueError("give --replicas or --autoscale, not both")
+
+
 def from_args(args: argparse.Namespace) -> ServerSettings:
     """:class:`ServerSettings` from :func:`add_arguments`' options."""
     return ServerSettings(
