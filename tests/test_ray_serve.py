@@ -201,3 +201,17 @@ def test_killed_replica_ends_its_stream_and_the_next_requests_succeed(cluster):
     for i in range(4):  # the other replica (and the one Serve starts instead) answer
         r = c.completions.create(model="x", prompt=f"Then {i}", max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason == "length"
+
+
+def test_cli_refuses_ray_options_without_ray_and_bad_autoscale(gguf_path, capsys):
+    from sambay.cli import main
+    from sambay.ray_serve import _parse_autoscale
+
+    assert main(["serve", "-m", gguf_path, "--replicas", "2"]) != 0
+    assert "--replicas only apply with --ray" in capsys.readouterr().err
+    assert main(["serve", "-m", gguf_path, "--ray", "--replicas", "2", "--autoscale", "1:2"]) != 0
+    assert "not both" in capsys.readouterr().err
+    assert _parse_autoscale("1:3") == (1, 3)
+    for bad in ("3:1", "0:2", "2", "a:b"):
+        with pytest.raises(ValueError, match="MIN:MAX"):
+            _parse_autoscale(bad)
