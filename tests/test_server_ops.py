@@ -205,7 +205,7 @@ def serve_parser() -> Any:
     from sambay.server.settings import add_arguments
 
     p = argparse.ArgumentParser(prog="serve", allow_abbrev=False)
-    add_arguments(p)  # reads os.environ: the test sets it with monkeypatch
+    add_arguments(p, ray=True)  # as `sambay serve`; reads os.environ: the test sets it with monkeypatch
     return p
 
 

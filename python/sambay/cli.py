@@ -291,10 +291,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import from_args, serve
+    from .server.settings import check_ray_arguments
 
+    check_ray_arguments(args)
     spec, args.model = args.model, _resolve(args.model)
     if args.model_alias is None and args.model != spec:
         args.model_alias = spec  # a cache name or repo id, not the cache's file name
+    if args.ray:  # replicas on a Ray cluster (sambay.ray_serve)
+        try:
+            from .ray_serve import serve_on_ray
+        except ImportError as err:
+            if not (err.name or "").startswith("ray"):
+                raise
+            from .server import MissingDependencyError
+            raise MissingDependencyError(f'--ray needs Ray Serve (missing: {err.name}): pip install "sambay[ray]"')
+        return serve_on_ray(from_args(args), replicas=args.replicas or 1, autoscale=args.autoscale,
+                            address=args.address)
     return serve(from_args(args))
 
 
@@ -630,8 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=ex,
                        epilog="examples:\n  sambay serve -m model.gguf\n"
                               "  sambay serve -m model.gguf --parallel 4 --api-key secret --port 8080\n"
+                              "  sambay serve -m model.gguf --ray --replicas 2 --address auto\n"
                               "then point an OpenAI client at http://127.0.0.1:8000/v1")
-    add_server_arguments(p)
+    add_server_arguments(p, ray=True)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("info", help="metadata, layer schedule, tensor types, memory estimate",

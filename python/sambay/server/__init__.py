@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import MissingDependencyError
 from .settings import ServerSettings, add_arguments, from_args
 
-__all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "from_args", "listen_socket",
+__all__ = ["MissingDependencyError", "ServerSettings", "add_arguments", "app_options", "from_args", "listen_socket",
            "load_pool", "memory_report", "require_dependencies", "serve"]
 
 log = logging.getLogger("sambay.server")
@@ -63,10 +63,19 @@ def load_pool(settings: ServerSettings) -> Any:
     return SlotPool.of_sequences(base, max_queue=settings.max_queue, seed=settings.seed)
 
 
+def app_options(settings: ServerSettings) -> dict[str, Any]:
+    """The keywords of :func:`sambay.server.app.create_app` that ``settings`` gives (the same
+    for ``sambay serve`` and its Ray ingress)."""
+    return dict(model_alias=settings.alias, api_key=settings.api_key, max_tokens=settings.max_tokens,
+                max_body_bytes=settings.max_body_bytes, reasoning_format=settings.reasoning_format,
+                reasoning_budget=settings.reasoning_budget, cors_origins=settings.cors_origins,
+                keep_alive=settings.keep_alive, metrics=settings.metrics)
+
+
 def memory_report(pool: Any) -> str:
     """One line: the weights (loaded once) and the caches of the sequences."""
     mib = 2**20
-    llm = pool.llamas[0]
+    llm = pool.llama
     parts = llm.memory_breakdown()
     caches = {k: parts[k] for k in ("mamba_conv", "mamba_ssm", "swa_kv", "full_kv")}
     weights = llm.model.weights_bytes
@@ -101,11 +110,7 @@ def serve(settings: ServerSettings) -> int:
     try:
         pool = load_pool(settings)
         print(f"sambay serve: {memory_report(pool)}", file=sys.stderr)
-        app = create_app(pool, model_alias=settings.alias, api_key=settings.api_key,
-                         max_tokens=settings.max_tokens, max_body_bytes=settings.max_body_bytes,
-                         reasoning_format=settings.reasoning_format,
-                         reasoning_budget=settings.reasoning_budget, cors_origins=settings.cors_origins,
-                         keep_alive=settings.keep_alive, metrics=settings.metrics)
+        app = create_app(pool, **app_options(settings))
         port = sock.getsockname()[1]
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         auth = "API key required" if settings.api_key else "no API key"

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI's completions and chat endpoints, models, health, tokenize.
 
 Routes only translate: a pydantic request becomes :class:`sambay.Llama` keyword arguments, the
-work runs on a slot of :class:`~sambay.server.pool.SlotPool`, and chunks go out as server-sent
+work runs on a slot of a :class:`~sambay.server.backend.Backend` (this process's
+:class:`~sambay.server.pool.SlotPool`, or replicas of it on a Ray cluster), and chunks go out as server-sent
 events (``data: {json}`` ... ``data: [DONE]``). Errors leave in OpenAI's shape
 (``{"error": {"message", "type", "param", "code"}}``), with the status chosen by exception type
 in one table (:data:`ERRORS`), never by message text.
@@ -26,9 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ChatTemplateError, ContextFullError, MissingDependencyError
 from ..structured import GrammarError, compile_grammar
-from .settings import DEFAULT_KEEP_ALIVE_SECONDS
+from .backend import Backend, ReplicaLost, conversation_key, conversation_start
 from .metrics import MetricsMiddleware, ServerMetrics
-from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama, SlotPool
+from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama
+from .settings import DEFAULT_KEEP_ALIVE_SECONDS
 from .sse import sse_events, start_stream
 from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
                       CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -48,6 +50,7 @@ class InvalidParameter(ValueError):
 ERRORS: dict[type, tuple[int, str, Optional[str]]] = {
     QueueFull: (503, "server_error", "server_busy"),
     ShuttingDown: (503, "server_error", "shutting_down"),
+    ReplicaLost: (503, "server_error", "replica_lost"),
     ContextFullError: (400, "invalid_request_error", "context_length_exceeded"),
     ChatTemplateError: (400, "invalid_request_error", "invalid_messages"),
     GrammarError: (400, "invalid_request_error", "invalid_grammar"),
@@ -211,7 +214,7 @@ def _with_usage(chunks: Iterator[dict[str, Any]], llm: SlotLlama, include_usage:
         yield {**{k: last[k] for k in ("id", "object", "created", "model")}, "choices": [], "usage": _usage(llm)}
 
 
-def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = None,
+def create_app(pool: Backend, *, model_alias: str, api_key: Optional[str] = None,
                max_tokens: Optional[int] = None, max_body_bytes: int = 4 * 2**20,
                reasoning_format: str = "deepseek", reasoning_budget: Optional[int] = None,
                cors_origins: Sequence[str] = (),
@@ -220,7 +223,8 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
     """The OpenAI-compatible app over ``pool`` (which the app closes at shutdown).
 
     Args:
-        pool: the slots that generate.
+        pool: what generates: a :class:`SlotPool`, or another
+            :class:`~sambay.server.backend.Backend` (Ray replicas).
         model_alias: the model name in ``/v1/models`` and in every response.
         api_key: require ``Authorization: Bearer <api_key>`` on every request.
         max_tokens: the largest ``max_tokens`` a request may ask for (default: ``n_ctx``).
@@ -240,10 +244,10 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
     Raises:
         MissingDependencyError: ``metrics`` without prometheus-client installed.
     """
-    n_ctx = pool.llamas[0].n_ctx()
+    n_ctx = pool.llama.n_ctx()
     token_limit = min(max_tokens or n_ctx, n_ctx)
     created = int(time.time())
-    tokenizer = pool.llamas[0].tokenizer
+    tokenizer = pool.llama.tokenizer
 
     from contextlib import asynccontextmanager
 
@@ -338,7 +342,8 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
             raise
 
     async def run(request: Request, work: Callable[[SlotLlama], Any], *, stream: bool,
-                  schema: type, prompt_tokens: Optional[list[int]] = None) -> Any:
+                  schema: type, prompt_tokens: Optional[list[int]] = None,
+                  conversation: Optional[str] = None) -> Any:
         """Acquire a slot, run ``work`` there, answer JSON or an event stream."""
         gone = asyncio.Event()
         job_box: list[Any] = []
@@ -355,12 +360,12 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         try:
             if not stream:
                 try:
-                    llm = await pool.acquire(gone, prompt_tokens)
+                    job = await pool.submit(work, stream=False, gone=gone, prompt_tokens=prompt_tokens,
+                                            conversation=conversation)
                 except GenerationCancelled:
                     return error_response(499, "client closed the request", code="client_closed")
                 except (QueueFull, ShuttingDown) as err:
                     return exception_response(err)
-                job = pool.start(llm, work, stream=False)
                 job_box.append(job)
                 if gone.is_set():
                     job.cancel()
@@ -375,7 +380,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
             # the wait for a slot and the prefill run as a task; an error that comes within the
             # first keep-alive interval still gets its HTTP status, a longer wait starts the
             # event stream with comment lines so that proxies keep the connection
-            ready = asyncio.ensure_future(start_stream(pool, work, gone, prompt_tokens, job_box))
+            ready = asyncio.ensure_future(start_stream(pool, work, gone, prompt_tokens, job_box, conversation))
             await asyncio.wait({ready}, timeout=keep_alive or None)
             if ready.done():
                 try:
@@ -428,9 +433,11 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
                                    llm, include_usage)
             return llm.create_completion(prompt, model=model_alias, **kw)
 
-        tokens = await prompt_of(lambda: pool.llamas[0].tokenize(prompt) if isinstance(prompt, str)
+        tokens = await prompt_of(lambda: pool.llama.tokenize(prompt) if isinstance(prompt, str)
                                  else list(prompt))
-        return await run(request, work, stream=body.stream, schema=Completion, prompt_tokens=tokens)
+        key = conversation_key(request.headers, body.user, prompt[:256])
+        return await run(request, work, stream=body.stream, schema=Completion, prompt_tokens=tokens,
+                         conversation=key)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_unset=True,
               responses={400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -452,8 +459,10 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
                                    llm, include_usage)
             return llm.create_chat_completion(messages, model=model_alias, **kw)
 
-        tokens = await prompt_of(lambda: pool.llamas[0].chat_prompt(messages)[1])
-        return await run(request, work, stream=body.stream, schema=ChatCompletionChunk, prompt_tokens=tokens)
+        tokens = await prompt_of(lambda: pool.llama.chat_prompt(messages)[1])
+        key = conversation_key(request.headers, body.user, conversation_start(messages))
+        return await run(request, work, stream=body.stream, schema=ChatCompletionChunk, prompt_tokens=tokens,
+                         conversation=key)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> Any:
@@ -470,7 +479,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
     async def props() -> Any:
         """llama-server's ``/props``: the context, the chat template, the model, and the
         default sampling settings (the model file's recommended ones over the library's)."""
-        llm = pool.llamas[0]
+        llm = pool.llama
         return {"default_generation_settings": {"n_ctx": n_ctx, "model": model_alias,
                                                 "params": {**asdict(llm.sampling_defaults),
                                                            "n_predict": token_limit}},
@@ -493,7 +502,7 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
     async def detokenize(request: Request) -> Any:
         """The text of ``tokens`` (llama-server's shape)."""
         body: DetokenizeRequest = await parse_body(request, DetokenizeRequest)
-        n_vocab = pool.llamas[0].n_vocab()
+        n_vocab = pool.llama.n_vocab()
         for i, t in enumerate(body.tokens):
             if not 0 <= t < n_vocab:
                 return error_response(400, f"invalid token id {t} at index {i} (n_vocab is {n_vocab})",
@@ -514,7 +523,7 @@ def make_server(app: FastAPI, **config: Any) -> Any:
     """
     import uvicorn
 
-    pool: SlotPool = app.state.pool
+    pool: Backend = app.state.pool
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

@@ -213,6 +213,11 @@ class SlotPool:
         return sum(1 for w in self._waiters if not w.done())
 
     @property
+    def llama(self) -> SlotLlama:
+        """The first slot: what the app asks about the model (tokenizer, template, n_ctx)."""
+        return self.llamas[0]
+
+    @property
     def tokens_evaluated(self) -> int:
         """Tokens every context has run through the engine (prompt and decode steps)."""
         return sum(llm.n_tokens_evaluated for llm in self.llamas)
@@ -256,6 +261,25 @@ class SlotPool:
             self.n_cancelled += 1
             raise GenerationCancelled()
         return fut.result()  # raises ShuttingDown when the server stops first
+
+    async def submit(self, work: Callable[[SlotLlama], Any], *, stream: bool, gone: Optional[asyncio.Event] = None,
+                     prompt_tokens: Optional[Sequence[int]] = None, conversation: Optional[str] = None) -> "Job":
+        """:meth:`acquire` then :meth:`start` (the :class:`~sambay.server.backend.Backend`
+        interface; ``conversation`` is unused: one pool's choice of slot is by prompt prefix).
+
+        Raises:
+            QueueFull, GenerationCancelled, ShuttingDown: as :meth:`acquire`.
+        """
+        llm = await self.acquire(gone, prompt_tokens)
+        return self.start(llm, work, stream=stream)
+
+    def take(self, llm: SlotLlama) -> bool:
+        """Takes the slot ``llm`` if it is free (for work on that very slot, e.g. saving its
+        state; hand it to :meth:`start`, which returns it). False when it is busy."""
+        if llm not in self._free or self.shutting_down:
+            return False
+        self._free.remove(llm)
+        return True
 
     def _release(self, llm: SlotLlama) -> None:
         while self._waiters:

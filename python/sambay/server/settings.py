@@ -84,8 +84,10 @@ class ServerSettings:
         return self.model_alias or os.path.basename(self.model)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``sambay serve`` (and ``python -m sambay.server``)."""
+def add_arguments(p: argparse.ArgumentParser, *, ray: bool = False) -> None:
+    """The options of ``sambay serve`` (and ``python -m sambay.server``); with ``ray``, also
+    those of ``sambay serve --ray`` (:func:`add_ray_arguments`). Each option's environment
+    variable (:data:`ENV_VARS`) is applied last."""
     p.add_argument("-m", "--model", required=True,
                    help="a phi4flash GGUF file, a cached model (phi4-flash:q4_k_m) or a Hugging "
                         "Face repo id pulled on first use (fixed for the server's lifetime)")
@@ -133,7 +135,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at GET /metrics (behind the API key if one is set)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
+    if ray:
+        add_ray_arguments(p)
     add_env_defaults(p)
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    """``sambay serve --ray``'s options (replicas on a Ray cluster, see :mod:`sambay.ray_serve`)."""
+    g = p.add_argument_group("Ray cluster (needs sambay[ray])")
+    g.add_argument("--ray", action="store_true",
+                   help="serve replicas of the engine on a Ray cluster behind one ingress at --host:--port")
+    g.add_argument("--replicas", type=int, default=None, metavar="N", help="engine replicas (default: 1)")
+    g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="let Ray Serve add and remove replicas between MIN and MAX")
+    g.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a local one is started)")
+
+
+def check_ray_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError for Ray options without ``--ray``, or both ``--replicas`` and ``--autoscale``."""
+    given = [f"--{n}" for n in ("replicas", "autoscale", "address") if getattr(args, n) is not None]
+    if given and not args.ray:
+        raise ValueError(f"{', '.join(given)} only apply with --ray")
+    if args.replicas is not None and args.autoscale is not None:
+        raise ValueError("give --replicas or --autoscale, not both")
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:
@@ -177,6 +202,10 @@ ENV_VARS: dict[str, str] = {
     "--sse-keep-alive": "SAMBAY_SSE_KEEP_ALIVE",
     "--metrics": "SAMBAY_METRICS",
     "--log-level": "SAMBAY_LOG_LEVEL",
+    "--ray": "SAMBAY_RAY",
+    "--replicas": "SAMBAY_RAY_REPLICAS",
+    "--autoscale": "SAMBAY_RAY_AUTOSCALE",
+    "--address": "SAMBAY_RAY_ADDRESS",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

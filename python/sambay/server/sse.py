@@ -17,23 +17,26 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
-from .pool import Job, SlotLlama, SlotPool
+from .backend import Backend
+from .pool import Job, SlotLlama
 
 KEEP_ALIVE = ": keep-alive\n\n"
 
 
-async def start_stream(pool: SlotPool, work: Callable[[SlotLlama], Any], gone: asyncio.Event,
-                       prompt_tokens: Optional[Sequence[int]], jobs: list[Job]) -> Job:
-    """Waits for a slot, starts ``work`` there and waits for its first token (or its end).
+async def start_stream(pool: Backend, work: Callable[[SlotLlama], Any], gone: asyncio.Event,
+                       prompt_tokens: Optional[Sequence[int]], jobs: list[Job],
+                       conversation: Optional[str] = None) -> Job:
+    """Submits ``work`` to the backend (which waits for a slot) and waits for its first token
+    (or its end).
 
     The job is appended to ``jobs`` as soon as it exists, so a disconnect can cancel it.
 
     Raises:
-        QueueFull, ShuttingDown, GenerationCancelled: from :meth:`SlotPool.acquire`.
+        QueueFull, ShuttingDown, GenerationCancelled: from :meth:`Backend.submit`.
         Exception: the work's error before its first token.
     """
-    llm = await pool.acquire(gone, prompt_tokens)
-    job = pool.start(llm, work, stream=True)
+    job = await pool.submit(work, stream=True, gone=gone, prompt_tokens=prompt_tokens,
+                            conversation=conversation)
     jobs.append(job)
     if gone.is_set():
         job.cancel()
