@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -307,11 +307,11 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
         try:
             compile_grammar(**given)
         except GrammarError as err:
-            err.param = next(iter(given), None)  # type: ignore[attr-defined]
+            err.param = next(iter(given), None)
             raise
 
     async def run(request: Request, work: Callable[[SlotLlama], Any], *, stream: bool,
-                  schema: type, prompt_tokens: Optional[list[int]] = None) -> Any:
+                  schema: type[BaseModel], prompt_tokens: Optional[list[int]] = None) -> Any:
         """Acquire a slot, run ``work`` there, answer JSON or an event stream."""
         gone = asyncio.Event()
         job_box: list[Any] = []
@@ -384,8 +384,9 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
 
         def work(llm: SlotLlama) -> Any:
             if body.stream:
-                return _with_usage(llm.create_completion(prompt, stream=True, model=model_alias, **kw),
-                                   llm, include_usage)
+                chunks = cast(Iterator[dict[str, Any]],  # stream=True: the chunks' iterator
+                              llm.create_completion(prompt, stream=True, model=model_alias, **kw))
+                return _with_usage(chunks, llm, include_usage)
             return llm.create_completion(prompt, model=model_alias, **kw)
 
         tokens = await prompt_of(lambda: pool.llamas[0].tokenize(prompt) if isinstance(prompt, str)
@@ -408,8 +409,9 @@ def create_app(pool: SlotPool, *, model_alias: str, api_key: Optional[str] = Non
 
         def work(llm: SlotLlama) -> Any:
             if body.stream:
-                return _with_usage(llm.create_chat_completion(messages, stream=True, model=model_alias, **kw),
-                                   llm, include_usage)
+                chunks = cast(Iterator[dict[str, Any]],  # stream=True: the chunks' iterator
+                              llm.create_chat_completion(messages, stream=True, model=model_alias, **kw))
+                return _with_usage(chunks, llm, include_usage)
             return llm.create_chat_completion(messages, model=model_alias, **kw)
 
         tokens = await prompt_of(lambda: pool.llamas[0].chat_prompt(messages)[1])
