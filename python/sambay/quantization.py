@@ -44,9 +44,12 @@ def quantize(
         ``{"bytes_in", "bytes_out", "tensor_types": [(name, type), ...]}``.
 
     Raises:
-        QuantizeError: unknown type, input already quantized, not a phi4flash GGUF, truncated
-            input, an output that may not be replaced (see above), a failed write (e.g. "No
-            space left on device").
+        LoadError: an input the engine's loader refuses (missing, not a regular file, not a
+            GGUF, a truncated or corrupt file, another architecture), with the message loading
+            it as a model gives: the input is opened by the same loader.
+        QuantizeError: unknown type, input already quantized or without a block count, an
+            output that may not be replaced (see above), a failed write (e.g. "No space left
+            on device").
         ValueError: invalid ``n_threads``.
     """
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
