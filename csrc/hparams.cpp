@@ -26,7 +26,7 @@ static constexpr uint64_t MAX_DIM    = 1u << 20;
 static constexpr uint64_t MAX_VOCAB  = 1u << 24;
 static constexpr uint64_t MAX_LAYERS = 4096;
 
-hparams hparams::from_gguf(const gguf_context * ctx) {
+void check_architecture(const gguf_context * ctx) {
     std::string arch;
     if (!gguf_get_string(ctx, "general.architecture", arch)) {
         throw load_error("missing metadata key 'general.architecture'");
@@ -34,6 +34,10 @@ hparams hparams::from_gguf(const gguf_context * ctx) {
     if (arch != ARCH_NAME) {
         throw load_error("unsupported architecture '" + arch + "' (this engine runs '" + ARCH_NAME + "')");
     }
+}
+
+hparams hparams::from_gguf(const gguf_context * ctx) {
+    check_architecture(ctx);
 
     std::vector<std::string> problems;
     hparams hp;

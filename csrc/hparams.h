@@ -21,6 +21,10 @@ enum class layer_kind : uint8_t { mamba = 0, attn_swa = 1, attn_full = 2, gmu = 
 // every kind: values 0, 1, ... until nullptr)
 const char * layer_kind_name(layer_kind kind);
 
+// Throws load_error unless general.architecture is ARCH_NAME (the check every reader of a
+// phi4flash GGUF makes first: loading a model, quantizing one).
+void check_architecture(const gguf_context * ctx);
+
 struct hparams {
     uint32_t n_vocab     = 0;
     uint32_t n_ctx_train = 0;

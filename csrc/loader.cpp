@@ -44,7 +44,9 @@ file_mapping::~file_mapping() {
 }
 
 gguf_file::gguf_file(const std::string & path, bool use_mmap) : path_(path) {
-    fd_ = unique_fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); reads
+    // of a regular file ignore the flag
+    fd_ = unique_fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (!fd_) {
         throw load_error("cannot open '" + path + "': " + std::strerror(errno));
     }

@@ -1,6 +1,7 @@
 #include "quantize.h"
 
 #include "hparams.h"
+#include "loader.h"
 
 #include "ggml-cpp.h"
 #include "gguf.h"
@@ -10,14 +11,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <memory>
 #include <thread>
 
 namespace sambay {
-
-namespace fs = std::filesystem;
 
 // llama.cpp's LLAMA_FTYPE_MOSTLY_* values, so general.file_type reads the same in every tool
 const std::vector<quant_ftype> & quant_ftypes() {
@@ -234,42 +231,24 @@ quantize_result quantize_file(const quantize_params & params) {
     const int n_threads = params.n_threads > 0 ? params.n_threads
                                                : (int) std::max(1u, std::thread::hardware_concurrency());
 
-    std::error_code ec;
-    if (!fs::is_regular_file(params.input, ec)) {
-        throw quantize_error("input file not found: " + params.input);
-    }
-    const uint64_t file_size = fs::file_size(params.input);
-
-    ggml_context * meta_raw = nullptr;
-    gguf_context_ptr in(gguf_init_from_file(params.input.c_str(), {/*no_alloc =*/ true, /*ctx =*/ &meta_raw}));
-    if (!in) {
-        throw quantize_error("not a valid GGUF file: " + params.input);
-    }
-    ggml_context_ptr meta(meta_raw);
-
-    const int64_t arch_id = gguf_find_key(in.get(), "general.architecture");
-    if (arch_id < 0 || gguf_get_kv_type(in.get(), arch_id) != GGUF_TYPE_STRING) {
-        throw quantize_error("GGUF has no general.architecture: " + params.input);
-    }
-    const std::string arch = gguf_get_val_str(in.get(), arch_id);
-    if (arch != ARCH_NAME) {
-        throw quantize_error("GGUF architecture is '" + arch + "', expected '" + ARCH_NAME + "'");
-    }
-    int n_layer = 0;
+    // opened and checked as a model file is (loader.h), with the same load_error: missing or not
+    // a regular file, bad magic, a header ggml cannot parse, absurd tensor shapes, tensor data
+    // outside the file; then the architecture, as hparams checks it
+    const gguf_file in_file(params.input, /*use_mmap*/ false);
+    const gguf_context * in = in_file.gguf();
+    ggml_context * meta = in_file.meta();
+    check_architecture(in);
     const std::string block_count = std::string(ARCH_NAME) + ".block_count";
-    const int64_t nl_id = gguf_find_key(in.get(), block_count.c_str());
-    if (nl_id >= 0 && gguf_get_kv_type(in.get(), nl_id) == GGUF_TYPE_UINT32) {
-        n_layer = (int) gguf_get_val_u32(in.get(), nl_id);
-    }
-    if (n_layer <= 0) {
+    uint64_t n_layer_key = 0;
+    if (!gguf_get_uint(in, block_count, n_layer_key) || n_layer_key == 0 || n_layer_key > (uint64_t) INT32_MAX) {
         throw quantize_error("GGUF has no valid " + block_count);
     }
+    const int n_layer = (int) n_layer_key;
 
     // plan: every tensor's new type, checking the input first
-    const int64_t n_tensors = gguf_get_n_tensors(in.get());
-    const size_t data_offset = gguf_get_data_offset(in.get());
+    const int64_t n_tensors = gguf_get_n_tensors(in);
     gguf_context_ptr out(gguf_init_empty());
-    gguf_set_kv(out.get(), in.get());
+    gguf_set_kv(out.get(), in);
     gguf_set_val_u32(out.get(), "general.file_type", ft.file_type);
     gguf_set_val_u32(out.get(), "general.quantization_version", GGML_QNT_VERSION);
 
@@ -292,8 +271,8 @@ quantize_result quantize_file(const quantize_params & params) {
     quantize_result result;
     std::vector<ggml_type> new_types(n_tensors);
     for (int64_t i = 0; i < n_tensors; ++i) {
-        const std::string name = gguf_get_tensor_name(in.get(), i);
-        ggml_tensor * t = ggml_get_tensor(meta.get(), name.c_str());
+        const std::string name = gguf_get_tensor_name(in, i);
+        ggml_tensor * t = ggml_get_tensor(meta, name.c_str());
         if (!t) {
             throw quantize_error("internal: tensor '" + name + "' missing from the GGUF context");
         }
@@ -302,10 +281,6 @@ quantize_result quantize_file(const quantize_params & params) {
                                  ggml_type_name(t->type) + "); quantize from an F32, F16 or BF16 GGUF, or allow "
                                  "requantizing (--allow-requantize, allow_requantize=True): the errors of both "
                                  "quantizations add up");
-        }
-        const size_t off = data_offset + gguf_get_tensor_offset(in.get(), i);
-        if (off > file_size || ggml_nbytes(t) > file_size - off) {
-            throw quantize_error("GGUF is truncated: data of tensor '" + name + "' ends past the end of the file");
         }
         tensor_desc desc{name, ggml_n_dims(t), t->ne[0], t->type, layer_of(name), n_layer};
         new_types[i] = quant_tensor_type(ft, desc, opt);
@@ -324,10 +299,6 @@ quantize_result quantize_file(const quantize_params & params) {
     }
 
     // write: metadata, then each tensor's data padded to the alignment
-    std::ifstream fin(params.input, std::ios::binary);
-    if (!fin) {
-        throw quantize_error("cannot open " + params.input);
-    }
     file_ptr fout(std::fopen(params.output.c_str(), "wb"));
     if (!fout) {
         throw quantize_error("cannot open " + params.output + ": " + std::strerror(errno));
@@ -341,15 +312,11 @@ quantize_result quantize_file(const quantize_params & params) {
     std::vector<char> src_buf, dst_buf;
     std::vector<float> f32_buf;
     for (int64_t i = 0; i < n_tensors; ++i) {
-        const std::string name = gguf_get_tensor_name(in.get(), i);
-        const ggml_tensor * t = ggml_get_tensor(meta.get(), name.c_str());
+        const std::string name = gguf_get_tensor_name(in, i);
+        const ggml_tensor * t = ggml_get_tensor(meta, name.c_str());
         const size_t nbytes_in = ggml_nbytes(t);
         src_buf.resize(nbytes_in);
-        fin.seekg((std::streamoff) (data_offset + gguf_get_tensor_offset(in.get(), i)));
-        fin.read(src_buf.data(), (std::streamsize) nbytes_in);
-        if (!fin) {
-            throw quantize_error("read error on tensor '" + name + "'");
-        }
+        in_file.read(in_file.data_offset(t), src_buf.data(), nbytes_in);  // inside the file: checked at open
         const ggml_type type = new_types[i];
         const int64_t n_per_row = t->ne[0];
         const int64_t nrows = ggml_nelements(t) / n_per_row;

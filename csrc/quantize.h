@@ -12,7 +12,8 @@
 
 namespace sambay {
 
-// bad input for quantization (unknown type, already quantized, unreadable or foreign file)
+// bad input for quantization (unknown type, already quantized, no block count); an input file
+// the engine's loader refuses throws its load_error instead (loader.h, hparams.h)
 struct quantize_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -84,9 +85,11 @@ struct quantize_result {
 
 // Writes `output` (created or truncated; opened only once the input has been checked). Making
 // that atomic, and deciding which paths may be replaced, is the caller's: sambay.quantize
-// passes a temporary file (python/sambay/_output.py). Throws quantize_error with a readable
-// message on bad input and on a failed write ("cannot write the output file: No space left
-// on device").
+// passes a temporary file (python/sambay/_output.py). The input is opened by the model loader
+// (gguf_file) and its architecture checked as for a model: a file that cannot be loaded throws
+// the same load_error, with the same message. Throws quantize_error with a readable message
+// on other bad input and on a failed write ("cannot write the output file: No space left on
+// device").
 quantize_result quantize_file(const quantize_params & params);
 
 } // namespace sambay

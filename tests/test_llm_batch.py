@@ -52,6 +52,19 @@ def test_generate_stream_pieces_add_up(alone, batched):
         assert reasons[i] == alone[p]["finish_reason"]
 
 
+def test_one_prompt_of_token_ids_is_one_prompt(alone, batched):
+    """A single list of token ids is one prompt (as a single text is), not a list of prompts."""
+    ids = batched.llama.tokenize(PROMPTS[0].encode())
+    params = GenerationParams(max_tokens=40, temperature=0)
+    (out,) = batched.generate(ids, params)
+    assert out.prompt == ids
+    assert out.outputs[0].text == alone[PROMPTS[0]]["text"]
+    assert [o.outputs[0].text for o in batched.generate([ids, PROMPTS[1]], params)] == \
+        [alone[p]["text"] for p in PROMPTS[:2]]
+    pieces = [(i, piece) for i, piece, _ in batched.generate_stream(ids, params)]
+    assert {i for i, _ in pieces} == {0} and "".join(p for _, p in pieces) == alone[PROMPTS[0]]["text"]
+
+
 def test_per_prompt_parameters_and_seeds():
     single = Llama(demo_model_path(), **KW)
     params = [GenerationParams(max_tokens=24, temperature=1.0, seed=s) for s in range(4)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -11,9 +13,12 @@ import pytest
 from gguf.quants import dequantize
 
 import sambay.quantization as sq
+from sambay.engine import LoadError, Model
 from sambay.quantization import QUANT_TYPES, QuantizeError, quantize
 
 N_LAYER = 8
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "data" / "gguf_regressions"
 
 
 def _write_gguf(path, arch="phi4flash", tensors=None, quantized=False):
@@ -157,15 +162,16 @@ def test_bad_inputs(tmp_path):
     out = tmp_path / "out.gguf"
     with pytest.raises(QuantizeError, match="unknown quantization type 'Q9_9'"):
         quantize(src, out, "Q9_9", progress=False)
-    with pytest.raises(QuantizeError, match="not found"):
+    # the input is refused by the model loader's checks (test_input_is_opened_by_the_model_loader)
+    with pytest.raises(LoadError, match="No such file or directory"):
         quantize(tmp_path / "missing.gguf", out, "Q8_0", progress=False)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(QuantizeError, match="not a valid GGUF"):
+    with pytest.raises(LoadError, match="is not a GGUF file"):
         quantize(junk, out, "Q8_0", progress=False)
     other = tmp_path / "llama.gguf"
     _write_gguf(other, arch="llama")
-    with pytest.raises(QuantizeError, match="architecture is 'llama'"):
+    with pytest.raises(LoadError, match="unsupported architecture 'llama'"):
         quantize(other, out, "Q8_0", progress=False)
     q = tmp_path / "q.gguf"
     _write_gguf(q, quantized=True)
@@ -174,12 +180,69 @@ def test_bad_inputs(tmp_path):
     truncated = tmp_path / "trunc.gguf"
     data = src.read_bytes()
     truncated.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(QuantizeError, match="truncated"):
+    with pytest.raises(LoadError, match="truncated"):
         quantize(truncated, out, "Q8_0", progress=False)
     with pytest.raises(ValueError, match="n_threads must be an integer >= 0, got -1"):
         quantize(src, out, "Q8_0", n_threads=-1, progress=False)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _hostile_inputs(tmp_path: Path) -> list[Path]:
+    """Files the model loader refuses at opening: every regression GGUF of the fuzzer whose
+    refusal is a file check (nan-epsilon.gguf is refused for its hyper-parameters, which the
+    quantizer does not read), plus ones made here."""
+    sys.path.insert(0, str(ROOT / "fuzz"))
+    from gguf_fuzz import GGUF, KV, TInfo, serialize
+
+    paths = [p for p in sorted(CORPUS.glob("*.gguf")) if p.name != "nan-epsilon.gguf"]
+    src = tmp_path / "in.gguf"
+    _write_gguf(src)
+    data = src.read_bytes()
+    made = {
+        "truncated.gguf": data[: len(data) - 1000],
+        "header-cut.gguf": data[:100],
+        "llama.gguf": data.replace(b"phi4flash", b"llama4fla", 1),  # same length: a valid file
+        # ggml accepts a [2^40, 2^40] F32 tensor (its byte size wraps to 0); with a block count,
+        # the quantizer's own checks used to let it through to the conversion
+        "overflowing-dimensions.gguf": serialize(GGUF(3, [
+            KV(b"general.architecture", 8, b"phi4flash"), KV(b"phi4flash.block_count", 4, N_LAYER)],
+            [TInfo(b"blk.0.ffn_down.weight", [1 << 40, 1 << 40], 0, 0)], bytes(128)))[0],
+    }
+    for name, raw in made.items():
+        (tmp_path / name).write_bytes(raw)
+        paths.append(tmp_path / name)
+    paths += [tmp_path / "missing.gguf", tmp_path]  # absent, a folder
+    return paths
+
+
+def test_input_is_opened_by_the_model_loader(tmp_path):
+    """One opening path: every input the loader refuses, quantize refuses with the same
+    LoadError and the same message, before writing anything."""
+    out = tmp_path / "out.gguf"
+    inputs = _hostile_inputs(tmp_path)
+    assert len(inputs) >= 20
+    for path in inputs:
+        with pytest.raises(LoadError) as by_model:
+            Model(str(path), device="cpu")
+        with pytest.raises(LoadError) as by_quantize:
+            quantize(path, out, "Q8_0", progress=False)
+        assert str(by_quantize.value) == str(by_model.value), path.name
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_input_is_refused_without_waiting_for_a_writer(tmp_path):
+    """Opening a FIFO blocks until something writes to it: the loader must refuse it as not a
+    regular file instead (in a subprocess, so a regression fails by the timeout, not a hang)."""
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom sambay.engine import LoadError, Model\nfrom sambay.quantization import quantize\n"
+            "for f in (lambda p: Model(p), lambda p: quantize(p, p + '.out', 'Q8_0', progress=False)):\n"
+            "    try:\n        f(sys.argv[1])\n    except LoadError as e:\n        print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f"'{fifo}' is not a regular file"] * 2
 
 
 def test_cli(tmp_path):

@@ -89,3 +89,12 @@ def test_errors(converted, tmp_path):
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
     with pytest.raises(GGUFMetadataError, match="not a valid GGUF"):
         read_metadata(bad)
+
+
+def test_a_merge_without_a_space_is_named():
+    """A ``tokenizer.ggml.merges`` entry must be two tokens; one that is not gets its own message
+    (the tokenizers library's error for it names neither the key nor the entry)."""
+    meta = {"tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b", "ab"]}
+    with pytest.raises(TokenizerError, match=r"tokenizer\.ggml\.merges holds 'ab', not two tokens"):
+        Tokenizer.from_metadata(meta)
+    Tokenizer.from_metadata({**meta, "tokenizer.ggml.merges": ["a b"]})  # the well-formed part loads

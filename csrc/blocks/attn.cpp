@@ -1,4 +1,4 @@
-// Differential attention, spec §5.6-5.7, on de-interleaved (stripe-major) heads
+// Differential attention (docs/architecture.md) on de-interleaved (stripe-major) heads
 // (docs/gguf-format.md): stripe s queries are Q heads [s*H/2, (s+1)*H/2), keys are K heads
 // [s*Hkv/2, (s+1)*Hkv/2); both stripes attend over V viewed as Hkv/2 pairs of 2*hd values.
 //   O_s = softmax(q_s k_s^T / sqrt(hd) + mask) [v1|v2]        (Dk = hd, Dv = 2*hd)

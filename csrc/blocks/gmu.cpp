@@ -1,4 +1,4 @@
-// Gated memory unit, spec §5.5: out_proj(silu(in_proj(a)) * m), m = the memory layer's SSM
+// Gated memory unit (docs/architecture.md): out_proj(silu(in_proj(a)) * m), m = the memory layer's SSM
 // read-out of the same token (no norm, no bias, no mixing across tokens).
 #include "graph.h"
 #include "model.h"

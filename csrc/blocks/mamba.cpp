@@ -1,4 +1,4 @@
-// Mamba-1 mixer, spec §5.4 / §7, with the conv and SSM states of the context memory:
+// Mamba-1 mixer (docs/architecture.md) with the conv and SSM states of the context memory:
 // in_proj -> x|z; causal depthwise conv over [conv state | x] (+bias, SiLU) -> u;
 // x_proj -> dt|B|C; dt_proj (+bias); selective scan (softplus inside); y = scan + D*u;
 // memory_layer exports y (before the gate) as the GMU memory; out_proj(y * silu(z)).

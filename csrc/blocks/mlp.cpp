@@ -1,4 +1,4 @@
-// SwiGLU MLP with the fused fc1 (gate rows first): fc2(silu(g) * u), spec §5.3.
+// SwiGLU MLP with the fused fc1 (gate rows first): fc2(silu(g) * u) (docs/architecture.md).
 #include "graph.h"
 #include "model.h"
 

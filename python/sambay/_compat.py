@@ -60,4 +60,6 @@ def resolve(extra: dict[str, Any], *, n_batch: int, n_ubatch: Optional[int], kv_
                          f"got {type_k!r} and {type_v!r}")
     if seed in RANDOM_SEEDS:
         seed = None
-    return n_batch, types.pop() if types else kv_type, seed
+    chosen = types.pop() if types else kv_type
+    assert chosen is not None  # None was refused above
+    return n_batch, chosen, seed

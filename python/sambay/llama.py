@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .structured import GrammarConstraint, compile_grammar
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = Union[str, bytes, Sequence[int]]
+_LlamaT = TypeVar("_LlamaT", bound="Llama")  # sequence() of a subclass is that subclass
 _log = logging.getLogger("sambay")
 
 
@@ -246,7 +247,7 @@ class Llama:
         """Sequences of this Llama's context (see :meth:`sequence`)."""
         return self._shared.n_seq_max if self._shared is not None else 1
 
-    def sequence(self, seq: int, *, seed: Optional[int] = None) -> "Llama":
+    def sequence(self: _LlamaT, seq: int, *, seed: Optional[int] = None) -> _LlamaT:
         """A Llama on sequence ``seq`` of this one's context (``0 .. n_seq_max-1``; 0 is this
         Llama's own). It shares the model, tokenizer and settings and has its own tokens,
         snapshots and random generator (seeded with ``seed``). Use each sequence from one thread at a time; the
@@ -514,7 +515,7 @@ class Llama:
         logits_processor: Optional[LogitsProcessor] = None,
         logit_bias: Optional[dict[Any, float]] = None,
         **overrides: Any,
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         """Yield sampled token ids after evaluating ``tokens``, forever (the caller stops).
 
         The prompt reuses what the context already holds when possible (see ``_prepare``),
@@ -614,7 +615,7 @@ class Llama:
     def _prompt_tokens(self, prompt: Prompt, *, special: bool) -> list[int]:
         if isinstance(prompt, (str, bytes)):
             return self.tokenize(prompt, special=special)
-        if isinstance(prompt, Sequence):
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str):  # (str: for mypy's narrowing)
             return self._check_tokens(prompt)
         raise ValueError(f"prompt must be a str, bytes or a list of token ids, got {type(prompt).__name__}")
 
@@ -663,14 +664,15 @@ class Llama:
                 return
             count += 1
             piece = stops.feed(decoder.feed(token))
+            last_logits = self._last_logits  # the logits this token was sampled from
+            assert last_logits is not None
             lp = None
             if logprobs is not None:
-                assert self._last_logits is not None
-                lp = self._token_logprobs(self._last_logits, token, logprobs, text_offset)
+                lp = self._token_logprobs(last_logits, token, logprobs, text_offset)
                 text_offset += len(piece)
             # llama-cpp-python's check: the evaluated tokens (not yet this one) and its logits
             if stops.stopped or (stopping_criteria is not None and stopping_criteria(
-                    np.asarray(self._input_ids, dtype=np.intc), self._last_logits)):
+                    np.asarray(self._input_ids, dtype=np.intc), last_logits)):
                 if not stops.stopped:
                     piece += stops.feed(decoder.flush()) + stops.flush()
                 yield piece, lp, "stop"
@@ -685,7 +687,7 @@ class Llama:
         lps = log_softmax(logits)
         tok = self.tokenizer
         name = tok.token_bytes(token, special=True).decode("utf-8", errors="replace")
-        best = _core.top_k_indices(lps, max(top, 0)) if top > 0 else []
+        best: Sequence[int] = _core.top_k_indices(lps, top).tolist() if top > 0 else []
         return {
             "tokens": [name],
             "text_offset": [offset],

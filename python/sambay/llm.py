@@ -14,7 +14,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, TypeGuard, Union, cast
 
 from .llama import Llama
 
@@ -22,6 +22,18 @@ __all__ = ["LLM", "GenerationParams", "RequestOutput", "CompletionOutput"]
 
 Prompt = Union[str, Sequence[int]]
 Conversation = Sequence[dict[str, Any]]
+
+
+def _is_token_ids(prompts: object) -> TypeGuard[Sequence[int]]:
+    return (isinstance(prompts, Sequence) and not isinstance(prompts, str) and len(prompts) > 0
+            and all(isinstance(t, int) for t in prompts))
+
+
+def _prompt_list(prompts: Union[Prompt, Sequence[Prompt]]) -> list[Prompt]:
+    """The prompts as a list: one text, or one list of token ids, is a single prompt."""
+    if isinstance(prompts, str) or _is_token_ids(prompts):
+        return [prompts]
+    return list(cast(Sequence[Prompt], prompts))
 
 
 @dataclass(frozen=True)
@@ -176,39 +188,40 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Completes every prompt (text or token ids); one :class:`RequestOutput` per prompt,
         in order. ``sampling_params``: one set for all, or a list with one per prompt."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        params = self._params(sampling_params, len(prompts))
-        results: list[Optional[RequestOutput]] = [None] * len(prompts)
-        jobs = [self._completion_job(pr, pa, False) for pr, pa in zip(prompts, params)]
+        prompt_list = _prompt_list(prompts)
+        params = self._params(sampling_params, len(prompt_list))
+        results: list[Optional[RequestOutput]] = [None] * len(prompt_list)
+        jobs = [self._completion_job(pr, pa, False) for pr, pa in zip(prompt_list, params)]
         for i, res in self._run(jobs):
             ch = res["choices"][0]
-            results[i] = RequestOutput(i, prompts[i], [CompletionOutput(0, ch["text"], ch["finish_reason"])],
+            results[i] = RequestOutput(i, prompt_list[i], [CompletionOutput(0, ch["text"], ch["finish_reason"])],
                                        usage=dict(res.get("usage") or {}))
         return [r for r in results if r is not None]
 
-    def generate_stream(self, prompts: Sequence[Prompt],
+    def generate_stream(self, prompts: Union[Prompt, Sequence[Prompt]],
                         sampling_params: Union[GenerationParams, dict[str, Any], Sequence[Any], None] = None
                         ) -> Iterator[tuple[int, str, Optional[str]]]:
         """Yields ``(prompt index, text piece, finish_reason)`` as the prompts are decoded
         together; each prompt's last piece carries its finish reason."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        params = self._params(sampling_params, len(prompts))
-        jobs = [self._completion_job(pr, pa, True) for pr, pa in zip(prompts, params)]
+        prompt_list = _prompt_list(prompts)
+        params = self._params(sampling_params, len(prompt_list))
+        jobs = [self._completion_job(pr, pa, True) for pr, pa in zip(prompt_list, params)]
         for i, chunk in self._run(jobs):
             ch = chunk["choices"][0]
             yield i, ch["text"], ch["finish_reason"]
 
     # ------------------------------------------------------------------ chat
 
-    def chat(self, conversations: Sequence[Conversation],
+    def chat(self, conversations: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[GenerationParams, dict[str, Any], Sequence[Any], None] = None,
              **chat_kwargs: Any) -> list[RequestOutput]:
         """Answers every conversation (a list of messages each); the reasoning trace is kept
         apart in ``outputs[0].reasoning_content``. ``chat_kwargs`` go to
         :meth:`sambay.Llama.create_chat_completion` (``reasoning_format``, ``reasoning_budget``...)."""
         if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # one conversation
-        convs = list(conversations)
+            convs = [cast(Conversation, conversations)]  # one conversation
+        else:
+            convs = list(cast(Sequence[Conversation], conversations))
         params = self._params(sampling_params, len(convs))
         results: list[Optional[RequestOutput]] = [None] * len(convs)
 

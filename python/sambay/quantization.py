@@ -67,9 +67,12 @@ def quantize(
         from_type, to_type, bytes_in, bytes_out), ...]}``.
 
     Raises:
-        QuantizeError: unknown type, input already quantized, not a phi4flash GGUF, truncated
-            input, an output that may not be replaced (see above), a failed write (e.g. "No
-            space left on device").
+        LoadError: an input the engine's loader refuses (missing, not a regular file, not a
+            GGUF, a truncated or corrupt file, another architecture), with the message loading
+            it as a model gives: the input is opened by the same loader.
+        QuantizeError: unknown type, input already quantized or without a block count, an
+            output that may not be replaced (see above), a failed write (e.g. "No space left
+            on device").
         ValueError: invalid ``n_threads``.
     """
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
@@ -87,20 +90,18 @@ def quantize(
             bar.set_postfix_str(f"{name} -> {type_name}", refresh=False)
             bar.update(1)
 
-    options = dict(pure=pure, output_type=output_tensor_type or "", token_embd_type=token_embedding_type or "",
-                   leave_output=leave_output_tensor, allow_requantize=allow_requantize)
+    def run(output: str, **kw: Any) -> dict[str, Any]:
+        return dict(_core.quantize_file(
+            os.fspath(input_path), output, qtype, n_threads=n_threads or 0, pure=pure,
+            output_type=output_tensor_type or "", token_embd_type=token_embedding_type or "",
+            leave_output=leave_output_tensor, allow_requantize=allow_requantize, **kw))
+
     if dry_run:
-        return dict(_core.quantize_file(os.fspath(input_path), "", qtype, n_threads=n_threads or 0,
-                                        dry_run=True, **options))
+        return run("", dry_run=True)
     target = resolve_output(output_path, [input_path], QuantizeError)
     try:
         with atomic_output(target, QuantizeError) as tmp:
-            return dict(
-                _core.quantize_file(
-                    os.fspath(input_path), os.fspath(tmp), qtype,
-                    n_threads=n_threads or 0, progress=callback, **options,
-                )
-            )
+            return run(os.fspath(tmp), progress=callback)
     finally:
         if bar is not None:
             bar.close()

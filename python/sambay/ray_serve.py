@@ -438,11 +438,12 @@ def build_app(model: str, *, replicas: int = 1, autoscale: Optional[str] = None,
         # a replica takes its slots plus its queue; Serve's router holds max_queue more, then 503
         max_ongoing_requests=config.parallel + config.max_queue, max_queued_requests=config.max_queue,
         ray_actor_options={"num_cpus": replica_cpus},
-        request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),
+        # Ray's config model takes a class or an import path (mypy reads its pydantic field as a dict)
+        request_router_config=RequestRouterConfig(request_router_class=ConversationRouter),  # type: ignore[arg-type]
         graceful_shutdown_timeout_s=30, **scaling)
     ingress = serve.deployment(serve.ingress()(SambayIngress), name="SambayIngress",
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
-    return ingress.bind(replica.bind(config), config, most)
+    return ingress.bind(replica.bind(config), config, most)  # type: ignore[attr-defined]  # serve.ingress()'s stub drops Deployment
 
 
 def replica_stats(app_name: str = APP_NAME) -> dict[str, dict[str, Any]]:
@@ -480,7 +481,7 @@ def serve_on_ray(settings: ServerSettings, *, replicas: int = 1, autoscale: Opti
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
               if f.name not in ("model", "host", "port", "log_level")}
     app = build_app(settings.model, replicas=replicas, autoscale=autoscale, **fields)
-    ray.init(address=address, logging_level=settings.log_level.upper())
+    ray.init(address=address, logging_level=logging.getLevelName(settings.log_level.upper()))
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(app, name=APP_NAME, route_prefix="/")

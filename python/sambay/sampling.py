@@ -83,7 +83,7 @@ class SamplingParams:
         """
         kinds = {f.name: f.type for f in fields(cls)}
         keys = {name: key for key, name in FILE_KEYS.items()}
-        values = {}
+        values: dict[str, Any] = {}
         for name, v in file_sampling(metadata).items():
             try:
                 # GGUF floats are F32: the shortest decimal that reads back as that F32 (0.95,
@@ -140,11 +140,11 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         order = _core.top_k_indices(logits, params.top_k).astype(np.int64)
     elif params.min_p > 0.0:
         # min-p keeps p >= min_p * p_max, i.e. logit >= max + log(min_p): filter before sorting
-        top = float(logits.max())
-        keep = np.flatnonzero(logits >= top + np.log(params.min_p))
+        peak = float(logits.max())
+        keep = np.flatnonzero(logits >= peak + np.log(params.min_p))
         order = keep[np.argsort(-logits[keep], kind="stable")]
         # top-p still needs probabilities over the whole vocabulary
-        total = float(np.exp(logits.astype(np.float64) - top).sum())
+        total = float(np.exp(logits.astype(np.float64) - peak).sum())
     else:
         order = np.argsort(-logits, kind="stable")
     if params.typical_p < 1.0:

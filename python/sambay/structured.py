@@ -32,6 +32,8 @@ from .tokenizer import Tokenizer
 class GrammarError(ValueError):
     """A schema or grammar that cannot be used (the message says why)."""
 
+    param: Optional[str] = None  # the request field that held it, where a server knows
+
 
 def _llguidance() -> Any:
     try:

@@ -12,7 +12,7 @@ llama.cpp; user-defined added tokens (type 4, e.g. the tool tokens) are always m
 from __future__ import annotations
 
 import codecs
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 # tokenizer.ggml.token_type values (llama.cpp / gguf TokenType)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -164,7 +164,12 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         vocab = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _BYTE)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs: list[tuple[str, str]] = []
+        for m in merges:
+            left, space, right = str(m).partition(" ")
+            if not space:
+                raise TokenizerError(f"tokenizer.ggml.merges holds {m!r}, not two tokens separated by a space")
+            pairs.append((left, right))
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
         if pre == "gpt-4o":
             hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -197,7 +202,8 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ use
 
-    def encode(self, text: str, *, add_bos: Optional[bool] = None, special: bool = False) -> list[int]:
+    def encode(self, text: Union[str, bytes], *, add_bos: Optional[bool] = None,
+               special: bool = False) -> list[int]:
         """Token ids of ``text``.
 
         Args:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +29,7 @@ from ..errors import ChatTemplateError, ContextFullError, MissingDependencyError
 from ..structured import GrammarError, compile_grammar
 from .backend import Backend, ReplicaLost, conversation_key, conversation_start
 from .metrics import MetricsMiddleware, ServerMetrics
-from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama
+from .pool import GenerationCancelled, QueueFull, ShuttingDown, SlotLlama, SlotPool
 from .settings import DEFAULT_KEEP_ALIVE_SECONDS
 from .sse import sse_events, start_stream
 from .schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion,
@@ -268,7 +268,9 @@ def create_app(pool: Backend, *, model_alias: str, api_key: Optional[str] = None
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in cors_origins)
     # --- /metrics (issue 14): outermost, so refused requests (401, 413) are counted too
-    server_metrics = ServerMetrics(pool) if metrics else None
+    if metrics and not isinstance(pool, SlotPool):
+        raise ValueError("metrics=True needs the local slot pool (one process's counters)")
+    server_metrics = ServerMetrics(pool) if metrics and isinstance(pool, SlotPool) else None
     if server_metrics is not None:
         app.add_middleware(MetricsMiddleware, metrics=server_metrics)
 
@@ -338,11 +340,11 @@ def create_app(pool: Backend, *, model_alias: str, api_key: Optional[str] = None
         try:
             compile_grammar(**given)
         except GrammarError as err:
-            err.param = next(iter(given), None)  # type: ignore[attr-defined]
+            err.param = next(iter(given), None)
             raise
 
     async def run(request: Request, work: Callable[[SlotLlama], Any], *, stream: bool,
-                  schema: type, prompt_tokens: Optional[list[int]] = None,
+                  schema: type[BaseModel], prompt_tokens: Optional[list[int]] = None,
                   conversation: Optional[str] = None) -> Any:
         """Acquire a slot, run ``work`` there, answer JSON or an event stream."""
         gone = asyncio.Event()
@@ -429,8 +431,9 @@ def create_app(pool: Backend, *, model_alias: str, api_key: Optional[str] = None
 
         def work(llm: SlotLlama) -> Any:
             if body.stream:
-                return _with_usage(llm.create_completion(prompt, stream=True, model=model_alias, **kw),
-                                   llm, include_usage)
+                chunks = cast(Iterator[dict[str, Any]],  # stream=True: the chunks' iterator
+                              llm.create_completion(prompt, stream=True, model=model_alias, **kw))
+                return _with_usage(chunks, llm, include_usage)
             return llm.create_completion(prompt, model=model_alias, **kw)
 
         tokens = await prompt_of(lambda: pool.llama.tokenize(prompt) if isinstance(prompt, str)
@@ -455,8 +458,9 @@ def create_app(pool: Backend, *, model_alias: str, api_key: Optional[str] = None
 
         def work(llm: SlotLlama) -> Any:
             if body.stream:
-                return _with_usage(llm.create_chat_completion(messages, stream=True, model=model_alias, **kw),
-                                   llm, include_usage)
+                chunks = cast(Iterator[dict[str, Any]],  # stream=True: the chunks' iterator
+                              llm.create_chat_completion(messages, stream=True, model=model_alias, **kw))
+                return _with_usage(chunks, llm, include_usage)
             return llm.create_chat_completion(messages, model=model_alias, **kw)
 
         tokens = await prompt_of(lambda: pool.llama.chat_prompt(messages)[1])

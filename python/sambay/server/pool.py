@@ -20,7 +20,7 @@ import collections
 import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Generator, Optional, Sequence
 
 from ..engine import AbortedError
 from ..llama import Llama, Timings
@@ -86,7 +86,7 @@ class SlotLlama(Llama):
         """Drops a :meth:`cancel` that no eval has consumed."""
         self._ctx.clear_cancel()
 
-    def generate(self, tokens: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
+    def generate(self, tokens: Any, **kwargs: Any) -> Generator[int, None, None]:
         inner = super().generate(tokens, **kwargs)
         first = True
         try:
@@ -250,7 +250,7 @@ class SlotPool:
         self._waiters.append(fut)
         gone_task = asyncio.ensure_future(gone.wait()) if gone is not None else None
         try:
-            waits = {fut} if gone_task is None else {fut, gone_task}
+            waits: set[asyncio.Future[Any]] = {fut} if gone_task is None else {fut, gone_task}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if gone_task is not None:

@@ -172,13 +172,14 @@ NEUTRAL_FIELDS: dict[str, Any] = {"tfs_z": 1.0, "dry_multiplier": 0.0,
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[int]] = Field(
+        description="text or token ids; OpenAI's list form is accepted when it holds one prompt")
     suffix: Optional[str] = None
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     best_of: Optional[int] = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and v and isinstance(v[0], (str, list)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
@@ -252,13 +252,13 @@ def env_var(action: argparse.Action) -> Optional[str]:
 
 def add_env_defaults(p: argparse.ArgumentParser, environ: Optional[dict[str, str]] = None) -> None:
     """Names each option's variable in its help, and makes a set variable its default."""
-    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    env: Mapping[str, str] = os.environ if environ is None else environ
     for action in p._actions:
         var = env_var(action)
         if var is None:
             continue
         action.help = f"{action.help or ''} (env: {var})".lstrip()
-        raw = environ.get(var, "")
+        raw = env.get(var, "")
         if raw == "":
             continue
         default = _FromEnv(raw)
