@@ -7,6 +7,7 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <thread>
 
@@ -78,6 +79,16 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             ggml_backend_cpu_set_threadpool(b, threadpool_.get());
         }
     }
+    // the CPU attention kernel (a ggml custom op) only where no GPU backend takes part: with one,
+    // the scheduler would pull the caches back to the host for it. SAMBAY_CPU_ATTN=0 keeps
+    // ggml's mul_mat path (comparisons in tests and benchmarks).
+    {
+        const char * env = std::getenv("SAMBAY_CPU_ATTN");
+        cpu_attn_ = !(env && std::string(env) == "0");
+        for (ggml_backend_dev_t dev : model_->devices()) {
+            if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) cpu_attn_ = false;
+        }
+    }
     graph_size_ = graph_size_for(hp, std::min(params_.n_seq_max, params_.n_batch));
     graph_meta_.resize(ggml_tensor_overhead() * graph_size_ + ggml_graph_overhead_custom(graph_size_, false));
     std::vector<ggml_backend_t> backends;
@@ -91,7 +102,7 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     auto reserve = [&](uint32_t n_seqs, uint32_t n_each) {
         std::vector<int32_t> dummy((size_t) n_seqs * n_each, 0);
         ubatch ub;
-        ub.tokens = dummy.data(); ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn;
+        ub.tokens = dummy.data(); ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn; ub.cpu_attn = cpu_attn_;
         for (uint32_t i = 0; i < n_seqs; ++i) {
             ubatch_seq us;
             us.seq = i; us.pos0 = params_.n_ctx - n_each; us.n_tokens = n_each;
@@ -214,7 +225,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
             return a.second != b.second ? a.second < b.second : batch[a.first].seq < batch[b.first].seq;
         });
         ubatch ub;
-        ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn;
+        ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn; ub.cpu_attn = cpu_attn_;
         tokens.clear();
         for (const auto & [e, take] : picks) {
             const seq_tokens & b = batch[e];

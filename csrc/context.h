@@ -114,6 +114,7 @@ private:
     std::vector<ggml_backend_ptr>  backends_;
     ggml_backend_sched_ptr         sched_;
     size_t                         graph_size_ = 0;
+    bool                           cpu_attn_ = false;  // every device is the CPU: attention scores by attn_cpu.h
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
     std::vector<seq_history>       history_;   // per sequence: n_past and its tokens' hash
     std::atomic<bool>              abort_{false};

@@ -35,6 +35,7 @@ struct ubatch {
     std::vector<ubatch_seq> seqs;
     bool            yoco     = true;  // cut to the output rows right after kv_shared_layer
     bool            flash_attn = false;  // ggml_flash_attn_ext (F16 masks, V not transposed)
+    bool            cpu_attn = false;  // decode-sized attention scores by the CPU kernel (attn_cpu.h)
 
     uint32_t n_tokens() const { return seqs.empty() ? 0 : seqs.back().row0 + seqs.back().n_tokens; }
     uint32_t n_out() const { uint32_t n = 0; for (const auto & s : seqs) n += s.n_out; return n; }

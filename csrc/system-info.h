@@ -25,6 +25,7 @@ struct system_info {
     std::string ggml_commit;
     std::vector<backend_info> backends;
     std::vector<device_info> devices;
+    std::string attn_kernel;  // the CPU attention kernel's SIMD path (attn_cpu.h)
 };
 
 system_info get_system_info();

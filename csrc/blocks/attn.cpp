@@ -13,6 +13,7 @@
 // Several sequences: the projections run on all rows at once; the attention itself runs per
 // sequence over the cells of its slot (views, no copies) and the results are joined back into
 // rows. The caches are written for all rows by one set_rows per cache.
+#include "attn_cpu.h"
 #include "graph.h"
 #include "memory.h"
 #include "model.h"
@@ -84,7 +85,27 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     } else {
         // V^T stored [n_cells, n_embd_kv] per sequence, viewed as pairs [n_kv, 2*hd, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, v_off);
-        if (n_rows <= COMBINE_MAX_ROWS) {
+        if (n_rows <= COMBINE_MAX_ROWS && ub_.cpu_attn) {
+            // decode-sized batches on the CPU: the scores from the kernel of attn_cpu.h (each
+            // cached key read once for the g query heads of both stripes that share it), rows
+            // ordered so that each V pair multiplies adjacent rows; then as below
+            ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], k_off);
+            ggml_tensor * kq = attn_scores_cpu(ctx_, q, ka, mask);  // [n_kv, g*n_rows, Hkv/2, 2], mask added
+            kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
+            ggml_tensor * p1 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
+            ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
+            ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv, g*n_rows, Hkv/2]
+            cur = ggml_mul_mat(ctx_, v, w);  // [2*hd, g*n_rows, Hkv/2]
+            cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
+            cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
+            cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
+            // (2*hd, jj, row, pair of K heads) -> (2*hd, jj, pair of K heads, row): query pair
+            // j = m*g + jj, pair-major rows as below
+            const int64_t g = hp_.n_head / hp_.n_head_kv;
+            cur = ggml_reshape_4d(ctx_, cur, 2 * hd, g, n_rows, Hkv2);
+            cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 1, 3, 2));
+            return ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows);
+        } else if (n_rows <= COMBINE_MAX_ROWS) {
             // decode-sized batches: both stripes' scores at once, then, as O_1 - lambda O_2 =
             // (P_1 - lambda P_2) V, one product with V: half the V work and V is read once.
             // Query head h (stripe-major) reads K head h / (H/Hkv): stripe s's K head j / (H/Hkv)

@@ -1,0 +1,174 @@
+#include "attn_cpu.h"
+
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+namespace sambay {
+
+namespace {
+
+// cells converted to F32 at a time: 8 cells of all K heads (40 KB at n_embd_kv 1280) stay in L1/L2
+// while every query head scores them
+constexpr int64_t SUB_CELLS = 8;
+
+// out[i] = q . k[i * kstride .. + hd] for i < 4 (four keys, one query)
+using dot4_fn = void (*)(const float * q, const float * k, int64_t kstride, int64_t hd, float * out);
+
+void dot4_scalar(const float * q, const float * k, int64_t kstride, int64_t hd, float * out) {
+    for (int i = 0; i < 4; ++i) {
+        const float * ki = k + i * kstride;
+        float s = 0.0f;
+        for (int64_t d = 0; d < hd; ++d) s += q[d] * ki[d];
+        out[i] = s;
+    }
+}
+
+#if defined(__x86_64__)
+// hd % 8 == 0
+__attribute__((target("avx2,fma"))) void dot4_avx2(const float * q, const float * k, int64_t kstride, int64_t hd,
+                                                    float * out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + kstride + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * kstride + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * kstride + d), a3);
+    }
+    // [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67], then the four sums per half
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+}
+#endif
+
+#if defined(__aarch64__)
+// hd % 4 == 0
+void dot4_neon(const float * q, const float * k, int64_t kstride, int64_t hd, float * out) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; d += 4) {
+        const float32x4_t qv = vld1q_f32(q + d);
+        a0 = vfmaq_f32(a0, qv, vld1q_f32(k + d));
+        a1 = vfmaq_f32(a1, qv, vld1q_f32(k + kstride + d));
+        a2 = vfmaq_f32(a2, qv, vld1q_f32(k + 2 * kstride + d));
+        a3 = vfmaq_f32(a3, qv, vld1q_f32(k + 3 * kstride + d));
+    }
+    vst1q_f32(out, vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3)));
+}
+#endif
+
+struct kernel {
+    dot4_fn      fn;
+    int64_t      hd_multiple;  // the SIMD width the head size must be a multiple of
+    const char * name;
+};
+
+const kernel K_SCALAR = { dot4_scalar, 1, "scalar" };
+#if defined(__x86_64__)
+const kernel K_AVX2 = { dot4_avx2, 8, "avx2" };
+#endif
+#if defined(__aarch64__)
+const kernel K_NEON = { dot4_neon, 4, "neon" };
+#endif
+
+const kernel & pick_kernel(int64_t hd) {
+    const char * env = std::getenv("SAMBAY_ATTN_SIMD");
+    if (env && std::strcmp(env, "0") == 0) return K_SCALAR;
+#if defined(__x86_64__)
+    if (hd % K_AVX2.hd_multiple == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return K_AVX2;
+#elif defined(__aarch64__)
+    if (hd % K_NEON.hd_multiple == 0) return K_NEON;
+#endif
+    (void) hd;
+    return K_SCALAR;
+}
+
+void convert_cells(const ggml_tensor * k, int64_t c0, int64_t n, float * out) {
+    // cells c0 .. c0+n-1 of the view are one contiguous run of n * n_embd_kv elements
+    const int64_t n_el = n * k->ne[0] * k->ne[1];
+    const char * src = (const char *) k->data + c0 * k->nb[2];
+    switch (k->type) {
+        case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, out, n_el); break;
+        case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, out, n_el); break;
+        default:             std::memcpy(out, src, n_el * sizeof(float)); break;
+    }
+}
+
+void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const kernel & kern = *(const kernel *) userdata;
+    const ggml_tensor * q = dst->src[0];
+    const ggml_tensor * k = dst->src[1];
+    const ggml_tensor * mask = dst->src[2];
+    const int64_t hd = q->ne[0], H = q->ne[1], n_rows = q->ne[2];
+    const int64_t Hkv = k->ne[1], n_kv = k->ne[2];
+    const int64_t g = H / Hkv, H2 = H / 2, Hkv2 = Hkv / 2, cols = g * n_rows;
+    const int64_t n_embd_kv = Hkv * hd;
+
+    // sub-blocks of cells, a contiguous share per thread
+    const int64_t n_sub = (n_kv + SUB_CELLS - 1) / SUB_CELLS;
+    const int64_t per = (n_sub + nth - 1) / nth;
+    const int64_t sb0 = std::min(n_sub, ith * per), sb1 = std::min(n_sub, sb0 + per);
+    if (sb0 >= sb1) return;
+
+    thread_local std::vector<float> kf;
+    if ((int64_t) kf.size() < SUB_CELLS * n_embd_kv) kf.assign(SUB_CELLS * n_embd_kv, 0.0f);
+    float * out = (float *) dst->data;
+
+    for (int64_t sb = sb0; sb < sb1; ++sb) {
+        const int64_t c0 = sb * SUB_CELLS, nc = std::min(SUB_CELLS, n_kv - c0);
+        convert_cells(k, c0, nc, kf.data());
+        for (int64_t s = 0; s < 2; ++s) {
+            for (int64_t m = 0; m < Hkv2; ++m) {
+                const float * kh = kf.data() + (s * Hkv2 + m) * hd;  // this K head of cell c0
+                for (int64_t r = 0; r < n_rows; ++r) {
+                    const float * mrow = (const float *) ((const char *) mask->data + r * mask->nb[1]) + c0;
+                    for (int64_t jj = 0; jj < g; ++jj) {
+                        const float * qp = (const float *) ((const char *) q->data + (s * H2 + m * g + jj) * q->nb[1] +
+                                                            r * q->nb[2]);
+                        float * o = out + ((s * Hkv2 + m) * cols + r * g + jj) * n_kv + c0;
+                        for (int64_t c = 0; c < nc; c += 4) {
+                            float d4[4];
+                            // cells past nc are stale data of the scratch (never stored)
+                            kern.fn(qp, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+                            for (int64_t i = 0; i < 4 && c + i < nc; ++i) o[c + i] = d4[i] + mrow[c + i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+} // namespace
+
+ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask) {
+    const int64_t hd = q->ne[0], H = q->ne[1], n_rows = q->ne[2];
+    const int64_t Hkv = k->ne[1], n_kv = k->ne[2];
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && mask->type == GGML_TYPE_F32);
+    GGML_ASSERT(k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_BF16);
+    GGML_ASSERT(k->ne[0] == hd && Hkv % 2 == 0 && H % Hkv == 0 && (H / Hkv) * Hkv == H);
+    GGML_ASSERT(q->nb[0] == sizeof(float) && mask->nb[0] == sizeof(float));
+    // a cell's K heads adjacent, cells one after another
+    GGML_ASSERT(k->nb[1] == hd * (int64_t) ggml_type_size(k->type) && k->nb[2] == Hkv * k->nb[1]);
+    GGML_ASSERT(mask->ne[0] == n_kv && mask->ne[1] == n_rows);
+    ggml_tensor * args[3] = { q, k, mask };
+    const kernel & kern = pick_kernel(hd);
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, (H / Hkv) * n_rows, Hkv / 2, 2, args, 3, scores_op,
+                          GGML_N_TASKS_MAX, (void *) &kern);
+}
+
+const char * attn_scores_kernel_name() {
+    // the kernel of a 64-wide head (the real model's)
+    return pick_kernel(64).name;
+}
+
+} // namespace sambay

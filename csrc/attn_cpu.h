@@ -1,0 +1,31 @@
+// A CPU kernel for the attention scores of decode-sized batches (docs/engine.md, "Attention on
+// the CPU"). ggml's mul_mat computes q.k for one cached key and one query head per call of a
+// 64-wide dot product: at depth 32K that is millions of calls per token, each ending in a
+// horizontal sum. This kernel reads each cached key once per step, converts a block of cells to
+// F32 with ggml's row conversion, and scores every query head that shares the key's head (both
+// differential stripes, every row of the sequence) with SIMD dot products whose horizontal sums
+// are batched four keys at a time. The softmax, the (P1 - lambda P2) combination and the product
+// with V stay ggml ops.
+#pragma once
+
+#include "ggml.h"
+
+namespace sambay {
+
+// scores[c, r*g + jj, m, s] = q[., s*H/2 + m*g + jj, r] . k[., s*Hkv/2 + m, c] + mask[c, r]
+// for the cells c < n_kv of one sequence, where g = H / Hkv query heads share a K head and
+// m < Hkv/2 indexes pairs of K heads (stripe-major heads, docs/gguf-format.md):
+//   q:    F32 [hd, H, n_rows] (a view: rows of the projection)
+//   k:    F32/F16/BF16 [hd, Hkv, n_kv] (a view of the sequence's cells; a cell's heads adjacent)
+//   mask: F32 [n_kv, n_rows] (0 or -inf)
+// returns F32 [n_kv, g*n_rows, Hkv/2, 2]: one row per (stripe, K-head pair, row, query head):
+// each stripe is one contiguous half, and the rows a V pair multiplies are adjacent (no
+// broadcast in the product with V).
+// CPU backend only (a ggml custom op).
+ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask);
+
+// whether this build and CPU have a SIMD kernel (AVX2+FMA on x86-64, NEON on AArch64); the
+// scalar loop is used otherwise. SAMBAY_ATTN_SIMD=0 forces the scalar loop (tests).
+const char * attn_scores_kernel_name();
+
+} // namespace sambay

@@ -1,0 +1,118 @@
+"""The CPU attention kernel of decode-sized batches (csrc/attn_cpu.*): every logits row equals
+ggml's mul_mat path (SAMBAY_CPU_ATTN=0) and the float64 reference, for every KV type, n_batch 1
+to 16, several sequences of different lengths in one context, across the sliding-window
+boundary, for head sizes that take the SIMD loop and one that takes the scalar loop, and for 1,
+2 and 4 query heads per K head; the scalar loop (SAMBAY_ATTN_SIMD=0) equals the SIMD one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_helpers import reference_logits
+from numpy_reference import NumpyReference
+from sambay import _core
+from sambay.engine import Context, Model
+
+N_CTX = 96
+THREADS = dict(n_threads=2, n_threads_batch=2)
+# a differential-attention head shape per case: (name, overrides); tiny-12 has 8 heads of 32
+SHAPES = {
+    "g2-hd32": {},                                        # 2 query heads per K head (the real model's)
+    "g1-hd32": {"num_key_value_heads": 8},
+    "g4-hd32": {"num_key_value_heads": 2},
+    "g2-hd64": {"num_attention_heads": 4, "num_key_value_heads": 2},  # the real model's head size
+    "g2-hd12": {"hidden_size": 96},                       # not a multiple of the SIMD width: scalar loop
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from sambay.convert import convert, tiny
+
+    root = tmp_path_factory.mktemp("attn_cpu")
+    out = {}
+    for name, overrides in SHAPES.items():
+        hf = tiny.write_checkpoint(root / name, "tiny-12", seed=3, overrides=overrides)
+        path = root / f"{name}.gguf"
+        convert(hf, path, outtype="f32", progress=False)
+        out[name] = (hf, Model(path))
+    return out
+
+
+def _run(model, monkeypatch, *, cpu_attn, kv_type="f32", n_batch=16, simd=True):
+    """Three sequences in one context: prompts of 3, 21 and 40 tokens (the window is 16), fed in
+    n_batch chunks together, then 24 decode steps of all three. Returns slot -> logits rows
+    (the last row of each prompt chunk, then one row per step)."""
+    monkeypatch.setenv("SAMBAY_CPU_ATTN", "1" if cpu_attn else "0")
+    monkeypatch.setenv("SAMBAY_ATTN_SIMD", "1" if simd else "0")
+    c = Context(model, n_ctx=N_CTX, n_batch=n_batch, n_seq_max=3, kv_type=kv_type, **THREADS)
+    rng = np.random.default_rng(7)
+    prompts = {s: rng.integers(0, model.n_vocab, n).tolist() for s, n in enumerate((3, 21, 40))}
+    steps = rng.integers(0, model.n_vocab, (24, 3)).tolist()
+    out = {s: [] for s in prompts}
+    done = {s: 0 for s in prompts}
+    while any(done[s] < len(p) for s, p in prompts.items()):
+        batch = [(s, p[done[s]:done[s] + n_batch]) for s, p in prompts.items() if done[s] < len(p)]
+        logits = c.decode(batch)
+        for r, (s, toks) in enumerate(batch):
+            out[s].append(logits[r])
+            done[s] += len(toks)
+    for row in steps:
+        logits = c.decode([(s, [row[s]]) for s in prompts])
+        for s in prompts:
+            out[s].append(logits[s])
+    return {s: np.stack(v) for s, v in out.items()}, prompts, steps
+
+
+def _max_diff(a, b):
+    return max(np.abs(a[s] - b[s]).max() for s in a)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_equals_mul_mat_path_and_reference(shapes, shape, monkeypatch):
+    hf, model = shapes[shape]
+    new, prompts, steps = _run(model, monkeypatch, cpu_attn=True)
+    old, _, _ = _run(model, monkeypatch, cpu_attn=False)
+    assert _max_diff(new, old) < 1e-4
+    # the last rows of sequence 2 against the float64 reference (prompt, then its decode tokens)
+    ref = NumpyReference.from_folder(hf)
+    ids = prompts[2] + [row[2] for row in steps]
+    want = reference_logits(ref, ids)[len(prompts[2]) - 1:]
+    err = np.abs(new[2][-len(want):] - want).max()
+    assert err < 1e-4, f"max |kernel - reference| = {err:.3g}"
+
+
+@pytest.mark.parametrize("n_batch", [1, 2, 5, 16])
+def test_every_micro_batch_size(shapes, n_batch, monkeypatch):
+    _, model = shapes["g2-hd32"]
+    new, _, _ = _run(model, monkeypatch, cpu_attn=True, n_batch=n_batch)
+    old, _, _ = _run(model, monkeypatch, cpu_attn=False, n_batch=n_batch)
+    assert _max_diff(new, old) < 1e-4
+
+
+@pytest.mark.parametrize("kv_type, atol", [("f16", 1.5e-3), ("bf16", 1e-2)])
+def test_half_precision_caches(shapes, kv_type, atol, monkeypatch):
+    # the kernel scores with F32 queries where ggml's path rounds them to the cache type: both
+    # stay within the cache type's tolerance of the f32 cache's logits
+    _, model = shapes["g2-hd64"]
+    exact, _, _ = _run(model, monkeypatch, cpu_attn=True, kv_type="f32")
+    new, _, _ = _run(model, monkeypatch, cpu_attn=True, kv_type=kv_type)
+    old, _, _ = _run(model, monkeypatch, cpu_attn=False, kv_type=kv_type)
+    assert _max_diff(new, exact) < atol
+    assert _max_diff(old, exact) < atol
+    assert _max_diff(new, old) < atol
+
+
+def test_scalar_loop_equals_simd_loop(shapes, monkeypatch):
+    _, model = shapes["g2-hd64"]
+    simd, _, _ = _run(model, monkeypatch, cpu_attn=True)
+    scalar, _, _ = _run(model, monkeypatch, cpu_attn=True, simd=False)
+    assert _max_diff(simd, scalar) < 1e-5
+
+
+def test_system_info_names_the_kernel():
+    import platform
+
+    want = {"x86_64": {"avx2", "scalar"}, "aarch64": {"neon"}, "arm64": {"neon"}}.get(platform.machine(), {"scalar"})
+    assert _core.system_info()["attn_kernel"] in want
