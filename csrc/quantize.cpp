@@ -254,7 +254,7 @@ quantize_result quantize_file(const quantize_params & params) {
 
     bool has_output = false;
     for (int64_t i = 0; i < n_tensors; ++i) {
-        has_output = has_output || std::string(gguf_get_tensor_name(in.get(), i)) == "output.weight";
+        has_output = has_output || std::string(gguf_get_tensor_name(in, i)) == "output.weight";
     }
     quant_options opt = params.options;
     opt.tied_output = !has_output;
