@@ -353,12 +353,17 @@ def test_old_turns_are_dropped_and_said_once():
 
 def test_a_message_that_cannot_fit_is_refused():
     with Llama(demo_model_path(), n_ctx=64, verbose=False) as small:
-        s, out, err = session(small, max_tokens=8)
+        s, out, err = session(small, max_tokens=48)  # room for the reply: 32
         long = "What is " + " + ".join(["12345"] * 40) + "?"
-        assert s.run(piped(long, "What is 1 + 2?")) == 0
+        tight = "What is " + " + ".join(["12"] * 10) + "?"  # 46 tokens: fits, with 18 for the reply
+        assert 32 < len(small.chat_prompt([{"role": "user", "content": tight}])[1]) < 64
+        assert s.run(piped(long, tight)) == 0
         assert "tokens with the chat template, and the context holds 64 (-c sets it): it was not sent" \
             in err.getvalue()
-        assert [m["content"] for m in s.messages if m["role"] == "user"] == ["What is 1 + 2?"]
+        assert [m["content"] for m in s.messages if m["role"] == "user"] == [tight]
+        # nothing was dropped, so nothing is said about it; the reply ran into the context's end
+        assert "no longer fits" not in err.getvalue()
+        assert "[the reply was cut: the context is full]" in err.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -389,6 +389,8 @@ class ChatSession:
                     f"{' and the system message' if head else ''}, and the context holds {n_ctx} "
                     "(-c sets it): it was not sent")
             cut = len(body) - 1  # it fits, with less room for the reply than asked
+        if cut == start:
+            return head + body[start:]  # nothing to drop: the reply gets what room there is
         if not self.dropped_said:
             self._say(f"the conversation no longer fits the context ({n_ctx} tokens): its oldest turns "
                       "are dropped from now on (the system message stays; -c sets a larger context)")
@@ -466,13 +468,14 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             prompt = self.fitted()
-        except (MessageTooLong, ValueError) as err:
+        except ValueError as err:  # MessageTooLong, or a chat template that fails
             self.messages.pop()
             self._say(str(err))
             return
         printer = ReplyPrinter(self.out, show_thinking=self.show_thinking)
         finish, stopped, error = self._stream(prompt, printer)
-        printer.finish()
+        if not (error is not None or stopped) or printer.content or printer.reasoning and self.show_thinking:
+            printer.finish()  # (an empty reply is an empty line: piped output has a line per reply)
         if error is not None:
             self.messages.pop()
             self._say(f"error: {error}")
