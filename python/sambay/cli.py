@@ -149,59 +149,6 @@ def _constraint_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-class _ReplyPrinter:
-    """Writes a streamed chat reply: the ``<think>`` trace dimmed on a terminal (between its
-    tags when the output is piped, so the text is the model's), or not at all; collects the
-    trace and the answer."""
-
-    DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-    def __init__(self, out: Any, *, show_thinking: bool) -> None:
-        from .reasoning import THINK_CLOSE, THINK_OPEN
-
-        self.out = out
-        self.show_thinking = show_thinking
-        tty = hasattr(out, "isatty") and out.isatty()
-        self.open, self.close = (self.DIM, self.RESET + "\n") if tty else (THINK_OPEN, THINK_CLOSE)
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
-        self._in_trace = False
-
-    def write(self, delta: dict[str, Any]) -> None:
-        trace, answer = delta.get("reasoning_content"), delta.get("content")
-        if trace:
-            self.reasoning.append(trace)
-            if self.show_thinking:
-                if not self._in_trace:
-                    self.out.write(self.open)
-                    self._in_trace = True
-                self.out.write(trace)
-        if answer:
-            self._end_trace()
-            self.content.append(answer)
-            self.out.write(answer)
-        self.out.flush()
-
-    def _end_trace(self) -> None:
-        if self._in_trace:
-            self.out.write(self.close)
-            self._in_trace = False
-
-    def finish(self) -> None:
-        self._end_trace()
-        self.out.write("\n")
-        self.out.flush()
-
-    def history_text(self, keep_thinking: bool) -> str:
-        """The reply as the next turn's history: the answer, with the trace only if asked."""
-        from .reasoning import THINK_CLOSE, THINK_OPEN
-
-        answer = "".join(self.content)
-        if keep_thinking and self.reasoning:
-            return THINK_OPEN + "".join(self.reasoning) + THINK_CLOSE + answer
-        return answer
-
-
 def _report_speed(llm: Any) -> None:
     t = llm.last_timings
     pp = t.prompt_evaluated / t.prompt_seconds if t.prompt_seconds > 0 else float("nan")
@@ -237,7 +184,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
-        printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
+        from .terminal import ReplyPrinter
+
+        printer = ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
         for chunk in llm.create_chat_completion(messages, reasoning_budget=args.reasoning_budget, **kw):
             printer.write(chunk["choices"][0]["delta"])
         printer.finish()
@@ -252,41 +201,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    from .terminal import run_chat
+
     llm = _load(args)
-    interactive = sys.stdin.isatty()
-    history: list[dict[str, str]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    if interactive:
-        print("sambay chat: /exit or Ctrl-D to quit, /reset to forget the conversation",
-              file=sys.stderr)
-    while True:
-        try:
-            line = input("> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            break
-        if not interactive and line == "":
-            break  # end of piped input
-        text = line.rstrip("\n")
-        if text.strip() in ("/exit", "/quit"):
-            break
-        if text.strip() == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
-        printer = _ReplyPrinter(sys.stdout, show_thinking=not args.hide_thinking)
-        for chunk in llm.create_chat_completion(history, stream=True, max_tokens=args.n_predict,
-                                                reasoning_budget=args.reasoning_budget,
-                                                **_sampling_kwargs(args), **_constraint_kwargs(args)):
-            printer.write(chunk["choices"][0]["delta"])
-        printer.finish()
-        # the trace stays out of the next turn's prompt unless --keep-thinking
-        history.append({"role": "assistant", "content": printer.history_text(getattr(args, "keep_thinking", False))})
-        if getattr(args, "verbose_speed", False):
-            _report_speed(llm)
-    return 0
+    # `run -cnv` comes here too, with run's options (no --keep-thinking or --verbose-speed)
+    return run_chat(llm, system=args.system, show_thinking=not args.hide_thinking,
+                    keep_thinking=getattr(args, "keep_thinking", False), max_tokens=args.n_predict,
+                    completion_kwargs=dict(reasoning_budget=args.reasoning_budget, **_sampling_kwargs(args),
+                                           **_constraint_kwargs(args)),
+                    after_reply=(lambda: _report_speed(llm)) if getattr(args, "verbose_speed", False) else None)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -628,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (also reads turns from piped stdin)",
                        formatter_class=ex,
                        epilog="examples:\n  sambay chat -m model.gguf\n"
-                              "  printf 'hi\\nwhat is 2+2?\\n' | sambay chat -m model.gguf --temp 0")
+                              "  printf 'hi\\nwhat is 2+2?\\n' | sambay chat -m model.gguf --temp 0\n"
+                              "in the chat, /help lists the commands (/bye, /clear, /save FILE, /load FILE)")
     _add_model_args(p)
     p.add_argument("--verbose-speed", action="store_true", help="print speeds after each reply")
     p.add_argument("--keep-thinking", action="store_true",

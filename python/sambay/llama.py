@@ -132,6 +132,11 @@ class Llama:
             arguments default to: the file's recommended settings (``general.sampling.*``,
             e.g. temperature 0.6 and top_p 0.95 for Phi-4-mini-flash-reasoning) over the
             library's defaults. An explicit argument always wins.
+        eval_progress: None, or a callable ``(done, total)`` that every evaluation calls
+            before its first micro-batch (``done`` 0) and after each one, ``total`` being the
+            tokens of that evaluation (a prompt's unevaluated part, or 1 for a decode step);
+            ``sambay chat`` draws its prefill progress with it. It runs in the evaluating
+            thread, and an exception it raises ends the evaluation.
 
     Raises:
         sambay.LoadError: the file is missing, not a GGUF, or not a valid phi4flash model.
@@ -220,6 +225,7 @@ class Llama:
         self._snapshots: list[LlamaState] = []
         self.last_timings = Timings()
         self.n_tokens_evaluated = 0  # total tokens run through the engine (prefix-reuse tests)
+        self.eval_progress: Optional[Callable[[int, int], None]] = None
         # one generation and one evaluation at a time: a second one raises (never corrupts)
         self._generating = False
         self._evaluating = threading.Lock()
@@ -267,6 +273,7 @@ class Llama:
         view._snapshots = []
         view.last_timings = Timings()
         view.n_tokens_evaluated = 0
+        view.eval_progress = None
         view._generating = False
         view._evaluating = threading.Lock()
         return view
@@ -432,6 +439,9 @@ class Llama:
         # the results are those of one call
         step = max(1, int(self._ctx.n_batch))
         rows: list[np.ndarray] = []
+        progress = self.eval_progress
+        if progress is not None:
+            progress(0, len(tokens))
         for i in range(0, len(tokens), step):
             chunk = tokens[i:i + step]
             try:
@@ -450,6 +460,8 @@ class Llama:
             self._last_logits = logits[-1]
             if self.logits_all:
                 rows.extend(logits)
+            if progress is not None:
+                progress(i + len(chunk), len(tokens))
         if self.logits_all:  # the rows of this call only: all rows of a long run would be GBs
             self._all_logits = rows
 
