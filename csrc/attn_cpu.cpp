@@ -33,7 +33,32 @@ void dot4_scalar(const float * q, const float * k, int64_t kstride, int64_t hd, 
     }
 }
 
+// sum of x[i] * y[i] for i < n
+using dot_fn = float (*)(const float * x, const float * y, int64_t n);
+
+float dot_scalar(const float * x, const float * y, int64_t n) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
 #if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) float dot_avx2(const float * x, const float * y, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), a1);
+    }
+    const __m256 a = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
 // hd % 8 == 0
 __attribute__((target("avx2,fma"))) void dot4_avx2(const float * q, const float * k, int64_t kstride, int64_t hd,
                                                     float * out) {
@@ -52,6 +77,18 @@ __attribute__((target("avx2,fma"))) void dot4_avx2(const float * q, const float 
 #endif
 
 #if defined(__aarch64__)
+float dot_neon(const float * x, const float * y, int64_t n) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a0 = vfmaq_f32(a0, vld1q_f32(x + i), vld1q_f32(y + i));
+        a1 = vfmaq_f32(a1, vld1q_f32(x + i + 4), vld1q_f32(y + i + 4));
+    }
+    float s = vaddvq_f32(vaddq_f32(a0, a1));
+    for (; i < n; ++i) s += x[i] * y[i];
+    return s;
+}
+
 // hd % 4 == 0
 void dot4_neon(const float * q, const float * k, int64_t kstride, int64_t hd, float * out) {
     float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
@@ -68,16 +105,17 @@ void dot4_neon(const float * q, const float * k, int64_t kstride, int64_t hd, fl
 
 struct kernel {
     dot4_fn      fn;
-    int64_t      hd_multiple;  // the SIMD width the head size must be a multiple of
+    dot_fn       dot;
+    int64_t      hd_multiple;  // the SIMD width the head size must be a multiple of (fn)
     const char * name;
 };
 
-const kernel K_SCALAR = { dot4_scalar, 1, "scalar" };
+const kernel K_SCALAR = { dot4_scalar, dot_scalar, 1, "scalar" };
 #if defined(__x86_64__)
-const kernel K_AVX2 = { dot4_avx2, 8, "avx2" };
+const kernel K_AVX2 = { dot4_avx2, dot_avx2, 8, "avx2" };
 #endif
 #if defined(__aarch64__)
-const kernel K_NEON = { dot4_neon, 4, "neon" };
+const kernel K_NEON = { dot4_neon, dot_neon, 4, "neon" };
 #endif
 
 const kernel & pick_kernel(int64_t hd) {
@@ -92,15 +130,18 @@ const kernel & pick_kernel(int64_t hd) {
     return K_SCALAR;
 }
 
+// n elements of a cache of type `type` from src to F32
+void to_f32(ggml_type type, const void * src, float * out, int64_t n) {
+    switch (type) {
+        case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, out, n); break;
+        case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, out, n); break;
+        default:             std::memcpy(out, src, n * sizeof(float)); break;
+    }
+}
+
 void convert_cells(const ggml_tensor * k, int64_t c0, int64_t n, float * out) {
     // cells c0 .. c0+n-1 of the view are one contiguous run of n * n_embd_kv elements
-    const int64_t n_el = n * k->ne[0] * k->ne[1];
-    const char * src = (const char *) k->data + c0 * k->nb[2];
-    switch (k->type) {
-        case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, out, n_el); break;
-        case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, out, n_el); break;
-        default:             std::memcpy(out, src, n_el * sizeof(float)); break;
-    }
+    to_f32(k->type, (const char *) k->data + c0 * k->nb[2], out, n * k->ne[0] * k->ne[1]);
 }
 
 void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -148,7 +189,51 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// cells of a V^T row converted to F32 at a time (the weights' rows of the same cells stay in L1)
+constexpr int64_t PV_CHUNK = 512;
+// V^T rows (channels) per work item
+constexpr int64_t PV_CHANNELS = 8;
+
+void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const kernel & kern = *(const kernel *) userdata;
+    const ggml_tensor * w = dst->src[0];  // F32 [n_kv, cols, Hkv/2]
+    const ggml_tensor * v = dst->src[1];  // [n_kv, 2*hd, Hkv/2] (V^T view)
+    const int64_t n_kv = w->ne[0], cols = w->ne[1], n_pairs = w->ne[2], dv = v->ne[1];
+    const int64_t blocks = (dv + PV_CHANNELS - 1) / PV_CHANNELS, n_items = n_pairs * blocks;
+    const int64_t per = (n_items + nth - 1) / nth;
+    const int64_t i0 = std::min(n_items, ith * per), i1 = std::min(n_items, i0 + per);
+    float buf[PV_CHUNK];
+    std::vector<float> acc(cols);
+    for (int64_t item = i0; item < i1; ++item) {
+        const int64_t m = item / blocks, ch0 = (item % blocks) * PV_CHANNELS;
+        const float * wm = (const float *) ((const char *) w->data + m * w->nb[2]);
+        for (int64_t ch = ch0; ch < std::min(dv, ch0 + PV_CHANNELS); ++ch) {
+            const char * vrow = (const char *) v->data + m * v->nb[2] + ch * v->nb[1];
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t c0 = 0; c0 < n_kv; c0 += PV_CHUNK) {
+                const int64_t n = std::min(PV_CHUNK, n_kv - c0);
+                to_f32(v->type, vrow + c0 * v->nb[0], buf, n);
+                for (int64_t j = 0; j < cols; ++j) {
+                    acc[j] += kern.dot(buf, (const float *) ((const char *) wm + j * w->nb[1]) + c0, n);
+                }
+            }
+            float * o = (float *) ((char *) dst->data + m * dst->nb[2]) + ch;
+            for (int64_t j = 0; j < cols; ++j) o[j * dv] = acc[j];
+        }
+    }
+}
+
 } // namespace
+
+ggml_tensor * attn_pv_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * v) {
+    const int64_t n_kv = w->ne[0], cols = w->ne[1], n_pairs = w->ne[2];
+    GGML_ASSERT(w->type == GGML_TYPE_F32 && ggml_is_contiguous(w));
+    GGML_ASSERT(v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_F16 || v->type == GGML_TYPE_BF16);
+    GGML_ASSERT(v->ne[0] == n_kv && v->ne[2] == n_pairs && v->nb[0] == (int64_t) ggml_type_size(v->type));
+    ggml_tensor * args[2] = { w, v };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[1], cols, n_pairs, 1, args, 2, pv_op, GGML_N_TASKS_MAX,
+                          (void *) &pick_kernel(0));
+}
 
 ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask) {
     const int64_t hd = q->ne[0], H = q->ne[1], n_rows = q->ne[2];

@@ -95,7 +95,7 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
             ggml_tensor * p1 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
             ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
             ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv, g*n_rows, Hkv/2]
-            cur = ggml_mul_mat(ctx_, v, w);  // [2*hd, g*n_rows, Hkv/2]
+            cur = attn_pv_cpu(ctx_, w, v);  // [2*hd, g*n_rows, Hkv/2]
             cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
             cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
             cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
