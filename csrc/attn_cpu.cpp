@@ -35,6 +35,8 @@ void dot4_scalar(const float * q, const float * k, int64_t kstride, int64_t hd, 
 
 // sum of x[i] * y[i] for i < n
 using dot_fn = float (*)(const float * x, const float * y, int64_t n);
+// dot4_fn on keys stored F16, converted in registers
+using dot4_f16_fn = void (*)(const float * q, const ggml_fp16_t * k, int64_t kstride, int64_t hd, float * out);
 
 float dot_scalar(const float * x, const float * y, int64_t n) {
     float s = 0.0f;
@@ -76,7 +78,38 @@ __attribute__((target("avx2,fma"))) void dot4_avx2(const float * q, const float 
 }
 #endif
 
+#if defined(__x86_64__)
+// four F16 keys converted in registers (no scratch): the memory stream and the FMAs overlap
+__attribute__((target("avx2,fma,f16c"))) void dot4_f16_avx2(const float * q, const ggml_fp16_t * k, int64_t kstride,
+                                                             int64_t hd, float * out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + d))), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + kstride + d))), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + 2 * kstride + d))), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + 3 * kstride + d))), a3);
+    }
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+}
+#endif
+
 #if defined(__aarch64__)
+// dot4_neon on F16 keys converted in registers (FCVTL: every AArch64 CPU has it)
+void dot4_f16_neon(const float * q, const ggml_fp16_t * k, int64_t kstride, int64_t hd, float * out) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    auto load = [](const ggml_fp16_t * p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) p))); };
+    for (int64_t d = 0; d < hd; d += 4) {
+        const float32x4_t qv = vld1q_f32(q + d);
+        a0 = vfmaq_f32(a0, qv, load(k + d));
+        a1 = vfmaq_f32(a1, qv, load(k + kstride + d));
+        a2 = vfmaq_f32(a2, qv, load(k + 2 * kstride + d));
+        a3 = vfmaq_f32(a3, qv, load(k + 3 * kstride + d));
+    }
+    vst1q_f32(out, vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3)));
+}
+
 float dot_neon(const float * x, const float * y, int64_t n) {
     float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0;
     int64_t i = 0;
@@ -105,24 +138,28 @@ void dot4_neon(const float * q, const float * k, int64_t kstride, int64_t hd, fl
 
 struct kernel {
     dot4_fn      fn;
+    dot4_f16_fn  fn_f16;  // nullptr: F16 keys go through the F32 scratch
     dot_fn       dot;
     int64_t      hd_multiple;  // the SIMD width the head size must be a multiple of (fn)
     const char * name;
 };
 
-const kernel K_SCALAR = { dot4_scalar, dot_scalar, 1, "scalar" };
+const kernel K_SCALAR = { dot4_scalar, nullptr, dot_scalar, 1, "scalar" };
 #if defined(__x86_64__)
-const kernel K_AVX2 = { dot4_avx2, dot_avx2, 8, "avx2" };
+const kernel K_AVX2 = { dot4_avx2, dot4_f16_avx2, dot_avx2, 8, "avx2" };
 #endif
 #if defined(__aarch64__)
-const kernel K_NEON = { dot4_neon, dot_neon, 4, "neon" };
+const kernel K_NEON = { dot4_neon, dot4_f16_neon, dot_neon, 4, "neon" };
 #endif
 
 const kernel & pick_kernel(int64_t hd) {
     const char * env = std::getenv("SAMBAY_ATTN_SIMD");
     if (env && std::strcmp(env, "0") == 0) return K_SCALAR;
 #if defined(__x86_64__)
-    if (hd % K_AVX2.hd_multiple == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return K_AVX2;
+    if (hd % K_AVX2.hd_multiple == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+        return K_AVX2;
+    }
 #elif defined(__aarch64__)
     if (hd % K_NEON.hd_multiple == 0) return K_NEON;
 #endif
@@ -166,10 +203,14 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
     for (int64_t sb = sb0; sb < sb1; ++sb) {
         const int64_t c0 = sb * SUB_CELLS, nc = std::min(SUB_CELLS, n_kv - c0);
-        convert_cells(k, c0, nc, kf.data());
+        // F16 keys in whole groups of four are read where they are; else through the scratch
+        const bool direct = kern.fn_f16 && k->type == GGML_TYPE_F16 && nc % 4 == 0;
+        const ggml_fp16_t * k16 = (const ggml_fp16_t *) ((const char *) k->data + c0 * k->nb[2]);
+        if (!direct) convert_cells(k, c0, nc, kf.data());
         for (int64_t s = 0; s < 2; ++s) {
             for (int64_t m = 0; m < Hkv2; ++m) {
-                const float * kh = kf.data() + (s * Hkv2 + m) * hd;  // this K head of cell c0
+                const int64_t kh_off = (s * Hkv2 + m) * hd;  // this K head of cell c0
+                const float * kh = kf.data() + kh_off;
                 for (int64_t r = 0; r < n_rows; ++r) {
                     const float * mrow = (const float *) ((const char *) mask->data + r * mask->nb[1]) + c0;
                     for (int64_t jj = 0; jj < g; ++jj) {
@@ -179,7 +220,11 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                         for (int64_t c = 0; c < nc; c += 4) {
                             float d4[4];
                             // cells past nc are stale data of the scratch (never stored)
-                            kern.fn(qp, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+                            if (direct) {
+                                kern.fn_f16(qp, k16 + kh_off + c * n_embd_kv, n_embd_kv, hd, d4);
+                            } else {
+                                kern.fn(qp, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+                            }
                             for (int64_t i = 0; i < 4 && c + i < nc; ++i) o[c + i] = d4[i] + mrow[c + i];
                         }
                     }

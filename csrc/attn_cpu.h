@@ -1,8 +1,8 @@
 // CPU kernels for the attention of decode-sized batches (docs/engine.md, "Attention on the
 // CPU"). ggml's mul_mat computes q.k for one cached key and one query head per call of a 64-wide
 // dot product: at depth 32K that is millions of calls per token, each ending in a horizontal
-// sum. attn_scores_cpu reads each cached key once per step, converts a block of cells to F32 with
-// ggml's row conversion, and scores every query head that shares the key's head (both
+// sum. attn_scores_cpu reads each cached key once per step (F16 keys converted in registers,
+// others through an F32 scratch filled by ggml's row conversion) and scores every query head that shares the key's head (both
 // differential stripes, every row of the sequence) with SIMD dot products whose horizontal sums
 // are batched four keys at a time. attn_pv_cpu multiplies the combined weights with V, each V^T
 // row converted once. The softmax and the (P1 - lambda P2) combination stay ggml ops.
