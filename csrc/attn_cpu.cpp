@@ -37,6 +37,8 @@ void dot4_scalar(const float * q, const float * k, int64_t kstride, int64_t hd, 
 using dot_fn = float (*)(const float * x, const float * y, int64_t n);
 // dot4_fn on keys stored F16, converted in registers
 using dot4_f16_fn = void (*)(const float * q, const ggml_fp16_t * k, int64_t kstride, int64_t hd, float * out);
+// out[0] = v . w0 and, with w1, out[1] = v . w1 (n values; v stored F16, converted in registers once for both)
+using dot2_f16_fn = void (*)(const ggml_fp16_t * v, const float * w0, const float * w1, int64_t n, float * out);
 
 float dot_scalar(const float * x, const float * y, int64_t n) {
     float s = 0.0f;
@@ -45,18 +47,20 @@ float dot_scalar(const float * x, const float * y, int64_t n) {
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) float dot_avx2(const float * x, const float * y, int64_t n) {
+__attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(__m256 x) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) float dot_avx2(const float * x, const float * y, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), a1);
     }
-    const __m256 a = _mm256_add_ps(a0, a1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float s = _mm_cvtss_f32(h);
+    float s = hsum_avx2(_mm256_add_ps(a0, a1));
     for (; i < n; ++i) s += x[i] * y[i];
     return s;
 }
@@ -95,7 +99,56 @@ __attribute__((target("avx2,fma,f16c"))) void dot4_f16_avx2(const float * q, con
 }
 #endif
 
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) void dot2_f16_avx2(const ggml_fp16_t * v, const float * w0, const float * w1,
+                                                             int64_t n, float * out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + i)));
+        const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + i + 8)));
+        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w0 + i), a0);
+        a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w0 + i + 8), a1);
+        if (w1) {
+            b0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w1 + i), b0);
+            b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w1 + i + 8), b1);
+        }
+    }
+    float s0 = hsum_avx2(_mm256_add_ps(a0, a1)), s1 = hsum_avx2(_mm256_add_ps(b0, b1));
+    for (; i < n; ++i) {
+        const float x = _cvtsh_ss(v[i]);
+        s0 += x * w0[i];
+        if (w1) s1 += x * w1[i];
+    }
+    out[0] = s0;
+    if (w1) out[1] = s1;
+}
+#endif
+
 #if defined(__aarch64__)
+void dot2_f16_neon(const ggml_fp16_t * v, const float * w0, const float * w1, int64_t n, float * out) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, b0 = a0, b1 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float32x4_t v0 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (v + i))));
+        const float32x4_t v1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (v + i + 4))));
+        a0 = vfmaq_f32(a0, v0, vld1q_f32(w0 + i));
+        a1 = vfmaq_f32(a1, v1, vld1q_f32(w0 + i + 4));
+        if (w1) {
+            b0 = vfmaq_f32(b0, v0, vld1q_f32(w1 + i));
+            b1 = vfmaq_f32(b1, v1, vld1q_f32(w1 + i + 4));
+        }
+    }
+    float s0 = vaddvq_f32(vaddq_f32(a0, a1)), s1 = vaddvq_f32(vaddq_f32(b0, b1));
+    for (; i < n; ++i) {
+        const float x = ggml_fp16_to_fp32(v[i]);
+        s0 += x * w0[i];
+        if (w1) s1 += x * w1[i];
+    }
+    out[0] = s0;
+    if (w1) out[1] = s1;
+}
+
 // dot4_neon on F16 keys converted in registers (FCVTL: every AArch64 CPU has it)
 void dot4_f16_neon(const float * q, const ggml_fp16_t * k, int64_t kstride, int64_t hd, float * out) {
     float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
@@ -140,16 +193,17 @@ struct kernel {
     dot4_fn      fn;
     dot4_f16_fn  fn_f16;  // nullptr: F16 keys go through the F32 scratch
     dot_fn       dot;
+    dot2_f16_fn  dot2_f16;  // nullptr: F16 V goes through the F32 chunk buffer
     int64_t      hd_multiple;  // the SIMD width the head size must be a multiple of (fn)
     const char * name;
 };
 
-const kernel K_SCALAR = { dot4_scalar, nullptr, dot_scalar, 1, "scalar" };
+const kernel K_SCALAR = { dot4_scalar, nullptr, dot_scalar, nullptr, 1, "scalar" };
 #if defined(__x86_64__)
-const kernel K_AVX2 = { dot4_avx2, dot4_f16_avx2, dot_avx2, 8, "avx2" };
+const kernel K_AVX2 = { dot4_avx2, dot4_f16_avx2, dot_avx2, dot2_f16_avx2, 8, "avx2" };
 #endif
 #if defined(__aarch64__)
-const kernel K_NEON = { dot4_neon, dot4_f16_neon, dot_neon, 4, "neon" };
+const kernel K_NEON = { dot4_neon, dot4_f16_neon, dot_neon, dot2_f16_neon, 4, "neon" };
 #endif
 
 const kernel & pick_kernel(int64_t hd) {
@@ -255,7 +309,15 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         for (int64_t ch = ch0; ch < std::min(dv, ch0 + PV_CHANNELS); ++ch) {
             const char * vrow = (const char *) v->data + m * v->nb[2] + ch * v->nb[1];
             std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int64_t c0 = 0; c0 < n_kv; c0 += PV_CHUNK) {
+            if (kern.dot2_f16 && v->type == GGML_TYPE_F16) {
+                // two weight rows per pass over the row, F16 converted in registers
+                const ggml_fp16_t * v16 = (const ggml_fp16_t *) vrow;
+                for (int64_t j = 0; j < cols; j += 2) {
+                    const float * w0 = (const float *) ((const char *) wm + j * w->nb[1]);
+                    const float * w1 = j + 1 < cols ? (const float *) ((const char *) wm + (j + 1) * w->nb[1]) : nullptr;
+                    kern.dot2_f16(v16, w0, w1, n_kv, &acc[j]);
+                }
+            } else for (int64_t c0 = 0; c0 < n_kv; c0 += PV_CHUNK) {
                 const int64_t n = std::min(PV_CHUNK, n_kv - c0);
                 to_f32(v->type, vrow + c0 * v->nb[0], buf, n);
                 for (int64_t j = 0; j < cols; ++j) {
