@@ -354,6 +354,15 @@ def choose_template(override: Optional[str], embedded: Optional[str]) -> Optiona
     return override
 
 
+def check_template(override: str) -> None:
+    """Checks a given template before anything loads: a known name, or Jinja text that compiles.
+
+    Raises:
+        ChatTemplateError: an unknown name, or a template that does not compile.
+    """
+    ChatFormatter(choose_template(override, None) or "")
+
+
 def read_template_file(path: str) -> str:
     """The Jinja text of a ``--chat-template-file``, checked to compile.
 

@@ -20,7 +20,7 @@ import numpy as np
 from . import _compat
 from ._native import _core
 from ._stream import StopStringFilter
-from .chat import ChatFormatter, choose_template
+from .chat import ChatFormatter, check_template, choose_template
 from .batch import SharedContext
 from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
@@ -178,7 +178,7 @@ class Llama:
                                                  kv_type=kv_type, type_k=type_k, type_v=type_v, seed=seed)
         chat_template = _compat.chat_format_template(chat_format, chat_template)
         if chat_template is not None:  # a bad name or template fails before the weights load
-            ChatFormatter(choose_template(chat_template, None) or "")
+            check_template(chat_template)
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)

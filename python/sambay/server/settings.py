@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 
 from .._compat import cache_type
 from .._options import add_chat_template_arguments, add_engine_arguments, chat_template, engine_kwargs
-from ..chat import ChatFormatter, choose_template
+from ..chat import check_template
 from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
@@ -91,7 +91,7 @@ class ServerSettings:
         check_reasoning_format(self.reasoning_format)
         cache_type(self.type_k, self.type_v)
         if self.chat_template is not None:
-            ChatFormatter(choose_template(self.chat_template, None) or "")
+            check_template(self.chat_template)
         resolve_budget(self.reasoning_budget, None)
 
     @property
