@@ -95,3 +95,56 @@ def test_same_text_as_transformers_apply_chat_template(tmp_path, add_generation_
             want = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
                                            add_generation_prompt=add_generation_prompt)
             assert ours.render(messages, add_generation_prompt=add_generation_prompt) == want
+
+
+# --- choosing the template (--chat-template, --chat-template-file, Llama(chat_template=)) ------
+
+from sambay.chat import BUILTIN_TEMPLATES, choose_template, read_template_file  # noqa: E402
+
+
+@pytest.mark.parametrize("name, want", [
+    # llama.cpp's formats of these names (llm_chat_apply_template), written out by hand
+    ("chatml", "<|im_start|>system\nYou are Phi.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+               "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"),
+    ("phi3", "<|system|>\nYou are Phi.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n"
+             "<|user|>\nAnd 3+3?<|end|>\n<|assistant|>\n"),
+    ("phi4", "<|im_start|>system<|im_sep|>You are Phi.<|im_end|><|im_start|>user<|im_sep|>What is 2+2?<|im_end|>"
+             "<|im_start|>assistant<|im_sep|>4<|im_end|><|im_start|>user<|im_sep|>And 3+3?<|im_end|>"
+             "<|im_start|>assistant<|im_sep|>"),
+])
+def test_builtin_templates_render_llama_cpp_formats(name, want):
+    f = ChatFormatter(choose_template(name, tiny.CHAT_TEMPLATE))
+    assert f.render(MESSAGES) == want
+    # without the generation prompt the text ends after the last message
+    assert want.startswith(f.render(MESSAGES, add_generation_prompt=False))
+    assert f.render(MESSAGES, add_generation_prompt=False) != want
+
+
+def test_choose_template():
+    assert choose_template(None, tiny.CHAT_TEMPLATE) == tiny.CHAT_TEMPLATE  # the GGUF's by default
+    assert choose_template(None, "") is None and choose_template(None, None) is None
+    assert choose_template("chatml", tiny.CHAT_TEMPLATE) == BUILTIN_TEMPLATES["chatml"]
+    jinja = "{{ messages[0].content }}"
+    assert choose_template(jinja, tiny.CHAT_TEMPLATE) == jinja
+    assert choose_template(jinja, None) == jinja
+    for bad in ("llama3", "ChatML", "", "chatml "):  # names are exact; no guessing
+        with pytest.raises(ChatTemplateError, match="unknown chat template name .*chatml, phi3, phi4"):
+            choose_template(bad, tiny.CHAT_TEMPLATE)
+    with pytest.raises(ChatTemplateError, match="must be a string"):
+        choose_template(b"chatml", None)  # type: ignore[arg-type]
+
+
+def test_template_file_errors_name_the_file(tmp_path):
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}", encoding="utf-8")
+    assert read_template_file(str(good)) == good.read_text(encoding="utf-8")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}", encoding="utf-8")  # no endfor
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("chatml", encoding="utf-8")
+    latin = tmp_path / "latin.jinja"
+    latin.write_bytes(b"{{ '\xe9' }}")
+    for path, what in ((broken, "invalid chat template: .*endfor"), (plain, "no Jinja tags"),
+                       (latin, "not UTF-8"), (tmp_path / "missing.jinja", "No such file")):
+        with pytest.raises(ChatTemplateError, match=f"chat template file {path}: {what}"):
+            read_template_file(str(path))

@@ -59,6 +59,12 @@ def test_no_parser_takes_abbreviations(capsys):
     ("serve", ["-m", "x", "--model-alias", "phi"], "model_alias", "phi"),
     ("serve", ["-m", "x", "-tb", "2", "--gpu-layers", "0"], "threads_batch", 2),
     ("serve", ["-m", "x", "--ctx-size", "64"], "n_ctx", 64),
+    ("serve", ["-m", "x", "-fa"], "flash_attn", "on"),
+    ("serve", ["-m", "x", "-ctk", "f32", "-ctv", "f32"], "cache_type_k", "f32"),
+    ("serve", ["-m", "x", "--no-mmap"], "no_mmap", True),
+    ("serve", ["-m", "x", "--chat-template", "chatml"], "chat_template", "chatml"),
+    ("run", ["--chat-template", "phi3"], "chat_template", "phi3"),
+    ("chat", ["--chat-template-file", "t.jinja"], "chat_template_file", "t.jinja"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_llama_cpp_spellings(command, argv, dest, value):
     args = build_parser().parse_args([command, *argv])
@@ -127,4 +133,58 @@ def test_engine_options_reach_llama(monkeypatch, model):
     assert (seen["flash_attn"], seen["type_k"], seen["type_v"], seen["use_mmap"], seen["seed"],
             seen["n_threads_batch"], seen["n_gpu_layers"]) == (True, "bf16", "bf16", False, 4, 2, 0)
     cli._load(build_parser().parse_args(["run", "-m", str(model)]))
-    assert (seen["flash_attn"], seen["type_k"], seen["use_mmap"]) == (False, None, True)
+    assert (seen["flash_attn"], seen["type_k"], seen["use_mmap"], seen["chat_template"]) == (False, None, True, None)
+    cli._load(build_parser().parse_args(["chat", "-m", str(model), "--chat-template", "chatml"]))
+    assert seen["chat_template"] == "chatml"
+
+
+TEMPLATE = "{% for m in messages %}{{ m.role }} says {{ m.content }}. {% endfor %}Answer:"
+
+
+def test_chat_template_options_replace_the_models_template(model, tmp_path):
+    """run and chat render with --chat-template(-file): the prompt is the one the API renders
+    with the same template (its token count, from the speed report), not the GGUF's."""
+    path = tmp_path / "t.jinja"
+    path.write_text(TEMPLATE, encoding="utf-8")
+    prompt = "Compute 12 + 34"
+    messages = [{"role": "user", "content": prompt}]
+    with Llama(model, n_ctx=128, verbose=False) as llm:
+        n_own = len(llm.chat_prompt(messages)[1])
+    with Llama(model, n_ctx=128, chat_template=TEMPLATE, verbose=False) as llm:
+        n_file = len(llm.chat_prompt(messages)[1])
+        want_text = llm.create_chat_completion(messages, max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
+    with Llama(model, n_ctx=128, chat_template="chatml", verbose=False) as llm:
+        n_chatml = len(llm.chat_prompt(messages)[1])
+    assert len({n_own, n_file, n_chatml}) == 3  # the three templates are told apart
+    out = sambay("run", "-m", str(model), "-p", prompt, "-n", "6", "--temp", "0", "-c", "128", "-t", "1",
+                 "--chat-template-file", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == want_text + "\n"
+    assert f"[prompt: {n_file} tokens" in out.stderr
+    out = sambay("run", "-m", str(model), "-p", prompt, "-n", "1", "-c", "128", "-t", "1", "--chat-template", "chatml")
+    assert out.returncode == 0 and f"[prompt: {n_chatml} tokens" in out.stderr, out.stderr
+    out = sambay("chat", "-m", str(model), "-n", "6", "--temp", "0", "-c", "128", "-t", "1",
+                 "--chat-template", TEMPLATE, stdin=prompt + "\n")
+    assert out.returncode == 0 and out.stdout == want_text + "\n", out.stderr
+
+
+def test_bad_chat_templates_are_one_line_errors(model, tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}", encoding="utf-8")
+    base = ("-m", str(model), "-p", "x", "-c", "128")
+    for argv, line in (
+        (("run", *base, "--chat-template-file", str(broken)),
+         f"sambay run: error: chat template file {broken}: invalid chat template: "),
+        (("run", *base, "--chat-template-file", str(tmp_path / "none.jinja")),
+         f"sambay run: error: chat template file {tmp_path / 'none.jinja'}: No such file or directory"),
+        (("run", *base, "--chat-template", "vicuna"), "sambay run: error: unknown chat template name 'vicuna'"),
+        (("run", *base, "--raw", "--chat-template", "chatml"), "sambay run: error: --raw renders no chat template"),
+        (("serve", "-m", str(model), "--chat-template-file", str(broken)),
+         f"sambay serve: error: chat template file {broken}: invalid chat template: "),
+    ):
+        out = sambay(*argv)
+        assert out.returncode == 1, argv
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), (argv, out.stderr)
+    out = sambay("run", *base, "--chat-template", "chatml", "--chat-template-file", str(broken))
+    assert out.returncode == 2 and "not allowed with argument" in out.stderr

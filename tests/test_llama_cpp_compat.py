@@ -83,8 +83,10 @@ def test_a_llama_cpp_python_script_runs_unchanged(model_path):
 def test_constructor_keywords(model_path, caplog):
     with pytest.raises(TypeError, match="n_ctxx"):
         Llama(model_path, n_ctxx=128)
-    with pytest.raises(ValueError, match="chat_format"):
-        Llama(model_path, chat_format="chatml", verbose=False)
+    with pytest.raises(ValueError, match="chat_format='llama-2' is not one of sambay's templates"):
+        Llama(model_path, chat_format="llama-2", verbose=False)
+    with pytest.raises(ValueError, match="not both"):
+        Llama(model_path, chat_format="chatml", chat_template="phi3", verbose=False)
     with pytest.raises(ValueError, match="type_k"):
         Llama(model_path, type_k=8, verbose=False)  # q8_0: no quantized caches here
     with pytest.raises(ValueError, match="same"):
@@ -101,3 +103,28 @@ def test_constructor_keywords(model_path, caplog):
     assert "kv f32" in caplog.text and "flash_attn True" in caplog.text  # verbose logs the load
     assert llm("x", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
     llm.close()
+
+
+def test_chat_format_and_chat_template_replace_the_gguf_template(model_path):
+    from sambay.chat import BUILTIN_TEMPLATES, ChatTemplateError
+
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "12 + 34?"}]
+    with Llama(model_path, n_ctx=128, verbose=False) as llm:
+        assert llm.chat_template == llm.metadata["tokenizer.chat_template"]  # the GGUF's by default
+        own = llm.chat_prompt(messages)[0]
+    assert own.startswith("<|system|>Be terse.<|end|>")
+    with Llama(model_path, n_ctx=128, chat_format="chatml", verbose=False) as llm:  # llama-cpp-python's keyword
+        assert llm.chat_template == BUILTIN_TEMPLATES["chatml"]
+        text, tokens = llm.chat_prompt(messages)
+        assert text == "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n12 + 34?<|im_end|>\n" \
+                       "<|im_start|>assistant\n"
+        reply = llm.create_chat_completion(messages, max_tokens=2, temperature=0)
+        assert reply["usage"]["prompt_tokens"] == len(tokens)  # the completion renders the same text
+    jinja = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}A:"
+    with Llama(model_path, n_ctx=128, chat_template=jinja, verbose=False) as llm:
+        assert llm.chat_prompt(messages)[0] == "system: Be terse.\nuser: 12 + 34?\nA:"
+    # a bad template fails the load with the template's own error
+    with pytest.raises(ChatTemplateError, match="invalid chat template"):
+        Llama(model_path, chat_template="{% for m in messages %}", verbose=False)
+    with pytest.raises(ChatTemplateError, match="unknown chat template name 'vicuna'"):
+        Llama(model_path, chat_template="vicuna", verbose=False)

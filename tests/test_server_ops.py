@@ -243,9 +243,29 @@ def test_environment_variables_set_serve_options_and_the_command_line_wins(monke
     assert (s.model, s.port, s.n_ctx, s.parallel, s.reasoning_format) == ("cli.gguf", 9002, 64, 3, "deepseek")
     monkeypatch.setenv("SAMBAY_METRICS", "off")
     assert from_args(build_parser().parse_args(["serve"])).metrics is False
+    # the engine options and the chat template (the same definitions as run's)
+    s = from_args(build_parser().parse_args(["serve"]))
+    assert (s.flash_attn, s.type_k, s.type_v, s.use_mmap, s.chat_template) == (False, None, None, True, None)
+    for k, v in {"SAMBAY_FLASH_ATTN": "on", "SAMBAY_CACHE_TYPE_K": "f32", "SAMBAY_CACHE_TYPE_V": "f32",
+                 "SAMBAY_NO_MMAP": "1", "SAMBAY_CHAT_TEMPLATE": "chatml"}.items():
+        monkeypatch.setenv(k, v)
+    s = from_args(build_parser().parse_args(["serve"]))
+    assert (s.flash_attn, s.type_k, s.type_v, s.use_mmap, s.chat_template) == (True, "f32", "f32", False, "chatml")
+    s = from_args(build_parser().parse_args(["serve", "-fa", "off", "--chat-template", "phi3"]))
+    assert (s.flash_attn, s.chat_template) == (False, "phi3")
+    monkeypatch.setenv("SAMBAY_CHAT_TEMPLATE_FILE", "t.jinja")  # with $SAMBAY_CHAT_TEMPLATE: which one?
+    with pytest.raises(ValueError, match="not both"):
+        from_args(build_parser().parse_args(["serve"]))
+    for var in ("SAMBAY_CHAT_TEMPLATE", "SAMBAY_CHAT_TEMPLATE_FILE", "SAMBAY_CACHE_TYPE_V"):
+        monkeypatch.delenv(var)
+    with pytest.raises(ValueError, match="type_k/type_v must be one of"):  # checked with the settings
+        from_args(build_parser().parse_args(["serve", "-ctk", "q8_0"]))
+    with pytest.raises(ValueError, match="unknown chat template name 'vicuna'"):
+        from_args(build_parser().parse_args(["serve", "--chat-template", "vicuna"]))
 
     # a wrong value names its variable; the command line's errors stay argparse's own
     for var, value, expect in (("SAMBAY_PORT", "eighty", "$SAMBAY_PORT='eighty'"),
+                               ("SAMBAY_FLASH_ATTN", "yes", "$SAMBAY_FLASH_ATTN='yes': choose from on"),
                                ("SAMBAY_CPU", "maybe", "$SAMBAY_CPU='maybe'"),
                                ("SAMBAY_LOG_LEVEL", "loud", "choose from critical")):
         monkeypatch.setenv(var, value)
@@ -277,3 +297,36 @@ def test_metrics_without_prometheus_client_is_one_line(tiny_gguf):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         'sambay serve: error: --metrics needs prometheus-client: pip install "sambay[server]"']
+
+
+def test_engine_options_and_chat_template_reach_the_pool(tiny_gguf, tmp_path):
+    """load_pool builds the slots with -fa/-ctk/-ctv/--no-mmap and the chat template; /props
+    shows the template in use, and chat requests render with it."""
+    from sambay.chat import BUILTIN_TEMPLATES
+    from sambay.server import ServerSettings, load_pool
+    from sambay.server.app import create_app
+
+    path = tiny_gguf()[1]
+    messages = [{"role": "user", "content": "Compute 12 + 34"}]
+    default = load_pool(ServerSettings(model=str(path), n_ctx=64, n_threads=1, n_threads_batch=1))
+    llm = default.llama
+    assert (llm._ctx.flash_attn, llm._ctx._c.kv_type, llm.model.mmapped) == (False, "f16", True)
+    assert llm.chat_template == llm.metadata["tokenizer.chat_template"]
+    llm.close()
+    settings = ServerSettings(model=str(path), n_ctx=64, n_threads=1, n_threads_batch=1, parallel=2,
+                              flash_attn=True, type_k="f32", type_v="f32", use_mmap=False, chat_template="chatml")
+    pool = load_pool(settings)
+    assert all(llm.chat_template == BUILTIN_TEMPLATES["chatml"] for llm in pool.llamas)
+    ctx = pool.llama._shared.ctx  # the one context of both slots
+    assert (ctx.flash_attn, ctx._c.kv_type, pool.llama.model.mmapped) == (True, "f32", False)
+    n_prompt = len(pool.llama.chat_prompt(messages)[1])
+    assert pool.llama.chat_prompt(messages)[0].startswith("<|im_start|>user\n")
+    server = Server(create_app(pool, model_alias="tiny"))
+    try:
+        props = httpx.get(server.url + "/props", timeout=TIMEOUT).json()
+        assert props["chat_template"] == BUILTIN_TEMPLATES["chatml"]
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={"messages": messages, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == n_prompt
+    finally:
+        server.stop()

@@ -50,6 +50,18 @@ def resolve(extra: dict[str, Any], *, n_batch: int, n_ubatch: Optional[int], kv_
         if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or n_ubatch < 1:
             raise ValueError(f"n_ubatch must be an integer >= 1, got {n_ubatch!r}")
         n_batch = min(n_batch, n_ubatch)
+    if seed in RANDOM_SEEDS:
+        seed = None
+    return n_batch, cache_type(type_k, type_v) or kv_type, seed
+
+
+def cache_type(type_k: Any, type_v: Any) -> Optional[str]:
+    """The attention-cache type that llama-cpp-python's ``type_k``/``type_v`` (or llama.cpp's
+    ``-ctk``/``-ctv``) name: ggml type ids or names, the same for both; None when neither is given.
+
+    Raises:
+        ValueError: a cache type sambay does not have, or different K and V types.
+    """
     given = [t for t in (type_k, type_v) if t is not None]
     types = {KV_TYPES.get(t.lower() if isinstance(t, str) else t) for t in given}
     if None in types:
@@ -58,8 +70,24 @@ def resolve(extra: dict[str, Any], *, n_batch: int, n_ubatch: Optional[int], kv_
     if len(types) > 1:
         raise ValueError(f"type_k and type_v must be the same here (one type for both caches), "
                          f"got {type_k!r} and {type_v!r}")
-    if seed in RANDOM_SEEDS:
-        seed = None
-    chosen = types.pop() if types else kv_type
-    assert chosen is not None  # None was refused above
-    return n_batch, chosen, seed
+    return types.pop() if types else None
+
+
+def chat_format_template(chat_format: Optional[str], chat_template: Optional[str]) -> Optional[str]:
+    """``chat_template`` with llama-cpp-python's ``chat_format`` applied: a format that sambay
+    has as a built-in template (:data:`sambay.chat.BUILTIN_TEMPLATES`) means that template.
+
+    Raises:
+        ValueError: an unknown ``chat_format``, or both keywords given.
+    """
+    if chat_format is None:
+        return chat_template
+    from .chat import BUILTIN_TEMPLATES
+
+    if chat_format not in BUILTIN_TEMPLATES:
+        raise ValueError(f"chat_format={chat_format!r} is not one of sambay's templates "
+                         f"({', '.join(BUILTIN_TEMPLATES)}); leave it unset for the GGUF's own chat template, "
+                         f"or give Jinja text as chat_template=")
+    if chat_template is not None:
+        raise ValueError("give chat_format or chat_template, not both")
+    return chat_format

@@ -311,3 +311,77 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         d["content"] = content if content is not None else ""
         out.append(d)
     return out
+
+
+# --- which template renders a conversation (issue 14) -----------------------------------------
+# llama.cpp's built-in template names (``--chat-template NAME``) that sambay knows, each written
+# out as Jinja with llama.cpp's meaning. ``phi3`` is the closest to Phi-4-mini's own format (which
+# has no newlines); the GGUF's embedded template stays the default.
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "phi3": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+    "phi4": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"),
+}
+
+
+def _looks_like_jinja(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+def choose_template(override: Optional[str], embedded: Optional[str]) -> Optional[str]:
+    """The Jinja source that renders chats: ``override`` (a name of :data:`BUILTIN_TEMPLATES`,
+    or Jinja text) when given, else the GGUF's ``tokenizer.chat_template`` (``embedded``);
+    None when there is neither.
+
+    Raises:
+        ChatTemplateError: ``override`` is neither a known name nor Jinja text.
+    """
+    if override is None:
+        return embedded or None
+    if not isinstance(override, str):
+        raise ChatTemplateError(f"chat_template must be a string (a name or Jinja text), "
+                                f"got {type(override).__name__}")
+    if override in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[override]
+    if not _looks_like_jinja(override):
+        raise ChatTemplateError(
+            f"unknown chat template name {override!r}: the built-in names are "
+            f"{', '.join(BUILTIN_TEMPLATES)}; anything else must be Jinja text (with {{{{ or {{%) "
+            f"or come from a file (--chat-template-file)")
+    return override
+
+
+def check_template(override: str) -> None:
+    """Checks a given template before anything loads: a known name, or Jinja text that compiles.
+
+    Raises:
+        ChatTemplateError: an unknown name, or a template that does not compile.
+    """
+    ChatFormatter(choose_template(override, None) or "")
+
+
+def read_template_file(path: str) -> str:
+    """The Jinja text of a ``--chat-template-file``, checked to compile.
+
+    Raises:
+        ChatTemplateError: the file cannot be read, is not UTF-8, has no Jinja tags, or does
+            not compile; the message names the file.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ChatTemplateError(f"chat template file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ChatTemplateError(f"chat template file {path}: {err.strerror or err}") from None
+    if not _looks_like_jinja(text):
+        raise ChatTemplateError(f"chat template file {path}: no Jinja tags ({{{{ or {{%): "
+                                f"it would not show the messages")
+    try:
+        ChatFormatter(text)
+    except ChatTemplateError as err:
+        raise ChatTemplateError(f"chat template file {path}: {err}") from None
+    return text

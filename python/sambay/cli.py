@@ -9,6 +9,7 @@ import sys
 import traceback
 from typing import Any, Optional, Sequence
 
+from ._options import add_chat_template_arguments, add_engine_arguments, chat_template, engine_kwargs
 from ._version import __version__
 from .sampling import SamplingParams, file_sampling
 
@@ -116,9 +117,8 @@ def _load(args: argparse.Namespace) -> Any:
     return Llama(_model_path(args), n_ctx=args.ctx_size, n_batch=args.batch_size,
                  n_threads=args.threads, n_threads_batch=args.threads_batch,
                  n_gpu_layers=args.n_gpu_layers, seed=args.seed,
-                 device="cpu" if args.cpu else "auto", verbose=False,
-                 flash_attn=args.flash_attn == "on", type_k=args.cache_type_k, type_v=args.cache_type_v,
-                 use_mmap=not args.no_mmap)
+                 device="cpu" if args.cpu else "auto", verbose=False, chat_template=chat_template(args),
+                 **engine_kwargs(args))
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,11 +176,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.prompt is not None or args.file is not None:
             args.system = args.system or _prompt_text(args)
         return _cmd_chat(args)
+    if args.raw and (args.chat_template is not None or args.chat_template_file is not None):
+        raise ValueError("--raw renders no chat template: leave out --chat-template/--chat-template-file")
     prompt = _prompt_text(args)
     llm = _load(args)
     kw = dict(_sampling_kwargs(args), max_tokens=args.n_predict, stream=True,
               stop=args.stop or None, **_constraint_kwargs(args))
-    use_chat = not args.raw and llm.metadata.get("tokenizer.chat_template")
+    use_chat = not args.raw and llm.chat_template
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
@@ -356,12 +358,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1,
                    help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
-    p.add_argument("-fa", "--flash-attn", nargs="?", const="on", default="auto", choices=["on", "off", "auto"],
-                   help="ggml's fused attention kernel (auto: off, the default path; -fa alone: on)")
-    p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
-                   help="attention cache type: f16, bf16 or f32 (one type for K and V; default: f16)")
-    p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE", help="the same as -ctk")
-    p.add_argument("--no-mmap", action="store_true", help="read the weights into memory instead of mapping the file")
+    add_engine_arguments(p)
+    add_chat_template_arguments(p)
     p.add_argument("-n", "--n-predict", "--predict", type=int, default=512,
                    help="max tokens to generate (<= 0: until the context is full)")
     p.add_argument("-s", "--seed", type=int, default=None, help="sampling seed (default and -1: random)")

@@ -20,7 +20,7 @@ import numpy as np
 from . import _compat
 from ._native import _core
 from ._stream import StopStringFilter
-from .chat import ChatFormatter
+from .chat import ChatFormatter, check_template, choose_template
 from .batch import SharedContext
 from .engine import AbortedError, Context, LoadError, Model
 from .gguf_metadata import check_model_file
@@ -107,8 +107,12 @@ class Llama:
         logits_all: keep the logits of every prompt position (needed for prompt logprobs
             with ``echo``); otherwise only the last position's logits are computed, and the
             cross-decoder runs on one row during prefill.
-        chat_format: must be None: the chat template comes from the GGUF
-            (``tokenizer.chat_template``); another format raises ValueError.
+        chat_template: the chat template to use instead of the GGUF's
+            (``tokenizer.chat_template``): a name of :data:`sambay.chat.BUILTIN_TEMPLATES`
+            (llama.cpp's ``chatml``, ``phi3``, ``phi4``) or Jinja text (llama.cpp's
+            ``--chat-template``); checked when the model loads.
+        chat_format: llama-cpp-python's name for the same choice: a name of
+            :data:`sambay.chat.BUILTIN_TEMPLATES`; another name raises ValueError.
         kv_type: ``"f16"`` (default), ``"bf16"`` or ``"f32"`` for the attention caches.
         device: ``"auto"`` (a GPU when present), ``"cpu"``, or a ggml device name.
         max_snapshots: how many prompt-end state snapshots to keep for prefix reuse.
@@ -155,6 +159,7 @@ class Llama:
         seed: Optional[int] = None,
         logits_all: bool = False,
         chat_format: Optional[str] = None,
+        chat_template: Optional[str] = None,
         kv_type: str = "f16",
         device: str = "auto",
         use_mmap: bool = True,
@@ -171,9 +176,9 @@ class Llama:
         # llama-cpp-python's keywords (sambay._compat): mapped, or a warning once
         n_batch, kv_type, seed = _compat.resolve(llama_cpp_kwargs, n_batch=n_batch, n_ubatch=n_ubatch,
                                                  kv_type=kv_type, type_k=type_k, type_v=type_v, seed=seed)
-        if chat_format is not None:
-            raise ValueError(f"chat_format={chat_format!r}: sambay renders the GGUF's own chat template "
-                             "(tokenizer.chat_template); leave chat_format unset")
+        chat_template = _compat.chat_format_template(chat_format, chat_template)
+        if chat_template is not None:  # a bad name or template fails before the weights load
+            check_template(chat_template)
         cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)
@@ -216,6 +221,7 @@ class Llama:
             raise LoadError(f"{path}: {err}") from None
         self._tokenizer: Optional[Tokenizer] = None
         self._chat: Optional[ChatFormatter] = None
+        self._chat_source = choose_template(chat_template, self.metadata.get("tokenizer.chat_template"))
         self._rng = make_rng(seed)
         self.logits_all = logits_all
         self.max_snapshots = max_snapshots
@@ -842,12 +848,24 @@ class Llama:
     # ------------------------------------------------------------------ chat
 
     @property
+    def chat_template(self) -> Optional[str]:
+        """The Jinja source chats are rendered with: the constructor's ``chat_template`` (or
+        ``chat_format``) if given, else the GGUF's ``tokenizer.chat_template``; None without
+        either."""
+        return self._chat_source
+
+    @property
     def chat_formatter(self) -> ChatFormatter:
-        """The formatter for the GGUF's ``tokenizer.chat_template``."""
+        """The formatter for :attr:`chat_template`.
+
+        Raises:
+            ValueError: there is no chat template (neither given nor in the GGUF).
+        """
         if self._chat is None:
-            template = self.metadata.get("tokenizer.chat_template")
+            template = self._chat_source
             if not template:
-                raise ValueError("the GGUF has no tokenizer.chat_template; use create_completion")
+                raise ValueError("the GGUF has no tokenizer.chat_template (and none was given: chat_template=); "
+                                 "use create_completion")
             tok = self.tokenizer
 
             def text(tid: Optional[int]) -> str:

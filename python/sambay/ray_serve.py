@@ -238,7 +238,7 @@ class RayBackend:
         self.moves: list[dict[str, Any]] = []  # the last handoffs, for the bench and the tests
         # tokenizer, template and limits for the app (its context is never evaluated)
         self._llama = SlotLlama(settings.model, n_ctx=settings.n_ctx, n_threads=1, n_threads_batch=1,
-                                device="cpu", verbose=False)
+                                device="cpu", verbose=False, chat_template=settings.chat_template)
 
     @property
     def llama(self) -> Any:

@@ -488,7 +488,7 @@ def create_app(pool: Backend, *, model_alias: str, api_key: Optional[str] = None
                                                 "params": {**asdict(llm.sampling_defaults),
                                                            "n_predict": token_limit}},
                 "total_slots": pool.n_slots, "model_path": model_alias, "model_alias": model_alias,
-                "n_ctx": n_ctx, "chat_template": llm.metadata.get("tokenizer.chat_template") or "",
+                "n_ctx": n_ctx, "chat_template": llm.chat_template or "",
                 "modalities": {"vision": False, "audio": False}}
 
     @app.post("/tokenize", response_model=TokenizeResponse)

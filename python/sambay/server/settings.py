@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from .._compat import cache_type
+from .._options import add_chat_template_arguments, add_engine_arguments, chat_template, engine_kwargs
+from ..chat import check_template
 from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
@@ -38,6 +41,10 @@ class ServerSettings:
         keep_alive: seconds between SSE keep-alive comments while a stream has nothing to
             send (queued, prefilling); 0: none.
         metrics: serve Prometheus metrics at ``GET /metrics`` (needs prometheus-client).
+        flash_attn, type_k, type_v, use_mmap: :class:`sambay.Llama`'s (``-fa``, ``-ctk``,
+            ``-ctv``, ``--no-mmap``).
+        chat_template: :class:`sambay.Llama`'s ``chat_template`` (a built-in name or Jinja
+            text; None: the model file's).
     """
 
     model: str
@@ -62,6 +69,11 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     keep_alive: float = DEFAULT_KEEP_ALIVE_SECONDS
     metrics: bool = False
+    flash_attn: bool = False
+    type_k: Optional[str] = None
+    type_v: Optional[str] = None
+    use_mmap: bool = True
+    chat_template: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("port", 0), ("n_ctx", 0), ("n_batch", 1), ("parallel", 1),
@@ -77,6 +89,9 @@ class ServerSettings:
                 or not 0 <= self.keep_alive < float("inf"):
             raise ValueError(f"keep_alive must be a number of seconds >= 0, got {self.keep_alive!r}")
         check_reasoning_format(self.reasoning_format)
+        cache_type(self.type_k, self.type_v)
+        if self.chat_template is not None:
+            check_template(self.chat_template)
         resolve_budget(self.reasoning_budget, None)
 
     @property
@@ -133,6 +148,8 @@ def add_arguments(p: argparse.ArgumentParser, *, ray: bool = False) -> None:
                         "(0: none)")
     p.add_argument("--metrics", action="store_true",
                    help="serve Prometheus metrics at GET /metrics (behind the API key if one is set)")
+    add_engine_arguments(p)
+    add_chat_template_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     if ray:
@@ -171,8 +188,10 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
         reasoning_format=args.reasoning_format, reasoning_budget=args.reasoning_budget,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-        keep_alive=args.sse_keep_alive, metrics=args.metrics,
+        keep_alive=args.sse_keep_alive, metrics=args.metrics, chat_template=chat_template(args),
+        **engine_kwargs(args),
     )
+
 
 
 # --- SAMBAY_* environment variables (issue 14) ------------------------------------------------
@@ -201,6 +220,12 @@ ENV_VARS: dict[str, str] = {
     "--cors-origins": "SAMBAY_CORS_ORIGINS",
     "--sse-keep-alive": "SAMBAY_SSE_KEEP_ALIVE",
     "--metrics": "SAMBAY_METRICS",
+    "--flash-attn": "SAMBAY_FLASH_ATTN",
+    "--cache-type-k": "SAMBAY_CACHE_TYPE_K",
+    "--cache-type-v": "SAMBAY_CACHE_TYPE_V",
+    "--no-mmap": "SAMBAY_NO_MMAP",
+    "--chat-template": "SAMBAY_CHAT_TEMPLATE",
+    "--chat-template-file": "SAMBAY_CHAT_TEMPLATE_FILE",
     "--log-level": "SAMBAY_LOG_LEVEL",
     "--ray": "SAMBAY_RAY",
     "--replicas": "SAMBAY_RAY_REPLICAS",
