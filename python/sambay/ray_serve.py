@@ -103,7 +103,9 @@ class SambayReplica:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.pool = load_pool(settings)
-        self.id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.id = context.replica_id.unique_id
+        self.app = context.app_name  # the application this replica belongs to (its ingress)
         # conversation key -> index of the slot that holds its state (least recently used first)
         self.held: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._handoffs: set[asyncio.Task[Any]] = set()  # hand-overs started by run(), not finished
@@ -130,7 +132,7 @@ class SambayReplica:
         through the object store. Returns when they are placed (the refs must live till then)."""
         try:
             if self._ingress is None:
-                self._ingress = serve.get_app_handle(APP_NAME)
+                self._ingress = serve.get_app_handle(self.app)
             n = await self._ingress.adopt.remote(self.id, states)
             log.info("replica %s: handed over %d of %d conversation(s)", self.id, n, len(states))
         except Exception as err:  # noqa: BLE001 - the states are lost: their next turn prefills
