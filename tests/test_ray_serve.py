@@ -30,6 +30,9 @@ N_CTX = 2048    # long enough for a stream that is still running when its replic
 KEY = "secret"
 TIMEOUT = 120.0
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}]
+# the app's settings: 2 slots per replica, a queue of 4
+SETTINGS: dict[str, Any] = dict(n_ctx=N_CTX, parallel=2, max_queue=4, n_threads=1, n_threads_batch=1, api_key=KEY,
+                model_alias="tiny-model")
 
 
 def free_port() -> int:
@@ -52,9 +55,7 @@ def cluster(gguf_path) -> Iterator[str]:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(gguf_path, replicas=2, n_ctx=N_CTX, parallel=2, max_queue=4, n_threads=1,
-                            n_threads_batch=1, api_key=KEY, model_alias="tiny-model"),
-                  name=APP_NAME, route_prefix="/")
+        serve.run(build_app(gguf_path, replicas=2, **SETTINGS), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(Exception):
@@ -96,6 +97,38 @@ def owners() -> dict[str, str]:
 
 def evaluated() -> dict[str, int]:
     return {rid: s["tokens_evaluated"] for rid, s in replica_stats().items()}
+
+
+def wait_until(what: str, check: Any) -> None:
+    """Polls ``check()`` until it is true; fails naming ``what`` after TIMEOUT seconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        assert time.monotonic() < deadline, f"still not {what} after {TIMEOUT:.0f} s"
+        time.sleep(0.2)
+
+
+def running_replicas() -> int:
+    return serve.status().applications[APP_NAME].deployments["SambayReplica"].replica_states.get("RUNNING", 0)
+
+
+def continues_without_prefill(c: Any, ref: Any, user: str, history: list[dict[str, str]], on: str,
+                              busy: str = "") -> None:
+    """The next turn of ``user``'s conversation runs on replica ``on`` alone (other than
+    ``busy``, which runs other work meanwhile), evaluates fewer tokens than its prompt (the
+    history was not prefilled again) and gives the text and logprobs of a fresh evaluation of
+    the whole history."""
+    before = evaluated()
+    got = c.chat.completions.create(model="x", messages=history, max_tokens=6, temperature=0, user=user,
+                                    logprobs=True)
+    after = evaluated()
+    n_prompt = len(ref.chat_prompt(history)[1])
+    grown = {rid: after[rid] - before.get(rid, 0) for rid in after if rid != busy}
+    assert grown[on] == sum(grown.values()) and 0 < grown[on] < n_prompt, (grown, n_prompt)
+    want = ref.create_chat_completion(history, max_tokens=6, temperature=0, logprobs=True)
+    assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+    got_lp = [t.logprob for t in got.choices[0].logprobs.content]
+    want_lp = [t["logprob"] for t in want["choices"][0]["logprobs"]["content"]]
+    assert got_lp == pytest.approx(want_lp, abs=1e-4)
 
 
 def test_same_answers_as_the_local_server(cluster, local):
@@ -152,19 +185,28 @@ def test_moved_conversation_continues_identically(cluster, ref):
     move = serve.get_app_handle(APP_NAME).move.remote("user:bob").result(timeout_s=TIMEOUT)
     assert move["from"] == source and move["to"] != source and move["tokens"] > 0
     assert owners()["user:bob"] == move["to"]
-    before = evaluated()
-    second = c.chat.completions.create(model="x", messages=history, max_tokens=6, temperature=0, user="bob",
-                                       logprobs=True)
-    after = evaluated()
-    n_prompt = len(ref.chat_prompt(history)[1])
-    grown = {rid: after[rid] - before.get(rid, 0) for rid in after}
-    assert grown[move["to"]] == sum(grown.values()) and grown[move["to"]] < n_prompt, (grown, n_prompt)
-    # the same continuation as a fresh evaluation of the whole history, token by token
-    want = ref.create_chat_completion(history, max_tokens=6, temperature=0, logprobs=True)
-    assert second.choices[0].message.content == want["choices"][0]["message"]["content"]
-    got_lp = [t.logprob for t in second.choices[0].logprobs.content]
-    want_lp = [t["logprob"] for t in want["choices"][0]["logprobs"]["content"]]
-    assert got_lp == pytest.approx(want_lp, abs=1e-4)
+    continues_without_prefill(c, ref, "bob", history, on=move["to"])
+
+
+def test_conversation_on_a_full_replica_moves_instead_of_prefilling_again(cluster, ref):
+    c = client(cluster)
+    history, _ = _turns(c, "erin")
+    full = owners()["user:erin"]
+    # two long streams sent to that replica (as the ingress sends work) take its 2 slots: the
+    # second one overwrites erin's state, so the replica hands it over first
+    # (the tiny model's random weights do not stop early: they run until cancelled)
+    replicas = serve.get_deployment_handle("SambayReplica", APP_NAME)
+    fillers = [replicas.options(stream=True).run.remote(
+        lambda llm: llm.create_completion("Once", max_tokens=N_CTX - 16, temperature=0, stream=True),
+        stream=True, spill=True, replica=full) for _ in range(2)]
+    try:
+        for f in fillers:
+            assert next(iter(f))[1] == full  # STARTED there
+        wait_until("moved off the full replica", lambda: owners()["user:erin"] != full)
+        continues_without_prefill(c, ref, "erin", history, on=owners()["user:erin"], busy=full)
+    finally:
+        for f in fillers:
+            f.cancel()
 
 
 def test_32_streams_over_2_replicas_complete_or_get_503(cluster):
@@ -183,6 +225,21 @@ def test_32_streams_over_2_replicas_complete_or_get_503(cluster):
     assert all(ok for _, ok in results), results
     assert {status for status, _ in results} <= {200, 503}
     assert sum(status == 200 for status, _ in results) >= 4  # both replicas served
+
+
+def test_removed_replica_hands_its_conversations_to_another(cluster, ref):
+    c = client(cluster)
+    history, _ = _turns(c, "carol")
+    gone = owners()["user:carol"]
+    actor = ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#SambayReplica#{gone}", namespace="serve")
+    # removed as Serve's controller stops a replica on scale-down: its graceful shutdown (drain,
+    # then the deployment's __del__), then the kill
+    ray.get(actor.perform_graceful_shutdown.remote(), timeout=TIMEOUT)
+    ray.kill(actor, no_restart=True)
+    kept = owners()["user:carol"]
+    assert kept != gone
+    continues_without_prefill(c, ref, "carol", history, on=kept)
+    wait_until("back to 2 replicas", lambda: running_replicas() == 2)  # Serve replaced the removed one
 
 
 def test_killed_replica_ends_its_stream_and_the_next_requests_succeed(cluster):

@@ -16,7 +16,11 @@ The pieces:
   the replica that ran its last turn. :meth:`RayBackend.move` moves a conversation's state to
   another replica through Ray's object store (``save_state`` on one replica, the result's
   object ref passed to ``load_state`` on the other), so its next turn is not prefilled again.
-  A replica being stopped (scale-down) hands its idle conversations to the others that way.
+  Two events move states without being asked: a replica that Serve stops (scale-down, redeploy)
+  hands its idle conversations to the others from its ``__del__`` (the hook Serve awaits during
+  a graceful shutdown, after the replica's requests have drained), and a replica with no idle
+  slot left that must overwrite a held conversation's state for another request saves that
+  state first and hands it to a less loaded replica (:meth:`SambayReplica.run`).
 """
 
 from __future__ import annotations
@@ -99,17 +103,52 @@ class SambayReplica:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.pool = load_pool(settings)
-        self.id = serve.get_replica_context().replica_id.unique_id
-        # conversation key -> index of the slot that holds its state (most recent last)
+        context = serve.get_replica_context()
+        self.id = context.replica_id.unique_id
+        self.app = context.app_name  # the application this replica belongs to (its ingress)
+        # conversation key -> index of the slot that holds its state (least recently used first)
         self.held: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._handoffs: set[asyncio.Task[Any]] = set()  # hand-overs started by run(), not finished
+        self._ingress: Any = None
         log.info("replica %s: %d slot(s)", self.id, self.pool.n_slots)
 
     def _hold(self, conversation: str, slot: int) -> None:
-        for key in [k for k, s in self.held.items() if s == slot]:  # that state was overwritten
-            del self.held[key]
+        self._forget_slot(slot)
         self.held[conversation] = slot
         while len(self.held) > MAX_CONVERSATIONS:
             self.held.popitem(last=False)
+
+    def _forget_slot(self, slot: int) -> list[str]:
+        """Forgets the conversation whose state ``slot`` holds (its state is about to change);
+        returns its key, if any, in a list."""
+        keys = [k for k, s in self.held.items() if s == slot]
+        for key in keys:
+            del self.held[key]
+        return keys
+
+    async def _hand_over(self, states: list[tuple[str, Any]]) -> None:
+        """Gives ``(conversation, object ref of its state)`` pairs to the ingress, which loads
+        them into other replicas (:meth:`RayBackend.adopt`); the states move replica to replica
+        through the object store. Returns when they are placed (the refs must live till then)."""
+        try:
+            if self._ingress is None:
+                self._ingress = serve.get_app_handle(self.app)
+            n = await self._ingress.adopt.remote(self.id, states)
+            log.info("replica %s: handed over %d of %d conversation(s)", self.id, n, len(states))
+        except Exception as err:  # noqa: BLE001 - the states are lost: their next turn prefills
+            log.warning("replica %s: could not hand over %d conversation(s): %s", self.id, len(states), err)
+
+    async def _spill(self, conversation: str, llm: Any) -> None:
+        """``conversation``'s state is in ``llm`` (a slot this request holds), about to be
+        overwritten: saves it into the object store and hands it over in the background."""
+        try:
+            ref = await asyncio.to_thread(lambda: ray.put(llm.save_state()))
+        except Exception as err:  # noqa: BLE001 - the conversation prefills again, as without this
+            log.warning("replica %s: could not save %s to move it: %s", self.id, conversation, err)
+            return
+        task = asyncio.ensure_future(self._hand_over([(conversation, ref)]))
+        self._handoffs.add(task)
+        task.add_done_callback(self._handoffs.discard)
 
     async def describe(self, **_: Any) -> dict[str, Any]:
         """The replica's id and sizes."""
@@ -122,10 +161,14 @@ class SambayReplica:
                 "waiting": self.pool.n_waiting, "conversations": list(self.held)}
 
     async def run(self, work: Callable[[Any], Any], *, stream: bool, prompt_tokens: Optional[Sequence[int]] = None,
-                  conversation: Optional[str] = None, **_: Any) -> Any:
+                  conversation: Optional[str] = None, spill: bool = False, **_: Any) -> Any:
         """Runs the app's ``work`` on a slot; yields ``(kind, value)`` messages (the protocol of
         :class:`sambay.server.pool.Job`): ``STARTED`` with this replica's id once the first token
-        exists, then the items, then ``END``, or ``ERROR`` with the exception."""
+        exists, then the items, then ``END``, or ``ERROR`` with the exception.
+
+        With ``spill`` (other replicas exist): when the slot this request gets holds another
+        conversation's state and no slot is left idle (the replica is full), that state is
+        saved and handed to a less loaded replica before this request overwrites it."""
         job = None
         try:
             try:
@@ -133,6 +176,10 @@ class SambayReplica:
             except (QueueFull, ShuttingDown) as err:
                 yield (_ERROR, err)
                 return
+            slot = self.pool.llamas.index(llm)
+            evicted = [k for k in self._forget_slot(slot) if k != conversation]
+            if evicted and spill and self.pool.n_busy == self.pool.n_slots:
+                await self._spill(evicted[0], llm)
             job = self.pool.start(llm, work, stream=stream)
             try:
                 await job.started()
@@ -143,7 +190,7 @@ class SambayReplica:
                 yield (_ERROR, _portable(err))
                 return
             if conversation is not None:
-                self._hold(conversation, self.pool.llamas.index(llm))
+                self._hold(conversation, slot)
             yield (_END, None)
         finally:
             if job is not None:
@@ -158,41 +205,46 @@ class SambayReplica:
         return await self.pool.start(self.pool.llamas[slot], lambda llm: llm.save_state(), stream=False).result()
 
     async def import_state(self, state: Any, *, conversation: str, **_: Any) -> dict[str, Any]:
-        """Loads ``state`` (from :meth:`export_state`, possibly of another replica) into an idle
-        slot, preferring one that holds no conversation; its next turn continues from there.
+        """Loads ``state`` (from :meth:`export_state`, possibly of another replica, or an object
+        ref of one) into an idle slot: one that holds no conversation, else the one whose
+        conversation was used least recently. Its next turn continues from there.
 
         Raises:
+            ValueError: ``state`` is None.
             QueueFull: no slot is idle.
         """
+        if isinstance(state, ray.ObjectRef):
+            state = await state
         if state is None:
             raise ValueError(f"no state to import for {conversation!r}")
-        held = set(self.held.values())
-        order = sorted(range(self.pool.n_slots), key=lambda i: i in held)
+        recency = {s: i for i, s in enumerate(self.held.values())}
+        order = sorted(range(self.pool.n_slots), key=lambda i: (i in recency, recency.get(i, 0)))
         for slot in order:
             if self.pool.take(self.pool.llamas[slot]):
                 break
         else:
             raise QueueFull(f"replica {self.id}: no idle slot to load a state into")
+        self._forget_slot(slot)
         await self.pool.start(self.pool.llamas[slot], lambda llm: llm.load_state(state), stream=False).result()
         self._hold(conversation, slot)
         return {"replica": self.id, "tokens": state.n_tokens}
 
     async def __del__(self) -> None:
-        """Serve is stopping this replica (scale-down, redeploy): hand the idle conversations'
-        states to the ingress, which loads them into the other replicas."""
+        """Serve is stopping this replica (scale-down, redeploy; Serve awaits this after the
+        replica's requests have drained, within ``graceful_shutdown_timeout_s``): hands the
+        idle conversations' states to the other replicas through the ingress."""
         states = []
         for key in list(self.held):
             try:
                 state = await self.export_state(key)
-            except Exception:  # noqa: BLE001 - the pool may be stopping already
-                state = None
-            if state is not None:
-                states.append((key, state))
+                if state is not None:
+                    states.append((key, ray.put(state)))
+            except Exception as err:  # noqa: BLE001 - that conversation prefills again
+                log.warning("replica %s: could not save %s: %s", self.id, key, err)
         if states:
-            try:
-                await serve.get_app_handle(APP_NAME).adopt.remote(self.id, states)
-            except Exception as err:  # noqa: BLE001 - the states are lost: their next turn prefills
-                log.warning("replica %s: could not hand over %d conversation(s): %s", self.id, len(states), err)
+            await self._hand_over(states)
+        if self._handoffs:  # run()'s hand-overs: their refs live in this process
+            await asyncio.gather(*self._handoffs, return_exceptions=True)
         self.pool.close()
 
 
@@ -222,7 +274,9 @@ class RayBackend:
     Args:
         replicas: the handle of the :class:`SambayReplica` deployment.
         settings: the server settings (the model file, limits).
-        n_replicas: replicas deployed (the most, when autoscaling): for ``/health``'s counts.
+        n_replicas: replicas deployed (the most, when autoscaling): for ``/health``'s counts,
+            and whether a full replica may hand a conversation to another (see
+            :meth:`SambayReplica.run`).
     """
 
     def __init__(self, replicas: Any, settings: ServerSettings, n_replicas: int) -> None:
@@ -231,7 +285,7 @@ class RayBackend:
         self.handle = replicas
         self.settings = settings
         self.max_queue = settings.max_queue
-        self._n_slots = n_replicas * settings.parallel
+        self.n_replicas = n_replicas
         self._inflight = 0
         self.shutting_down = False
         self.owners: collections.OrderedDict[str, str] = collections.OrderedDict()  # conversation -> replica
@@ -246,11 +300,11 @@ class RayBackend:
 
     @property
     def n_slots(self) -> int:
-        return self._n_slots
+        return self.n_replicas * self.settings.parallel
 
     @property
     def n_busy(self) -> int:
-        return min(self._inflight, self._n_slots)
+        return min(self._inflight, self.n_slots)
 
     @property
     def n_waiting(self) -> int:
@@ -293,7 +347,7 @@ class RayBackend:
             started = False
             stop.response = self.handle.options(stream=True).run.remote(
                 work, stream=stream, prompt_tokens=prompt_tokens, conversation=conversation,
-                replica=owner if owner != lost else None, avoid=lost)
+                spill=self.n_replicas > 1, replica=owner if owner != lost else None, avoid=lost)
             if stop.is_set():
                 stop.response.cancel()
             try:
@@ -346,8 +400,9 @@ class RayBackend:
         return move
 
     async def adopt(self, source: str, states: list[tuple[str, Any]]) -> int:
-        """Loads states handed over by a stopping replica (``source``) into the others;
-        returns how many found a place."""
+        """Loads states handed over by replica ``source`` (stopping, or full) into the others:
+        ``(conversation, state or object ref of one)`` pairs; a ref goes to the replica that
+        loads it without passing through here. Returns how many found a place."""
         n = 0
         for conversation, state in states:
             try:
@@ -454,8 +509,8 @@ def replica_stats(app_name: str = APP_NAME) -> dict[str, dict[str, Any]]:
     for name in ray.util.list_named_actors(all_namespaces=True):
         actor = name["name"] if isinstance(name, dict) else name
         if actor.startswith(f"SERVE_REPLICA::{app_name}#SambayReplica#"):
-            rid = actor.rsplit("#", 1)[1]
-            out[rid] = handle.stats.remote(replica=rid).result()
+            stats = handle.stats.remote(replica=actor.rsplit("#", 1)[1]).result()
+            out[stats["replica"]] = stats  # by who answered: a stopping replica's call goes elsewhere
     return out
 
 
