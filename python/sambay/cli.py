@@ -48,7 +48,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     show = warnings.showwarning
 
-    def one_line(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+    def one_line(message: Any, category: type[Warning], *rest: Any, **kw: Any) -> None:
         if issubclass(category, ConvertWarning):
             print(f"sambay convert: warning: {message}", file=sys.stderr)
         else:
