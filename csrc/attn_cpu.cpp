@@ -99,6 +99,18 @@ __attribute__((target("avx2,fma,f16c"))) void dot4_f16_avx2(const float * q, con
 }
 #endif
 
+// the dot2_f16 kernels' last n - i values (fewer than a SIMD step) added to their sums s0, s1
+void dot2_f16_finish(const ggml_fp16_t * v, const float * w0, const float * w1, int64_t i, int64_t n, float s0,
+                     float s1, float * out) {
+    for (; i < n; ++i) {
+        const float x = ggml_fp16_to_fp32(v[i]);
+        s0 += x * w0[i];
+        if (w1) s1 += x * w1[i];
+    }
+    out[0] = s0;
+    if (w1) out[1] = s1;
+}
+
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma,f16c"))) void dot2_f16_avx2(const ggml_fp16_t * v, const float * w0, const float * w1,
                                                              int64_t n, float * out) {
@@ -114,14 +126,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot2_f16_avx2(const ggml_fp16_t * 
             b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w1 + i + 8), b1);
         }
     }
-    float s0 = hsum_avx2(_mm256_add_ps(a0, a1)), s1 = hsum_avx2(_mm256_add_ps(b0, b1));
-    for (; i < n; ++i) {
-        const float x = _cvtsh_ss(v[i]);
-        s0 += x * w0[i];
-        if (w1) s1 += x * w1[i];
-    }
-    out[0] = s0;
-    if (w1) out[1] = s1;
+    dot2_f16_finish(v, w0, w1, i, n, hsum_avx2(_mm256_add_ps(a0, a1)), hsum_avx2(_mm256_add_ps(b0, b1)), out);
 }
 #endif
 
@@ -139,14 +144,7 @@ void dot2_f16_neon(const ggml_fp16_t * v, const float * w0, const float * w1, in
             b1 = vfmaq_f32(b1, v1, vld1q_f32(w1 + i + 4));
         }
     }
-    float s0 = vaddvq_f32(vaddq_f32(a0, a1)), s1 = vaddvq_f32(vaddq_f32(b0, b1));
-    for (; i < n; ++i) {
-        const float x = ggml_fp16_to_fp32(v[i]);
-        s0 += x * w0[i];
-        if (w1) s1 += x * w1[i];
-    }
-    out[0] = s0;
-    if (w1) out[1] = s1;
+    dot2_f16_finish(v, w0, w1, i, n, vaddvq_f32(vaddq_f32(a0, a1)), vaddvq_f32(vaddq_f32(b0, b1)), out);
 }
 
 // dot4_neon on F16 keys converted in registers (FCVTL: every AArch64 CPU has it)
