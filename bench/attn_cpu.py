@@ -35,18 +35,26 @@ def _reading_layers(hp: dict[str, Any]) -> int:
     return sum(k in ("attn_full", "attn_cross") for k in hp["layer_types"])
 
 
-def measure(model_path: Path, depth: int, n_seq: int, path: str, threads: int, gen: int) -> float:
+def filled_state(model: Any, depth: int, threads: int) -> bytes:
+    """A one-sequence state at ``depth`` (the same for both paths: only its headers come from a
+    real 8-token evaluation, the cached values are zeros)."""
     from bench.depth_fill import sambay_state
-    from sambay.engine import Context, Model
+    from sambay.engine import Context
+
+    one = Context(model, n_ctx=64, n_threads=threads, n_threads_batch=threads)
+    one.eval(_tokens(8, model.n_vocab, 2))
+    return sambay_state(one.save_state(), model.hparams(), depth).tobytes()
+
+
+def measure(model: Any, state: bytes, depth: int, n_seq: int, path: str, threads: int,
+            gen: int) -> tuple[float, int]:
+    """Aggregate decode tok/s on ``path``, and the bytes one step reads: the weights, and per
+    sequence the shared cache's K/V of ``depth`` positions (the engine's own per-position size)
+    times the layers that read it."""
+    from sambay.engine import Context
 
     os.environ["SAMBAY_CPU_ATTN"] = PATHS[path]  # read when a context is created
-    model = Model(str(model_path))
-    th = dict(n_threads=threads, n_threads_batch=threads)
-    one = Context(model, n_ctx=64, **th)
-    one.eval(_tokens(8, model.n_vocab, 2))
-    state = sambay_state(one.save_state(), model.hparams(), depth).tobytes()
-    del one
-    ctx = Context(model, n_ctx=depth + gen + 8, n_seq_max=n_seq, **th)
+    ctx = Context(model, n_ctx=depth + gen + 8, n_seq_max=n_seq, n_threads=threads, n_threads_batch=threads)
     for s in range(n_seq):
         ctx.load_state(state, seq=s)
     toks = _tokens(gen + 1, model.n_vocab, 1)
@@ -54,16 +62,10 @@ def measure(model_path: Path, depth: int, n_seq: int, path: str, threads: int, g
     t = time.perf_counter()
     for tok in toks[1:]:
         ctx.decode([(s, [tok]) for s in range(n_seq)])
-    return n_seq * gen / (time.perf_counter() - t)
-
-
-def bytes_per_step(model_path: Path, depth: int, n_seq: int) -> int:
-    from sambay.engine import Model
-
-    model = Model(str(model_path))
-    hp = model.hparams()
-    kv = 2 * hp["n_head_kv"] * hp["n_embd_head"] * 2 * depth * _reading_layers(hp)  # F16 K and V
-    return int(model.weights_bytes + n_seq * kv)
+    tok_s = n_seq * gen / (time.perf_counter() - t)
+    per_position = ctx.memory_breakdown()["full_kv"] / (ctx.n_ctx * n_seq)
+    kv = per_position * depth * _reading_layers(model.hparams())
+    return tok_s, int(model.weights_bytes + n_seq * kv)
 
 
 def report(res: dict) -> str:
@@ -109,15 +111,18 @@ def main() -> None:
     bw = max(read_bandwidth(a.threads).values())  # the fastest reader, as bench.peers
     res: dict[str, Any] = {"mode": mode_name, "commit": git_commit(), "threads": a.threads, "gen": a.gen,
                            "repeat": a.repeat, "machine": _machine(), "bandwidth_gb_s": bw, "rows": []}
+    from sambay.engine import Model
+
     for qt in types:
-        path = files[f"sambay/{qt}"]
+        model = Model(str(files[f"sambay/{qt}"]))
         for depth in (int(d) for d in a.depths.split(",")):
+            state = filled_state(model, depth, a.threads)
             for n_seq in (int(s) for s in a.seqs.split(",")):
                 row: dict[str, Any] = {"type": qt, "depth": depth, "seqs": n_seq, "ggml": [], "kernel": []}
                 for _ in range(a.repeat):
                     for p in PATHS:
-                        row[p].append(measure(path, depth, n_seq, p, a.threads, a.gen))
-                step_bytes = bytes_per_step(path, depth, n_seq)
+                        tok_s, step_bytes = measure(model, state, depth, n_seq, p, a.threads, a.gen)
+                        row[p].append(tok_s)
                 row["bytes_per_step"] = step_bytes
                 row["bound_share"] = statistics.median(row["kernel"]) / n_seq * step_bytes / (bw * 1e9)
                 res["rows"].append(row)

@@ -208,10 +208,9 @@ const kernel & pick_kernel(int64_t hd) {
     const char * env = std::getenv("SAMBAY_ATTN_SIMD");
     if (env && std::strcmp(env, "0") == 0) return K_SCALAR;
 #if defined(__x86_64__)
-    if (hd % K_AVX2.hd_multiple == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
-        return K_AVX2;
-    }
+    static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                 __builtin_cpu_supports("f16c");
+    if (hd % K_AVX2.hd_multiple == 0 && has_avx2) return K_AVX2;
 #elif defined(__aarch64__)
     if (hd % K_NEON.hd_multiple == 0) return K_NEON;
 #endif
@@ -300,7 +299,8 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t per = (n_items + nth - 1) / nth;
     const int64_t i0 = std::min(n_items, ith * per), i1 = std::min(n_items, i0 + per);
     float buf[PV_CHUNK];
-    std::vector<float> acc(cols);
+    thread_local std::vector<float> acc;  // kept between calls: no allocation per token
+    acc.resize(cols);
     for (int64_t item = i0; item < i1; ++item) {
         const int64_t m = item / blocks, ch0 = (item % blocks) * PV_CHANNELS;
         const float * wm = (const float *) ((const char *) w->data + m * w->nb[2]);

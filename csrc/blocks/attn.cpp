@@ -73,6 +73,7 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     };
     // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over the head dimension
     ggml_tensor * cur = nullptr;
+    bool by_kv_pair = false;  // cur is [2*hd, g*n_rows, Hkv/2] (the CPU kernels' order)
     if (ub_.flash_attn) {
         // V stored like K, [n_embd_kv, n_cells] viewed as pairs [2*hd, n_kv, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, v_off);
@@ -86,9 +87,9 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
         // V^T stored [n_cells, n_embd_kv] per sequence, viewed as pairs [n_kv, 2*hd, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, v_off);
         if (n_rows <= COMBINE_MAX_ROWS && ub_.cpu_attn) {
-            // decode-sized batches on the CPU: the scores from the kernel of attn_cpu.h (each
-            // cached key read once for the g query heads of both stripes that share it), rows
-            // ordered so that each V pair multiplies adjacent rows; then as below
+            // decode-sized batches on the CPU: the kernels of attn_cpu.h (each cached key and
+            // value read once for the g query heads of both stripes that share it); the scores'
+            // rows are ordered so that each V pair multiplies adjacent rows; otherwise as below
             ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], k_off);
             ggml_tensor * kq = attn_scores_cpu(ctx_, q, ka, mask);  // [n_kv, g*n_rows, Hkv/2, 2], mask added
             kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
@@ -96,15 +97,7 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
             ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
             ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv, g*n_rows, Hkv/2]
             cur = attn_pv_cpu(ctx_, w, v);  // [2*hd, g*n_rows, Hkv/2]
-            cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
-            cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
-            cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
-            // (2*hd, jj, row, pair of K heads) -> (2*hd, jj, pair of K heads, row): query pair
-            // j = m*g + jj, pair-major rows as below
-            const int64_t g = hp_.n_head / hp_.n_head_kv;
-            cur = ggml_reshape_4d(ctx_, cur, 2 * hd, g, n_rows, Hkv2);
-            cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 1, 3, 2));
-            return ggml_reshape_2d(ctx_, cur, 2 * hd * H2, n_rows);
+            by_kv_pair = true;
         } else if (n_rows <= COMBINE_MAX_ROWS) {
             // decode-sized batches: both stripes' scores at once, then, as O_1 - lambda O_2 =
             // (P_1 - lambda P_2) V, one product with V: half the V work and V is read once.
@@ -138,7 +131,13 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
     cur = ggml_scale(ctx_, cur, 1.0f - hp_.lambda_init[il]);
 
-    if (!ub_.flash_attn) {
+    if (by_kv_pair) {
+        // (2*hd, jj, row, pair of K heads) -> (2*hd, jj, pair of K heads, row): query pair
+        // j = m*g + jj
+        const int64_t g = hp_.n_head / hp_.n_head_kv;
+        cur = ggml_reshape_4d(ctx_, cur, 2 * hd, g, n_rows, Hkv2);
+        cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 1, 3, 2));  // [2*hd, H/2, n_rows]
+    } else if (!ub_.flash_attn) {
         cur = ggml_cont(ctx_, ggml_permute(ctx_, cur, 0, 2, 1, 3));  // [2*hd, H/2, n_rows]
     }
     // pair-major = Out_0 | Out_1 | ... = the original head order
