@@ -79,14 +79,24 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             ggml_backend_cpu_set_threadpool(b, threadpool_.get());
         }
     }
-    // the CPU attention kernel (a ggml custom op) only where no GPU backend takes part: with one,
-    // the scheduler would pull the caches back to the host for it. SAMBAY_CPU_ATTN=0 keeps
-    // ggml's mul_mat path (comparisons in tests and benchmarks).
+    // CPU-only attention formulations (graph.h, ubatch::cpu_attn) only where no GPU backend
+    // takes part: with one, the scheduler would run them on the host and pull the caches back
+    // for them every micro-batch. SAMBAY_CPU_ATTN=0 builds the GPU graph on the CPU too (ggml's
+    // mul_mat path; flash attention split in halves of V): comparisons in tests and benchmarks.
     {
         const char * env = std::getenv("SAMBAY_CPU_ATTN");
         cpu_attn_ = !(env && std::string(env) == "0");
         for (ggml_backend_dev_t dev : model_->devices()) {
-            if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) cpu_attn_ = false;
+            if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) continue;
+            cpu_attn_ = false;
+            if (params_.flash_attn && !flash_attn_gpu_head_size(hp.n_embd_head)) {
+                // no GPU kernel: the scheduler would run attention on the CPU (CUDA) or a
+                // missing pipeline would crash (Metal)
+                throw std::invalid_argument(
+                    "flash_attn on " + std::string(ggml_backend_dev_name(dev)) + ": ggml's GPU backends have no "
+                    "flash-attention kernel for this model's attention head size " + std::to_string(hp.n_embd_head) +
+                    "; use flash_attn=False (the default attention path runs on every GPU)");
+            }
         }
     }
     graph_size_ = graph_size_for(hp, std::min(params_.n_seq_max, params_.n_batch));

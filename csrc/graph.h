@@ -35,7 +35,10 @@ struct ubatch {
     std::vector<ubatch_seq> seqs;
     bool            yoco     = true;  // cut to the output rows right after kv_shared_layer
     bool            flash_attn = false;  // ggml_flash_attn_ext (F16 masks, V not transposed)
-    bool            cpu_attn = false;  // decode-sized attention scores by the CPU kernel (attn_cpu.h)
+    // every device is the CPU (context.cpp): the attention may use what only the CPU backend
+    // has, the kernels of attn_cpu.h for decode-sized batches and flash_attn_ext with a V head
+    // size (2*hd) other than K's; false: ggml ops that CUDA and Metal run too
+    bool            cpu_attn = false;
 
     uint32_t n_tokens() const { return seqs.empty() ? 0 : seqs.back().row0 + seqs.back().n_tokens; }
     uint32_t n_out() const { uint32_t n = 0; for (const auto & s : seqs) n += s.n_out; return n; }
@@ -108,6 +111,10 @@ private:
     ggml_tensor * shared_k_   = nullptr;  // kv_shared_layer's K cache after this batch's write
     ggml_tensor * shared_v_   = nullptr;  // ... and its V cache
 };
+
+// whether CUDA and Metal both have flash-attention kernels for head size hd as K and V head
+// size (the split path of blocks/attn.cpp); the sizes and why: docs/gpu-op-audit.md
+bool flash_attn_gpu_head_size(uint32_t hd);
 
 // rows of tensors [ne0, rows_i] joined along dimension 1 (a balanced tree of ggml_concat)
 ggml_tensor * join_rows(ggml_context * ctx, std::vector<ggml_tensor *> parts);

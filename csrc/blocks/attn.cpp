@@ -7,7 +7,8 @@
 // of both stripes, one soft_max_ext, then, since O_1 - lambda O_2 = (P_1 - lambda P_2) V, the
 // combined weights times V in one product (V read once, half the V work); for larger batches
 // mul_mat + soft_max_ext + mul_mat per stripe, so only one stripe's scores are alive at a time.
-// With flash_attn: ggml_flash_attn_ext per stripe over V stored like K (no score tensor).
+// With flash_attn: ggml_flash_attn_ext per stripe over V stored like K (no score tensor); off
+// the CPU (GPU backends) two calls per stripe, one per half of each V pair.
 // Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
 // shared cache of kv_shared_layer (already holding this batch's K/V).
 // Several sequences: the projections run on all rows at once; the attention itself runs per
@@ -21,6 +22,13 @@
 #include <cmath>
 
 namespace sambay {
+
+bool flash_attn_gpu_head_size(uint32_t hd) {
+    for (uint32_t ok : { 40u, 64u, 72u, 80u, 96u, 112u, 128u, 256u }) {
+        if (hd == ok) return true;
+    }
+    return false;
+}
 
 // batches of at most this many rows take the combined-weights attention path (see above)
 constexpr int64_t COMBINE_MAX_ROWS = 16;
@@ -75,14 +83,26 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     ggml_tensor * cur = nullptr;
     bool by_kv_pair = false;  // cur is [2*hd, g*n_rows, Hkv/2] (the CPU kernels' order)
     if (ub_.flash_attn) {
-        // V stored like K, [n_embd_kv, n_cells] viewed as pairs [2*hd, n_kv, Hkv/2]
-        ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, v_off);
-        ggml_tensor * o[2];
-        for (int s = 0; s < 2; ++s) {
-            o[s] = ggml_flash_attn_ext(ctx_, q_stripe(s), k_stripe(s), v, mask, scale, 0.0f, 0.0f);  // [2*hd, H/2, n_rows]
-            ggml_flash_attn_ext_set_prec(o[s], GGML_PREC_F32);
+        // V stored like K, [n_embd_kv, n_cells]: pair p is [2*hd, n_kv] at column 2*hd*p.
+        // The CPU's flash_attn_ext takes the pairs whole (V head size 2*hd); CUDA and Metal
+        // only have kernels with V head size == K head size, so elsewhere each pair is read
+        // as its two halves of hd values, one call per half: the softmax weights of a query
+        // are the same in both calls, so [O(v_lo) | O(v_hi)] == O([v_lo | v_hi]) (twice the
+        // score work, none of it on the host).
+        auto flash = [&](int s, int64_t dv, size_t off) {
+            ggml_tensor * v = ggml_view_3d(ctx_, v_all, dv, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, v_off + off);
+            ggml_tensor * o = ggml_flash_attn_ext(ctx_, q_stripe(s), k_stripe(s), v, mask, scale, 0.0f, 0.0f);
+            ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+            return o;  // [dv, H/2, n_rows]
+        };
+        auto diff = [&](int64_t dv, size_t off) {  // O_1 - lambda O_2 over V columns [off, off + dv) of each pair
+            return ggml_sub(ctx_, flash(0, dv, off), ggml_scale(ctx_, flash(1, dv, off), hp_.lambda[il]));
+        };
+        if (ub_.cpu_attn) {
+            cur = diff(2 * hd, 0);  // [2*hd, H/2, n_rows]
+        } else {
+            cur = ggml_concat(ctx_, diff(hd, 0), diff(hd, hd * ves), 0);  // [hd | hd, H/2, n_rows]
         }
-        cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
     } else {
         // V^T stored [n_cells, n_embd_kv] per sequence, viewed as pairs [n_kv, 2*hd, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, v_off);
