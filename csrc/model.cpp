@@ -60,17 +60,27 @@ void model::select_devices(const model_params & params) {
     if (gpu && params.n_gpu_layers != 0) {
         n_gpu = params.n_gpu_layers < 0 ? n_layer + 1 : (uint32_t) params.n_gpu_layers;
     }
-    // like llama.cpp: the last n_gpu layers go to the GPU, the output too when n_gpu > n_layer
-    const uint32_t i_gpu_start = n_gpu >= n_layer ? 0 : n_layer - n_gpu;
+    // the output goes to the GPU too when n_gpu > n_layer (llama.cpp's rule)
+    const layer_span span = gpu_layers(hparams_, n_gpu);
     layer_dev_.resize(n_layer);
     for (uint32_t il = 0; il < n_layer; ++il) {
-        layer_dev_[il] = (gpu && n_gpu > 0 && il >= i_gpu_start) ? gpu : cpu;
+        layer_dev_[il] = (gpu && il >= span.first && il < span.first + span.n) ? gpu : cpu;
     }
     output_dev_ = (gpu && n_gpu > n_layer) ? gpu : cpu;
     if (gpu && n_gpu > 0) {
         devices_.push_back(gpu);
     }
     devices_.push_back(cpu);
+}
+
+layer_span gpu_layers(const hparams & hp, uint32_t n_gpu) {
+    const uint32_t n_layer = hp.n_layer, writer = hp.kv_shared_layer;
+    const uint32_t n = std::min(n_gpu, n_layer);
+    // hparams checks that every reader comes after the writer: [writer, n_layer) holds them all
+    if (n >= n_layer - writer || n > writer) {
+        return { n_layer - n, n };
+    }
+    return { writer - n, n };
 }
 
 std::string model::device_name() const {

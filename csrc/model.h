@@ -18,10 +18,25 @@ namespace sambay {
 
 struct model_params {
     std::string device       = "auto";  // "auto": first GPU if any, else CPU; "cpu"; or a ggml device name
-    int         n_gpu_layers = -1;      // with a GPU: how many of the last layers go there (-1 = all + output)
+    int         n_gpu_layers = -1;      // with a GPU: how many layers go there (-1 = all + output); which: gpu_layers()
     bool        use_mmap     = true;
     bool        use_extra_bufts = true;  // let the CPU repack quantized matrices it has fast kernels for
 };
+
+// The layers n_gpu of them on a GPU are, [first, first + n): the last n (llama.cpp's rule)
+// when they hold the shared KV cache's writer (kv_shared_layer) and all its readers (the
+// cross-attention layers after it), else the n layers right before the writer, so that the
+// writer, its cache and the readers stay together on the CPU. Any other split leaves the cache
+// on one device and some of its readers on the other: the scheduler would copy the used part
+// of the cache (n_kv cells of K and V) across every micro-batch. The activations crossing at
+// the two ends of the span are a few rows of n_embd values. n > n_layer means every layer.
+// Falls back to the last n when neither fits (n between the writer's index and the length of
+// the cross-decoder; not the case for the real model, 17 and 15 of 32 layers).
+struct layer_span {
+    uint32_t first = 0;
+    uint32_t n     = 0;
+};
+layer_span gpu_layers(const hparams & hp, uint32_t n_gpu);
 
 struct layer_weights {
     // every layer

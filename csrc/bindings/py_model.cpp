@@ -131,6 +131,15 @@ void register_model(py::module_ & m) {
             const int64_t id = gguf_find_key(g, key.c_str());
             return id < 0 ? dflt : kv_value(g, id);
         }, py::arg("key"), py::arg("default") = py::none())
+        .def("gpu_layers", [](const model & md, int n_gpu_layers) {
+            // the layers a GPU gets for n_gpu_layers (model_params' meaning: -1 all), whether or
+            // not this model has one: the placement rule on its own (gpu_layers in model.h)
+            const uint32_t n = n_gpu_layers < 0 ? md.hp().n_layer + 1 : (uint32_t) n_gpu_layers;
+            const layer_span s = gpu_layers(md.hp(), n);
+            std::vector<uint32_t> out;
+            for (uint32_t il = s.first; il < s.first + s.n; ++il) out.push_back(il);
+            return out;
+        }, py::arg("n_gpu_layers"))
         .def_property_readonly("device", &model::device_name)
         .def_property_readonly("mmapped", &model::mmapped)
         .def_property_readonly("weights_bytes", &model::weights_bytes)

@@ -55,8 +55,9 @@ class Model:
         path: the GGUF file.
         device: ``"auto"`` (a GPU when the installed ggml has one, else the CPU), ``"cpu"``,
             or a ggml device name such as ``"CUDA0"``.
-        n_gpu_layers: with a GPU, how many of the last layers to place there; ``-1`` places
-            every layer and the output there too, ``0`` keeps everything on the CPU.
+        n_gpu_layers: with a GPU, how many layers to place there (which ones:
+            :meth:`gpu_layers`); ``-1`` places every layer and the output there too, ``0`` keeps
+            everything on the CPU.
         use_mmap: map the file instead of reading it into memory.
         use_extra_bufts: let the CPU backend re-lay out (repack) the quantized matrices it has
             faster kernels for (Q4_0, Q8_0, ... on AVX2): a private copy of those tensors
@@ -113,6 +114,21 @@ class Model:
     def device(self) -> str:
         """The device the model runs on, e.g. ``"CPU"``."""
         return self._m.device
+
+    def gpu_layers(self, n_gpu_layers: int) -> list[int]:
+        """The layers a GPU holds for a given ``n_gpu_layers``, whether or not one is present.
+
+        The last ``n_gpu_layers`` layers when they include the layer that writes the shared KV
+        cache and every layer that reads it; otherwise the layers just before the writer, so
+        that the cache and its readers stay on the CPU together (never copied between devices).
+
+        Args:
+            n_gpu_layers: as for the constructor; ``-1`` means every layer.
+
+        Returns:
+            The layer indices, ascending.
+        """
+        return self._m.gpu_layers(int(n_gpu_layers))
 
     @property
     def mmapped(self) -> bool:
