@@ -8,9 +8,17 @@ from typing import Callable
 
 import pytest
 
-from engine_helpers import make_gguf
+from engine_helpers import make_gguf, selected_device, use_test_device
 
 TinyGGUF = Callable[..., "tuple[Path, Path]"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    use_test_device()  # SAMBAY_TEST_DEVICE (engine_helpers.py)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"sambay test device: {selected_device() or 'auto (the engine default)'}"
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ logits, and a GGUF rewriter that makes deliberately broken or perturbed copies."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -12,6 +13,48 @@ import gguf
 
 # tiny-12 (spec §12): W = 16, layers M S M S M S M* G U X U X
 N_CTX = 256
+
+# SAMBAY_TEST_DEVICE picks the device every engine test's model is placed on, all layers there:
+# "cpu", "cuda" (the first CUDA device) or a ggml device name such as "MTL0". Unset: the
+# engine's own default ("auto"). conftest.py applies it through use_test_device().
+TEST_DEVICE = os.environ.get("SAMBAY_TEST_DEVICE", "").strip()
+_DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA0"}
+
+
+def selected_device() -> Optional[str]:
+    """The ggml device name SAMBAY_TEST_DEVICE selects, or None when it is unset."""
+    if not TEST_DEVICE:
+        return None
+    return _DEVICE_NAMES.get(TEST_DEVICE.lower(), TEST_DEVICE)
+
+
+def selected_device_is_gpu() -> bool:
+    """Whether the engine tests run on a GPU (SAMBAY_TEST_DEVICE names one)."""
+    name = selected_device()
+    return name is not None and name != "CPU"
+
+
+def use_test_device() -> None:
+    """Makes every ``sambay.engine.Model`` made with the default device (``"auto"``, which
+    ``Llama`` passes on too) load on SAMBAY_TEST_DEVICE with every layer there, and checks
+    that it did: a model that silently stayed on another device fails its test. Models a
+    test places explicitly (``device="cpu"``) keep their device."""
+    name = selected_device()
+    if name is None:
+        return
+    from sambay import engine
+
+    original = engine.Model.__init__
+
+    def init(self: Any, path: Any, *, device: str = "auto", n_gpu_layers: int = -1, **kw: Any) -> None:
+        if device != "auto":
+            original(self, path, device=device, n_gpu_layers=n_gpu_layers, **kw)
+            return
+        original(self, path, device=name, n_gpu_layers=-1, **kw)
+        if self.device.lower() != name.lower():
+            raise RuntimeError(f"SAMBAY_TEST_DEVICE={TEST_DEVICE}: the model runs on {self.device}, not {name}")
+
+    engine.Model.__init__ = init  # type: ignore[method-assign]
 
 
 def make_gguf(root: Path, config: str, outtype: str, *, dtype: str = "float32", seed: int = 0) -> tuple[Path, Path]:
