@@ -392,6 +392,7 @@ def report(res: dict) -> str:
            f"Commit {res.get('commit')}, {res['threads']} threads for every engine, n_batch {res['n_batch']}, "
            f"decode timed over {res['n_gen']} tokens; {res.get('machine', '')}. "
            f"Memory read bandwidth ({bw.get('threads', '?')} threads): {bw.get('read_gb_s', float('nan')):.1f} GB/s. "
+           f"sambay's ggml CPU backend: {res.get('sambay_ggml', 'not recorded')}. "
            "Random weights, random token ids. Decode at a depth: after loading a state of that many "
            "zero-filled positions (see bench/depth_fill.py); 'decode after prefill': after a real prefill. "
            "Where a measurement was repeated (`--repeat`), the best run is shown and the JSON lists every run "
@@ -462,7 +463,7 @@ def plots(res: dict, out: Path) -> list[Path]:
     def finish(fig, ax, what: str, legend_size: int = 7) -> None:
         ax.legend(fontsize=legend_size)
         ax.grid(alpha=0.3)
-        made.append(out / f"peers_{res['mode']}_{what}.png")
+        made.append(out / f"{res.get('stem') or 'peers_' + res['mode']}_{what}.png")
         fig.tight_layout()
         fig.savefig(made[-1], dpi=110)
 
@@ -516,6 +517,14 @@ def plots(res: dict, out: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- driver
 
+def _ggml_build() -> str:
+    """The ggml sambay runs on here: its CPU backend's features (the wheel's portable build or a
+    source build for this CPU, scripts/build-ggml.sh)."""
+    from sambay import system_info
+
+    return " ".join(system_info()["cpu_features"])
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -548,6 +557,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="start a new results file instead of merging")
     ap.add_argument("--repeat", type=int, default=1, help="run each measurement this many times, keep the best")
     ap.add_argument("--report-only", action="store_true", help="redraw the markdown and plots from the JSON")
+    ap.add_argument("--name", help="results file stem (default peers_<mode>), e.g. peers_quick_native for a run "
+                    "with a source-built ggml (scripts/build-ggml.sh)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
@@ -578,22 +589,28 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res_path = out / f"peers_{mname}.json"
+    stem = a.name or f"peers_{mname}"
+    res_path = out / f"{stem}.json"
     res: dict[str, Any] = {}
     if res_path.exists() and not a.fresh:
         res = json.loads(res_path.read_text())
-        if res.get("threads") != a.threads or res.get("flash_attn") != a.flash_attn:
-            res = {}  # other settings: start over
+        ggml = res.get("sambay_ggml") if a.report_only else _ggml_build()
+        if res.get("threads") != a.threads or res.get("flash_attn") != a.flash_attn \
+                or res.get("sambay_ggml", ggml) != ggml:
+            res = {}  # other settings or another ggml build: start over
     res.setdefault("engines", {})
     res.update(mode=mname, commit=git_commit(), machine=_machine(), threads=a.threads, n_batch=a.batch,
                n_gen=a.gen, flash_attn=a.flash_attn, torch_dtype=a.torch_dtype,
-               sambay_shape={"base": m["sambay_base"], **m["sambay"]}, twin_shape=m["twin"])
+               sambay_shape={"base": m["sambay_base"], **m["sambay"]}, twin_shape=m["twin"],
+               stem=stem)
+    if not a.report_only or "sambay_ggml" not in res:
+        res["sambay_ggml"] = _ggml_build()
     res["types"] = list(dict.fromkeys(res.get("types", []) + types))
 
     if a.report_only:
         derive(res)
-        (out / f"peers_{mname}.md").write_text(report(res))
-        print("wrote", out / f"peers_{mname}.md", *plots(res, out))
+        (out / f"{stem}.md").write_text(report(res))
+        print("wrote", out / f"{stem}.md", *plots(res, out))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -639,7 +656,7 @@ def main() -> None:
     derive(res)
     res_path.write_text(json.dumps(res, indent=2) + "\n")
     md = report(res)
-    (out / f"peers_{mname}.md").write_text(md)
+    (out / f"{stem}.md").write_text(md)
     made = plots(res, out)
     print(md)
     print("wrote", res_path, *made)
