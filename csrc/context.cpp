@@ -174,11 +174,11 @@ bool context::needs_reset(uint32_t seq) const {
     return poisoned_[seq] != 0;
 }
 
-void context::eval(const int32_t * tokens, size_t n_tokens, float * logits) {
-    decode({ seq_tokens{0, tokens, n_tokens} }, logits);
+void context::eval(const int32_t * tokens, size_t n_tokens, float * logits, const ubatch_hook & hook) {
+    decode({ seq_tokens{0, tokens, n_tokens} }, logits, hook);
 }
 
-void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
+void context::decode(const std::vector<seq_tokens> & batch, float * logits, const ubatch_hook & hook) {
     std::lock_guard<std::mutex> lock(mutex_);
     const hparams & hp = model_->hp();
     const uint32_t n_vocab = hp.n_vocab;
@@ -202,6 +202,8 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
     }
 
     std::vector<size_t> done(batch.size(), 0);
+    size_t n_done = 0, n_all = 0;
+    for (const seq_tokens & b : batch) n_all += b.n_tokens;
     std::vector<size_t> order(batch.size());
     for (size_t e = 0; e < order.size(); ++e) order[e] = e;
     // shortest inputs first: single decode tokens always get into the next micro-batch
@@ -223,8 +225,6 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
         if (abort_.exchange(false)) {
             // between micro-batches: the memory is consistent (every sequence holds what it
             // has evaluated so far), nothing poisoned
-            size_t n_done = 0, n_all = 0;
-            for (size_t e = 0; e < batch.size(); ++e) { n_done += done[e]; n_all += batch[e].n_tokens; }
             throw aborted_error("evaluation cancelled after " + std::to_string(n_done) + " of " + std::to_string(n_all) +
                                 " tokens (" + (batch.size() == 1 ? "n_past is " + std::to_string(history_[batch[0].seq].n_past)
                                                                  : std::string("each sequence keeps what it evaluated")) + ")");
@@ -241,7 +241,8 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
             const seq_tokens & b = batch[e];
             ubatch_seq us;
             us.seq = b.seq; us.pos0 = history_[b.seq].n_past; us.n_tokens = take; us.row0 = (uint32_t) tokens.size();
-            us.n_out = params_.logits_all ? take : (done[e] + take == b.n_tokens ? 1 : 0);
+            // the last row only at the end of the entry, or at every micro-batch when asked
+            us.n_out = params_.logits_all ? take : (done[e] + take == b.n_tokens || hook.rows_each_ubatch ? 1 : 0);
             tokens.insert(tokens.end(), b.tokens + done[e], b.tokens + done[e] + take);
             ub.seqs.push_back(us);
         }
@@ -266,6 +267,11 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits) {
             const size_t e = picks[i].first;
             history_[batch[e].seq].add(batch[e].tokens + done[e], picks[i].second);
             done[e] += picks[i].second;
+            n_done += picks[i].second;
+        }
+        if (hook.on_ubatch && !hook.on_ubatch(n_done, n_all) && n_done < n_all) {
+            throw aborted_error("evaluation stopped by the caller after " + std::to_string(n_done) + " of " +
+                                std::to_string(n_all) + " tokens");
         }
     }
 }

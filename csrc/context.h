@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -43,6 +44,18 @@ struct seq_tokens {
     size_t          n_tokens = 0;
 };
 
+// decode()'s hook between micro-batches.
+struct ubatch_hook {
+    // called after each micro-batch (the last one too) with the tokens of the call evaluated so
+    // far and the call's total, over all entries; returning false stops decode() there (the
+    // memory then holds exactly those n_done tokens). An exception it throws leaves the same way.
+    std::function<bool(size_t n_done, size_t n_total)> on_ubatch;
+    // every micro-batch writes each entry's last evaluated row (logits_all writes all rows
+    // anyway), so that a stop leaves the logits of the tokens evaluated in place. Cost: one row
+    // through the cross-decoder per micro-batch that would otherwise stop after the shared KV.
+    bool rows_each_ubatch = false;
+};
+
 class context {
 public:
     context(std::shared_ptr<const model> m, const context_params & params);
@@ -53,13 +66,19 @@ public:
     uint32_t n_outputs(size_t n_tokens) const;
     // Evaluates every entry's tokens continuing its sequence (distinct sequences). Checks every
     // sequence id and token (std::invalid_argument), context size (context_full_error naming the
-    // sequence) and state before any compute. Micro-batches take the rows of several sequences
-    // (the shortest inputs first, so decoding sequences are never held back by more than one
-    // chunk of a long prompt); each weight matrix is multiplied once per micro-batch. Writes,
-    // entry after entry, n_outputs(n_tokens) rows of n_vocab floats to logits.
-    void decode(const std::vector<seq_tokens> & batch, float * logits);
+    // sequence) and state before any compute. The one place an input is cut into micro-batches:
+    // each takes up to n_batch rows of several sequences (the shortest inputs first, so decoding
+    // sequences are never held back by more than one chunk of a long prompt); each weight
+    // matrix is multiplied once per micro-batch. Writes, entry after entry, n_outputs(n_tokens)
+    // rows of n_vocab floats to logits.
+    // With hook.on_ubatch: called after every micro-batch; when it returns false before the
+    // end, decode() throws aborted_error (logits rows written so far stay: with logits_all the
+    // first n_done rows of each entry; with hook.rows_each_ubatch the entry's last evaluated
+    // row). A cancel() between micro-batches throws the same way, after every micro-batch
+    // before it was reported.
+    void decode(const std::vector<seq_tokens> & batch, float * logits, const ubatch_hook & hook = {});
     // decode() of sequence 0 alone
-    void eval(const int32_t * tokens, size_t n_tokens, float * logits);
+    void eval(const int32_t * tokens, size_t n_tokens, float * logits, const ubatch_hook & hook = {});
 
     uint32_t n_past(uint32_t seq = 0) const;  // positions sequence `seq` holds
     void     reset();                         // every sequence empty

@@ -78,9 +78,10 @@ struct compute_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-// A computation stopped by context::cancel() (the abort callback). -> sambay.AbortedError
-// (RuntimeError). The context's memory is then inconsistent: it must be reset() or given a
-// saved state (load_state) before the next eval, which raises state_error until then.
+// An evaluation stopped by context::cancel() or by decode()'s on_ubatch. -> sambay.AbortedError
+// (RuntimeError). Stopped between micro-batches, the memory holds the tokens evaluated before;
+// stopped inside a graph, it is inconsistent: the sequence must be reset() or given a saved
+// state (load_state) before the next eval, which raises state_error until then.
 struct aborted_error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };

@@ -163,6 +163,51 @@ def test_chunked_prefill_equals_one_shot(tiny12, n_batch):
     np.testing.assert_allclose(last[0], a[-1], rtol=0, atol=1e-5)
 
 
+class _StopAfter(Exception):
+    pass
+
+
+@pytest.mark.parametrize("logits_all", [False, True])
+def test_on_ubatch_sees_every_micro_batch_of_the_engine(tiny12, logits_all):
+    """The engine is the one place an eval is cut into micro-batches: its hook reports each
+    boundary, with the rows written so far (the last token's row, or all rows)."""
+    _, _, model, _ = tiny12
+    ids = _ids(30, model.n_vocab, seed=9)
+    want = _ctx(model, logits_all=True).eval(ids)
+    seen = []
+
+    def hook(done, total, logits):
+        seen.append((done, total))
+        rows = want[:done] if logits_all else want[done - 1:done]
+        assert logits.shape == rows.shape
+        np.testing.assert_allclose(logits, rows, rtol=0, atol=1e-5)
+
+    got = _ctx(model, n_batch=7, logits_all=logits_all).eval(ids, on_ubatch=hook)
+    assert seen == [(7, 30), (14, 30), (21, 30), (28, 30), (30, 30)]
+    np.testing.assert_allclose(got, want if logits_all else want[-1:], rtol=0, atol=1e-5)
+
+
+def test_an_exception_in_on_ubatch_stops_between_micro_batches(tiny12):
+    """Raised after the 2nd micro-batch: the context holds exactly those 14 tokens, and the
+    rest continues to the logits of an uninterrupted run."""
+    _, _, model, _ = tiny12
+    ids = _ids(30, model.n_vocab, seed=9)
+    want = _ctx(model, logits_all=True).eval(ids)
+    ctx = _ctx(model, n_batch=7, logits_all=True)
+    kept = []
+
+    def hook(done, total, logits):
+        kept.append(logits)
+        if done == 14:
+            raise _StopAfter
+
+    with pytest.raises(_StopAfter):
+        ctx.eval(ids, on_ubatch=hook)
+    assert ctx.n_past == 14 and not ctx.needs_reset
+    np.testing.assert_allclose(kept[-1], want[:14], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ctx.eval(ids[14:]), want[14:], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_type, atol", [("f32", ATOL_F32), ("f16", 1e-2)])
 def test_flash_attention_path_matches_reference(tiny, kv_type, atol):
     """flash_attn=True: prefill (one shot and chunked) and decode. (On the CPU, F16 K/V in

@@ -141,6 +141,47 @@ def test_multi_turn_reuses_the_evaluated_prefix(llm, gguf_path):
     assert first["choices"][0]["text"]
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("logits_all", [False, True])
+@pytest.mark.parametrize("shared", [False, True], ids=["own-context", "shared-context"])
+def test_an_eval_stopped_between_micro_batches_keeps_what_the_engine_holds(gguf_path, shared, logits_all):
+    """One engine call per eval: eval_progress sees each micro-batch boundary (n_batch 7, 30
+    tokens), and an exception raised there after the 2nd leaves exactly 14 tokens evaluated,
+    with their logits; the next eval continues as an uninterrupted run. The same through a
+    sequence of a shared context, which feeds one micro-batch per step."""
+    ids = list(range(3, 33))
+    kw = dict(n_ctx=128, n_threads=1, logits_all=logits_all, verbose=False)
+    with Llama(gguf_path, n_batch=7, **kw) as whole:  # the same micro-batches, uninterrupted
+        whole.eval(ids)
+        want_last = whole.scores[-1].copy()
+        whole.reset()
+        whole.eval(ids[:14])
+        want_14 = whole.scores.copy()
+    with Llama(gguf_path, n_batch=7, n_seq_max=2 if shared else 1, **kw) as base:
+        llm = base.sequence(1) if shared else base
+        calls = []
+
+        def progress(done, total):
+            calls.append((done, total))
+            if (done, total) == (14, 30):
+                raise _Stop
+
+        llm.eval_progress = progress
+        with pytest.raises(_Stop):
+            llm.eval(ids)
+        assert calls == [(0, 30), (7, 30), (14, 30)]
+        assert llm.n_tokens_evaluated == 14 and llm.input_ids == ids[:14] and llm.n_tokens == 14
+        np.testing.assert_array_equal(llm.scores, want_14)
+        calls.clear()
+        llm.eval(ids[14:])
+        assert calls == [(0, 16), (7, 16), (14, 16), (16, 16)]
+        assert llm.n_tokens_evaluated == 30 and llm.input_ids == ids
+        np.testing.assert_array_equal(llm.scores[-1], want_last)
+
+
 def test_save_and_load_state(llm, gguf_path):
     llm.eval(llm.tokenize(PROMPT))
     state = llm.save_state()

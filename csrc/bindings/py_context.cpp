@@ -55,18 +55,34 @@ void register_context(py::module_ & m) {
              py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("logits_all") = false,
              py::arg("kv_type") = "f16", py::arg("yoco") = true, py::arg("flash_attn") = false,
              py::arg("n_seq_max") = 1)
-        .def("eval", [](context & c, py::object obj) {
+        .def("eval", [](context & c, py::object obj, py::object on_ubatch) {
             std::vector<int32_t> ids = token_ids(c, obj);
             const int64_t n_vocab = c.get_model().hp().n_vocab;
             const uint32_t n_out = c.n_outputs(ids.size());
             py::array_t<float> logits({(py::ssize_t) n_out, (py::ssize_t) n_vocab});
             float * out = logits.mutable_data();
+            const bool all = c.params().logits_all;
+            // between micro-batches, with the GIL held for the call only: the caller's hook sees
+            // the rows written so far, then Python's signal handlers run (Ctrl-C). An exception
+            // from either leaves decode() there, the memory holding the n_done tokens.
+            ubatch_hook hook;
+            hook.rows_each_ubatch = !on_ubatch.is_none();
+            hook.on_ubatch = [&](size_t n_done, size_t n_total) {
+                py::gil_scoped_acquire gil;
+                if (!on_ubatch.is_none()) {
+                    on_ubatch(n_done, n_total, logits[py::slice(0, (py::ssize_t) (all ? n_done : 1), 1)]);
+                }
+                if (PyErr_CheckSignals() != 0) {
+                    throw py::error_already_set();
+                }
+                return true;
+            };
             {
                 py::gil_scoped_release release;
-                c.eval(ids.data(), ids.size(), out);
+                c.eval(ids.data(), ids.size(), out, hook);
             }
             return logits;
-        }, py::arg("tokens"))
+        }, py::arg("tokens"), py::kw_only(), py::arg("on_ubatch") = py::none())
         .def("decode", [](context & c, const std::vector<std::pair<uint32_t, py::object>> & batch) {
             // [(seq, tokens), ...] -> logits rows of every entry, one after the other
             std::vector<std::vector<int32_t>> ids;
@@ -86,6 +102,8 @@ void register_context(py::module_ & m) {
             }
             return logits;
         }, py::arg("batch"))
+        .def("n_outputs", &context::n_outputs, py::arg("n_tokens"),
+             "rows of logits an eval of n_tokens tokens returns (n_tokens with logits_all, else 1; 0 for none)")
         .def_property_readonly("n_past", [](const context & c) { return c.n_past(0); })
         .def("seq_n_past", &context::n_past, py::arg("seq"))
         .def_property_readonly("n_seq_max", [](const context & c) { return c.params().n_seq_max; })

@@ -10,9 +10,10 @@ read once per step for every sequence in it.
 When a step runs: as soon as every *active* sequence (one that evaluated recently and has not
 gone idle) has handed in its tokens, or ``max_wait`` seconds after the first one did. A
 sequence that misses that deadline stops counting as active until its next eval, so a thread
-that went away slows the others once, not on every step. A new prompt is evaluated by
-:meth:`sambay.Llama.eval` in chunks of ``n_batch`` tokens, one chunk per step, so the decoding
-sequences are held back by at most one chunk per step while it prefills.
+that went away slows the others once, not on every step. A new prompt is fed by
+:meth:`SequenceContext.eval` in chunks of the engine's micro-batch size (``Context.n_batch``),
+one chunk per step, so the decoding sequences are held back by at most one chunk per step
+while it prefills.
 
 Faults stay with their sequence: a step whose batch the engine refuses (one sequence over its
 context, say) is re-run one sequence at a time, so only the faulty one gets the error.
@@ -27,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .engine import AbortedError, Context, ContextFullError, StateError
+from .engine import AbortedError, Context, ContextFullError, StateError, UbatchCallback
 
 __all__ = ["SharedContext", "SequenceContext"]
 
@@ -114,7 +115,7 @@ class SharedContext:
             self._cv.notify_all()
 
     def _decode(self, batch: list[tuple[int, np.ndarray]]) -> dict[int, Any]:
-        n_rows = [len(t) if self.ctx.logits_all else min(1, len(t)) for _, t in batch]
+        n_rows = [self.ctx.n_outputs(len(t)) for _, t in batch]
         try:
             logits = self.ctx.decode(batch)
         except (ContextFullError, StateError, ValueError) as err:
@@ -160,8 +161,27 @@ class SequenceContext:
         self.seq = seq
 
     # evaluation
-    def eval(self, tokens: Tokens) -> np.ndarray:
-        return self.shared.eval(self.seq, np.asarray(tokens, dtype=np.int64))
+    def eval(self, tokens: Tokens, *, on_ubatch: Optional[UbatchCallback] = None) -> np.ndarray:
+        """:meth:`Context.eval <sambay.engine.Context.eval>` of this sequence, fed one chunk of
+        the engine's micro-batch size per step (the others' decode tokens go along in each);
+        ``on_ubatch`` is called after every chunk as the engine calls it after every
+        micro-batch, and an exception from it (or a cancel) stops the feeding there."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        ctx = self.shared.ctx
+        step, total = ctx.n_batch, len(ids)
+        if on_ubatch is None and total <= step:
+            return self.shared.eval(self.seq, ids)
+        out = np.empty((ctx.n_outputs(total), ctx.model.n_vocab), dtype=np.float32)
+        for done in range(0, total, step):
+            rows = self.shared.eval(self.seq, ids[done:done + step])
+            end = min(total, done + step)
+            if ctx.logits_all:
+                out[done:end] = rows
+            else:
+                out[0] = rows[-1]
+            if on_ubatch is not None:
+                on_ubatch(end, total, out[:end] if ctx.logits_all else out)
+        return out
 
     def check_fits(self, n_positions: int) -> None:
         self.shared.ctx.check_fits(n_positions, seq=self.seq)

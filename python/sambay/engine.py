@@ -20,11 +20,14 @@ Errors:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from ._native import _core
+
+# Context.eval's hook between micro-batches: (n_done, n_total, logits rows written so far)
+UbatchCallback = Callable[[int, int, np.ndarray], None]
 
 LoadError = _core.LoadError
 ContextFullError = _core.ContextFullError
@@ -39,7 +42,7 @@ ARCH: str = _core.ARCH
 LAYER_KINDS: tuple[str, ...] = tuple(_core.LAYER_KINDS)
 
 __all__ = ["Model", "Context", "LoadError", "ContextFullError", "StateError", "AbortedError",
-           "ComputeError", "ARCH", "LAYER_KINDS"]
+           "ComputeError", "ARCH", "LAYER_KINDS", "UbatchCallback"]
 
 _KV_TYPES = ("f16", "f32", "bf16")
 
@@ -171,8 +174,8 @@ class Context:
         model: the model.
         n_ctx: the most positions each sequence holds (``0``: the trained context,
             ``Model.n_ctx_train``).
-        n_batch: micro-batch size (rows of all sequences together); longer evals are split,
-            with results equal to one batch.
+        n_batch: micro-batch size (rows of all sequences together); longer evals are split
+            here, in the engine, with results equal to one batch.
         n_seq_max: number of sequences (ids ``0 .. n_seq_max-1``); each has its own Mamba
             states, sliding-window rings and ``n_ctx`` cells of the shared KV cache.
         n_threads: CPU threads for single-token decoding (``0``: all cores).
@@ -226,11 +229,24 @@ class Context:
             n_seq_max=int(n_seq_max),
         )
 
-    def eval(self, tokens: Union[Sequence[int], np.ndarray]) -> np.ndarray:
+    def eval(self, tokens: Union[Sequence[int], np.ndarray], *,
+             on_ubatch: Optional[UbatchCallback] = None) -> np.ndarray:
         """Evaluates tokens after the ones already in the context.
+
+        The engine cuts ``tokens`` into micro-batches of up to :attr:`n_batch` (the one place
+        that rule lives); the results equal one batch. Between micro-batches it calls
+        ``on_ubatch`` and then runs Python's signal handlers, so Ctrl-C (``KeyboardInterrupt``)
+        or an exception raised by ``on_ubatch`` stops the call there, with the context holding
+        exactly the tokens reported so far (:attr:`n_past`).
 
         Args:
             tokens: token ids, each in ``[0, n_vocab)``.
+            on_ubatch: ``(n_done, n_total, logits)``, called with the GIL held after every
+                micro-batch (the last one too): ``n_done`` of the call's ``n_total`` tokens are
+                evaluated, and ``logits`` is a view of the rows written so far (with
+                ``logits_all`` one per evaluated token, else the last evaluated token's row,
+                which the next micro-batch overwrites). With a callback every micro-batch
+                computes that last row (one row through the cross-decoder).
 
         Returns:
             float32 logits of shape ``[n_out, n_vocab]``: ``n_out`` is ``len(tokens)`` with
@@ -241,12 +257,13 @@ class Context:
             ContextFullError: ``n_past + len(tokens) > n_ctx`` (nothing is evaluated).
             AbortedError: :meth:`cancel` was called (see there for the state it leaves).
             StateError: the context needs :meth:`reset` after a cancel.
+            KeyboardInterrupt, or what ``on_ubatch`` raised: unchanged, between micro-batches.
 
         Thread safety: the GIL is released while the engine computes. Calls on one Context
         from several threads are serialised by a lock inside it (each runs whole, in some
         order); several Contexts on one Model run in parallel.
         """
-        return self._c.eval(tokens)
+        return self._c.eval(tokens, on_ubatch=on_ubatch)
 
     def decode(self, batch: Sequence[tuple[int, Union[Sequence[int], np.ndarray]]]) -> np.ndarray:
         """Evaluates several sequences' tokens together, each after its own earlier tokens.
@@ -268,6 +285,11 @@ class Context:
             Nothing is evaluated when any of these is raised.
         """
         return self._c.decode([(int(s), t) for s, t in batch])
+
+    def n_outputs(self, n_tokens: int) -> int:
+        """Rows of logits an eval of ``n_tokens`` tokens returns: ``n_tokens`` with
+        :attr:`logits_all`, else 1 (0 for no tokens)."""
+        return self._c.n_outputs(int(n_tokens))
 
     def check_tokens(self, tokens: Union[Sequence[int], np.ndarray]) -> None:
         """Raises what :meth:`eval` raises for these tokens before evaluating anything
@@ -303,7 +325,8 @@ class Context:
 
     @property
     def n_batch(self) -> int:
-        """The micro-batch size."""
+        """The micro-batch size: the most rows one graph computes (``n_batch`` as given, at
+        most ``n_ctx``). Schedulers that feed a prompt piece by piece read it here."""
         return self._c.n_batch
 
     @property

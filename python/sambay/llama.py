@@ -34,6 +34,8 @@ from .tokenizer import StreamDecoder, Tokenizer
 Prompt = Union[str, bytes, Sequence[int]]
 _LlamaT = TypeVar("_LlamaT", bound="Llama")  # sequence() of a subclass is that subclass
 _log = logging.getLogger("sambay")
+_NO_ROWS = np.zeros((0, 0), dtype=np.float32)  # Llama._all_logits before any eval
+_NO_ROWS.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,9 @@ class Llama:
             before its first micro-batch (``done`` 0) and after each one, ``total`` being the
             tokens of that evaluation (a prompt's unevaluated part, or 1 for a decode step);
             ``sambay chat`` draws its prefill progress with it. It runs in the evaluating
-            thread, and an exception it raises ends the evaluation.
+            thread, between two of the engine's micro-batches, and an exception it raises ends
+            the evaluation there: the tokens evaluated before stay (``input_ids``,
+            ``n_tokens_evaluated`` and the logits say so), as after a Ctrl-C.
 
     Raises:
         sambay.LoadError: the file is missing, not a GGUF, or not a valid phi4flash model.
@@ -227,7 +231,7 @@ class Llama:
         self.max_snapshots = max_snapshots
         self._input_ids: list[int] = []
         self._last_logits: Optional[np.ndarray] = None  # logits after the last evaluated token
-        self._all_logits: list[np.ndarray] = []  # with logits_all: one row per token of the last eval
+        self._all_logits: np.ndarray = _NO_ROWS  # with logits_all: one row per token of the last eval
         self._snapshots: list[LlamaState] = []
         self.last_timings = Timings()
         self.n_tokens_evaluated = 0  # total tokens run through the engine (prefix-reuse tests)
@@ -275,7 +279,7 @@ class Llama:
         view._rng = make_rng(seed)
         view._input_ids = []
         view._last_logits = None
-        view._all_logits = []
+        view._all_logits = _NO_ROWS
         view._snapshots = []
         view.last_timings = Timings()
         view.n_tokens_evaluated = 0
@@ -358,8 +362,8 @@ class Llama:
         """Logits, float32 ``[rows, n_vocab]``: with ``logits_all``, one row per token of the
         last :meth:`eval` call (a prompt's positions; a generation step evaluates one token),
         else the row after the last evaluated token (empty before any)."""
-        if self.logits_all and self._all_logits:
-            return np.stack(self._all_logits)
+        if self.logits_all and len(self._all_logits):
+            return self._all_logits.copy()
         if self._last_logits is None:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
         return self._last_logits[None, :].copy()
@@ -417,15 +421,19 @@ class Llama:
         self._ctx.reset()
         self._input_ids = []
         self._last_logits = None
-        self._all_logits = []
+        self._all_logits = _NO_ROWS
 
     def eval(self, tokens: Sequence[int]) -> None:
-        """Evaluate ``tokens`` after those already evaluated.
+        """Evaluate ``tokens`` after those already evaluated, in one engine call (the engine
+        cuts it into micro-batches of ``n_batch``).
 
         Raises:
             ValueError: an invalid token id.
             ContextFullError: more tokens than the context has room for (also a ValueError);
                 nothing is evaluated.
+            AbortedError: :meth:`cancel` stopped it (see there).
+            KeyboardInterrupt, or what ``eval_progress`` raised: between two micro-batches;
+                the tokens evaluated before stay evaluated.
         """
         tokens = self._check_tokens(tokens)
         if not tokens:
@@ -440,36 +448,37 @@ class Llama:
 
     def _eval(self, tokens: list[int]) -> None:
         self._ctx.check_fits(len(self._input_ids) + len(tokens))
-        # one micro-batch per engine call: a KeyboardInterrupt (Ctrl-C) or cancel() lands
-        # between two of them, with the state consistent; the engine splits the same way, so
-        # the results are those of one call
-        step = max(1, int(self._ctx.n_batch))
-        rows: list[np.ndarray] = []
+        # one engine call; the engine cuts it into micro-batches and calls on_ubatch after each,
+        # where the evaluated tokens are recorded: a KeyboardInterrupt (Ctrl-C), an exception
+        # from eval_progress or a cancel() stops it between two of them with input_ids,
+        # n_tokens_evaluated and the logits matching what the engine holds
         progress = self.eval_progress
+        n_fed = 0
+
+        def on_ubatch(done: int, total: int, logits: np.ndarray) -> None:
+            nonlocal n_fed
+            self._input_ids.extend(tokens[n_fed:done])
+            self.n_tokens_evaluated += done - n_fed
+            n_fed = done
+            self._last_logits = logits[-1]
+            if self.logits_all:  # the rows of this call only: all rows of a long run would be GBs
+                self._all_logits = logits
+            if progress is not None:
+                progress(done, total)
+
         if progress is not None:
             progress(0, len(tokens))
-        for i in range(0, len(tokens), step):
-            chunk = tokens[i:i + step]
-            try:
-                logits = self._ctx.eval(np.asarray(chunk, dtype=np.int64))
-            except AbortedError:
-                if self._ctx.needs_reset:
-                    # cancelled inside a graph: the caches are half-written; start afresh (the
-                    # snapshots still serve prefix reuse)
-                    self._ctx.reset()
-                    self._input_ids = []
-                    self._last_logits = None
-                    self._all_logits = []
-                raise
-            self.n_tokens_evaluated += len(chunk)
-            self._input_ids.extend(chunk)
-            self._last_logits = logits[-1]
-            if self.logits_all:
-                rows.extend(logits)
-            if progress is not None:
-                progress(i + len(chunk), len(tokens))
-        if self.logits_all:  # the rows of this call only: all rows of a long run would be GBs
-            self._all_logits = rows
+        try:
+            self._ctx.eval(np.asarray(tokens, dtype=np.int64), on_ubatch=on_ubatch)
+        except AbortedError:
+            if self._ctx.needs_reset:
+                # cancelled inside a graph: the caches are half-written; start afresh (the
+                # snapshots still serve prefix reuse)
+                self._ctx.reset()
+                self._input_ids = []
+                self._last_logits = None
+                self._all_logits = _NO_ROWS
+            raise
 
     def cancel(self) -> None:
         """Stop a running generation or evaluation from another thread (or a signal handler):
@@ -626,7 +635,7 @@ class Llama:
         self._ctx.load_state(state.engine_state, tokens=state.input_ids)
         self._input_ids = list(state.input_ids)
         self._last_logits = None if state.last_logits is None else state.last_logits.copy()
-        self._all_logits = []
+        self._all_logits = _NO_ROWS
 
     # ------------------------------------------------------------------ completion
 
