@@ -7,6 +7,7 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <stdexcept>
 #include <thread>
@@ -33,16 +34,19 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
         throw std::invalid_argument("n_seq_max must be in [1, 4096], got " + std::to_string(params_.n_seq_max));
     }
     // ggml's thread pools hold at most GGML_MAX_N_THREADS workers
-    if (params_.n_threads > GGML_MAX_N_THREADS || params_.n_threads_batch > GGML_MAX_N_THREADS) {
-        throw std::invalid_argument("n_threads and n_threads_batch must be at most " +
-                                    std::to_string(GGML_MAX_N_THREADS) + " (got " +
-                                    std::to_string(std::max(params_.n_threads, params_.n_threads_batch)) + ")");
+    for (int n : {params_.n_threads, params_.n_threads_batch}) {
+        if (n > GGML_MAX_N_THREADS || n < threads_auto) {
+            throw std::invalid_argument("n_threads and n_threads_batch must be at most " + std::to_string(GGML_MAX_N_THREADS) +
+                                        ", and >= 0 or auto (got " + std::to_string(n) + ")");
+        }
     }
-    if (params_.n_threads <= 0) {
-        params_.n_threads = std::max(1u, std::thread::hardware_concurrency());
-    }
-    if (params_.n_threads_batch <= 0) {
-        params_.n_threads_batch = params_.n_threads;
+    {
+        const int bound = std::min(usable_cores(), (int) GGML_MAX_N_THREADS);
+        auto make = [bound](int n) {  // auto: adapt within the usable cores; 0: all of them; N: N
+            return n == threads_auto ? thread_tuner(bound, 0) : thread_tuner(n ? n : bound, n ? n : bound);
+        };
+        tuner_decode_ = make(params_.n_threads);
+        tuner_batch_  = make(params_.n_threads_batch);
     }
     if (params_.kv_type != GGML_TYPE_F32 && params_.kv_type != GGML_TYPE_F16 && params_.kv_type != GGML_TYPE_BF16) {
         throw std::invalid_argument("kv_type must be F32, F16 or BF16");
@@ -71,7 +75,13 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
             // one persistent pool for this context: without it the CPU backend starts and joins
             // its worker threads on every graph compute (every decoded token)
             ggml_threadpool_params tpp = ggml_threadpool_params_default(
-                std::max(params_.n_threads, params_.n_threads_batch));
+                std::max(tuner_decode_.n_max(), tuner_batch_.n_max()));
+            // workers outside a graph's thread count, and all of them between graphs, sleep at
+            // once instead of spinning first (ggml's default, poll 50): a spinning idle worker
+            // takes a core from the threads that work. SAMBAY_THREAD_POLL (0..100) overrides,
+            // for measurements.
+            tpp.poll = 0;
+            if (const char * env = std::getenv("SAMBAY_THREAD_POLL")) tpp.poll = std::clamp(std::atoi(env), 0, 100);
             threadpool_.reset(ggml_threadpool_new(&tpp));
             if (!threadpool_) {
                 throw compute_error("cannot create the CPU thread pool");
@@ -286,8 +296,15 @@ ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
         throw compute_error("cannot allocate the compute graph");
     }
     gb.set_inputs();
-    set_threads(ub.n_tokens() == 1 ? params_.n_threads : params_.n_threads_batch);
+    thread_tuner & tuner = ub.n_tokens() == 1 ? tuner_decode_ : tuner_batch_;
+    const int n_threads = tuner.next();
+    set_threads(n_threads);
+    const auto t0 = std::chrono::steady_clock::now();
     const ggml_status st = ggml_backend_sched_graph_compute(sched_.get(), gf);
+    if (st == GGML_STATUS_SUCCESS) {
+        tuner.record(n_threads, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                     ub.n_tokens());
+    }
     if (st == GGML_STATUS_ABORTED) {
         // earlier nodes (or scheduler splits) have written part of the memory of this
         // micro-batch's sequences, later ones not: their memory no longer describes any position.
@@ -333,6 +350,11 @@ void context::load_state(const std::vector<uint8_t> & data, uint32_t seq, const 
     if (tokens) claimed.add(tokens->data(), tokens->size());
     history_[seq] = mem_->load(seq, data, tokens ? &claimed : nullptr);
     poisoned_[seq] = 0;
+}
+
+thread_tuner context::threads(bool batch) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return batch ? tuner_batch_ : tuner_decode_;
 }
 
 std::map<std::string, size_t> context::memory_breakdown() const {

@@ -5,6 +5,7 @@
 #include "graph.h"
 #include "memory.h"
 #include "model.h"
+#include "threads.h"
 
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
@@ -25,12 +26,17 @@ struct threadpool_deleter {
     void operator()(ggml_threadpool * tp) const;
 };
 
+constexpr int threads_auto = -1;
+
 struct context_params {
     uint32_t  n_ctx           = 0;     // 0: the trained context (context_length), per sequence
     uint32_t  n_batch         = 512;   // micro-batch size (rows of all sequences together)
     uint32_t  n_seq_max       = 1;     // sequences (slots 0 .. n_seq_max-1), each of n_ctx positions
-    int       n_threads       = 0;     // decode (1 token); 0: hardware concurrency
-    int       n_threads_batch = 0;     // prefill; 0: n_threads
+    // CPU threads for steps of one token (n_threads) and of several (n_threads_batch):
+    // threads_auto adapts the count by timing (thread_tuner, threads.h), 0 is every usable core,
+    // N is exactly N
+    int       n_threads       = threads_auto;
+    int       n_threads_batch = threads_auto;
     bool      logits_all      = false; // logits of every token instead of the last one
     ggml_type kv_type         = GGML_TYPE_F16;
     bool      yoco            = true;  // run the cross-decoder on output rows only
@@ -115,6 +121,9 @@ public:
                                     const std::vector<int32_t> * tokens = nullptr);
 
     std::map<std::string, size_t> memory_breakdown() const;
+    // the thread count chooser of single-token steps (batch false) or of longer ones (true):
+    // a copy, taken under the lock (waits for a running eval)
+    thread_tuner threads(bool batch) const;
     const context_params & params() const { return params_; }
     const model & get_model() const { return *model_; }
     std::string device_name() const { return model_->device_name(); }
@@ -133,6 +142,8 @@ private:
     std::vector<ggml_backend_ptr>  backends_;
     ggml_backend_sched_ptr         sched_;
     size_t                         graph_size_ = 0;
+    thread_tuner                   tuner_decode_{1, 0};  // single-token steps
+    thread_tuner                   tuner_batch_{1, 0};   // steps of several tokens
     bool                           cpu_attn_ = false;  // every device is the CPU: attention scores by attn_cpu.h
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
     std::vector<seq_history>       history_;   // per sequence: n_past and its tokens' hash

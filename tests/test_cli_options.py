@@ -188,3 +188,19 @@ def test_bad_chat_templates_are_one_line_errors(model, tmp_path):
         assert len(lines) == 1 and lines[0].startswith(line), (argv, out.stderr)
     out = sambay("run", *base, "--chat-template", "chatml", "--chat-template-file", str(broken))
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], (None, None)),             # the engine adapts both
+    (["-t", "1"], (1, 1)),          # as llama.cpp: -tb defaults to -t
+    (["-t", "1", "-tb", "2"], (1, 2)),
+    (["-tb", "0"], (None, 0)),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_thread_options_for_run_and_serve(argv, want):
+    from sambay._options import thread_kwargs
+    from sambay.server.settings import from_args
+
+    args = build_parser().parse_args(["run", *argv])
+    assert (thread_kwargs(args)["n_threads"], thread_kwargs(args)["n_threads_batch"]) == want
+    s = from_args(build_parser().parse_args(["serve", "-m", "x", *argv]))
+    assert (s.n_threads, s.n_threads_batch) == want

@@ -99,8 +99,9 @@ def test_absurd_integer_sampling_parameters(llm):
 
 def test_n_threads_zero_and_ten_thousand(gguf_path):
     m = Model(gguf_path)
-    c = Context(m, n_ctx=8, n_threads=0)  # 0: all cores
-    assert c.n_threads == c.n_threads_batch >= 1
+    c = Context(m, n_ctx=8, n_threads=0, n_threads_batch=0)  # 0: all cores, fixed
+    assert c.n_threads == c.n_threads_batch == c.threads["decode"]["n_max"] >= 1
+    assert not c.threads["decode"]["adaptive"] and not c.threads["batch"]["adaptive"]
     c.eval([1, 2])
     with pytest.raises(ValueError, match="at most 512"):
         Context(m, n_ctx=8, n_threads=10_000)

@@ -38,13 +38,34 @@ static std::vector<int32_t> token_ids(const context & c, py::object obj) {
     return std::vector<int32_t>(src, src + tokens.size());
 }
 
+static py::dict tuner_dict(const thread_tuner & t) {
+    py::dict d;
+    d["adaptive"] = t.adaptive(); d["current"] = t.current(); d["n_max"] = t.n_max();
+    d["probes"] = t.n_probes(); d["switches"] = t.n_switches();
+    return d;
+}
+
 void register_context(py::module_ & m) {
+    // the thread count chooser alone (threads.h), for tests fed with synthetic step times
+    py::class_<thread_tuner>(m, "ThreadTuner")
+        .def(py::init<int, int>(), py::arg("n_max"), py::arg("n_fixed") = 0)
+        .def("next", &thread_tuner::next)
+        .def("record", &thread_tuner::record, py::arg("n"), py::arg("seconds"), py::arg("n_tokens"))
+        .def_property_readonly("adaptive", &thread_tuner::adaptive)
+        .def_property_readonly("current", &thread_tuner::current)
+        .def_property_readonly("n_max", &thread_tuner::n_max)
+        .def_property_readonly("probes", &thread_tuner::n_probes)
+        .def_property_readonly("switches", &thread_tuner::n_switches)
+        .def("report", &tuner_dict);
+    m.def("usable_cores", &usable_cores, "the cores this process may run on (its affinity mask on Linux)");
+
     py::class_<context>(m, "Context")
-        .def(py::init([](std::shared_ptr<model> md, uint32_t n_ctx, uint32_t n_batch, int n_threads,
-                         int n_threads_batch, bool logits_all, const std::string & kv_type, bool yoco, bool flash_attn,
+        .def(py::init([](std::shared_ptr<model> md, uint32_t n_ctx, uint32_t n_batch, std::optional<int> n_threads,
+                         std::optional<int> n_threads_batch, bool logits_all, const std::string & kv_type, bool yoco, bool flash_attn,
                          uint32_t n_seq_max) {
                  context_params p;
-                 p.n_ctx = n_ctx; p.n_batch = n_batch; p.n_threads = n_threads; p.n_threads_batch = n_threads_batch;
+                 p.n_ctx = n_ctx; p.n_batch = n_batch; p.n_threads = n_threads.value_or(threads_auto);
+                 p.n_threads_batch = n_threads_batch.value_or(threads_auto);
                  p.n_seq_max = n_seq_max;
                  p.logits_all = logits_all; p.kv_type = parse_kv_type(kv_type); p.yoco = yoco;
                  p.flash_attn = flash_attn;
@@ -52,7 +73,7 @@ void register_context(py::module_ & m) {
                  return std::make_unique<context>(std::move(md), p);
              }),
              py::arg("model"), py::kw_only(), py::arg("n_ctx") = 0, py::arg("n_batch") = 512,
-             py::arg("n_threads") = 0, py::arg("n_threads_batch") = 0, py::arg("logits_all") = false,
+             py::arg("n_threads") = py::none(), py::arg("n_threads_batch") = py::none(), py::arg("logits_all") = false,
              py::arg("kv_type") = "f16", py::arg("yoco") = true, py::arg("flash_attn") = false,
              py::arg("n_seq_max") = 1)
         .def("eval", [](context & c, py::object obj, py::object on_ubatch) {
@@ -113,8 +134,16 @@ void register_context(py::module_ & m) {
              "raise ContextFullError when a sequence of n_positions would not fit")
         .def_property_readonly("n_ctx", [](const context & c) { return c.params().n_ctx; })
         .def_property_readonly("n_batch", [](const context & c) { return c.params().n_batch; })
-        .def_property_readonly("n_threads", [](const context & c) { return c.params().n_threads; })
-        .def_property_readonly("n_threads_batch", [](const context & c) { return c.params().n_threads_batch; })
+        .def_property_readonly("n_threads", [](const context & c) { return c.threads(false).current(); })
+        .def_property_readonly("n_threads_batch", [](const context & c) { return c.threads(true).current(); })
+        .def_property_readonly("threads", [](const context & c) {
+            py::dict d;
+            for (bool batch : {false, true}) {
+                const thread_tuner t = c.threads(batch);
+                d[batch ? "batch" : "decode"] = tuner_dict(t);
+            }
+            return d;
+        }, "per step kind: adaptive, current, n_max, probes, switches")
         .def_property_readonly("logits_all", [](const context & c) { return c.params().logits_all; })
         .def_property_readonly("yoco", [](const context & c) { return c.params().yoco; })
         .def_property_readonly("flash_attn", [](const context & c) { return c.params().flash_attn; })

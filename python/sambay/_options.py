@@ -24,6 +24,23 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "use_mmap": not args.no_mmap}
 
 
+def add_thread_arguments(p: argparse.ArgumentParser) -> None:
+    """``-t`` and ``-tb`` (read back by :func:`thread_kwargs`)."""
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads for steps of one token (default: the engine adapts the count by timing, "
+                        "within the usable cores; 0: all cores; N: exactly N)")
+    p.add_argument("-tb", "--threads-batch", type=int, default=None,
+                   help="threads for steps of several tokens: prompts, or several sequences (default: "
+                        "-t's value when given, else adapted)")
+
+
+def thread_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``n_threads``/``n_threads_batch`` keywords of :func:`add_thread_arguments`' options:
+    as llama.cpp, ``-tb`` defaults to ``-t`` (``-t 1`` alone means one thread throughout)."""
+    batch = args.threads_batch if args.threads_batch is not None else args.threads
+    return {"n_threads": args.threads, "n_threads_batch": batch}
+
+
 def add_chat_template_arguments(p: argparse.ArgumentParser) -> None:
     """``--chat-template`` and ``--chat-template-file`` (read back by :func:`chat_template`)."""
     from .chat import BUILTIN_TEMPLATES

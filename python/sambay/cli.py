@@ -9,7 +9,8 @@ import sys
 import traceback
 from typing import Any, Optional, Sequence
 
-from ._options import add_chat_template_arguments, add_engine_arguments, chat_template, engine_kwargs
+from ._options import (add_chat_template_arguments, add_engine_arguments, add_thread_arguments, chat_template,
+                       engine_kwargs, thread_kwargs)
 from ._version import __version__
 from .sampling import SamplingParams, file_sampling
 
@@ -115,8 +116,7 @@ def _load(args: argparse.Namespace) -> Any:
     from .llama import Llama
 
     return Llama(_model_path(args), n_ctx=args.ctx_size, n_batch=args.batch_size,
-                 n_threads=args.threads, n_threads_batch=args.threads_batch,
-                 n_gpu_layers=args.n_gpu_layers, seed=args.seed,
+                 **thread_kwargs(args), n_gpu_layers=args.n_gpu_layers, seed=args.seed,
                  device="cpu" if args.cpu else "auto", verbose=False, chat_template=chat_template(args),
                  **engine_kwargs(args))
 
@@ -353,8 +353,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096,
                    help="context length (0: the model's trained context, 65536 for the real model)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per step")
-    p.add_argument("-t", "--threads", type=int, default=None, help="decode threads (default: half the cores; 0: all)")
-    p.add_argument("-tb", "--threads-batch", type=int, default=None, help="prompt threads (default: all cores)")
+    add_thread_arguments(p)
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1,
                    help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")

@@ -178,8 +178,10 @@ class Context:
             here, in the engine, with results equal to one batch.
         n_seq_max: number of sequences (ids ``0 .. n_seq_max-1``); each has its own Mamba
             states, sliding-window rings and ``n_ctx`` cells of the shared KV cache.
-        n_threads: CPU threads for single-token decoding (``0``: all cores).
-        n_threads_batch: CPU threads for multi-token batches (``0``: ``n_threads``).
+        n_threads: CPU threads for single-token decoding: ``None`` (default) lets the engine
+            choose and adapt the count by timing its steps, within the cores the process may
+            run on; ``0``: all those cores; ``N``: exactly ``N``.
+        n_threads_batch: the same for steps of several tokens (prompts, several sequences).
         logits_all: return logits for every evaluated token, not only the last one.
         kv_type: ``"f16"`` (default), ``"f32"`` or ``"bf16"`` for the attention caches; the
             Mamba states are always F32.
@@ -199,8 +201,8 @@ class Context:
         *,
         n_ctx: int = 0,
         n_batch: int = 512,
-        n_threads: int = 0,
-        n_threads_batch: int = 0,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
         logits_all: bool = False,
         kv_type: str = "f16",
         yoco: bool = True,
@@ -213,6 +215,9 @@ class Context:
             raise ValueError(f"n_ctx must be >= 0, got {n_ctx}")
         if n_batch <= 0:
             raise ValueError(f"n_batch must be positive, got {n_batch}")
+        for name, n in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise ValueError(f"{name} must be None (adapt) or an integer >= 0, got {n!r}")
         if kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type must be one of {_KV_TYPES}, got {kv_type!r}")
         self.model = model
@@ -220,8 +225,8 @@ class Context:
             model._m,
             n_ctx=int(n_ctx),
             n_batch=int(n_batch),
-            n_threads=int(n_threads),
-            n_threads_batch=int(n_threads_batch),
+            n_threads=n_threads,
+            n_threads_batch=n_threads_batch,
             logits_all=bool(logits_all),
             kv_type=kv_type,
             yoco=bool(yoco),
@@ -331,13 +336,23 @@ class Context:
 
     @property
     def n_threads(self) -> int:
-        """CPU threads for single-token steps (``0`` given: all cores)."""
+        """CPU threads single-token steps run with now (adapted over time when ``None`` was given)."""
         return self._c.n_threads
 
     @property
     def n_threads_batch(self) -> int:
-        """CPU threads for multi-token batches."""
+        """CPU threads steps of several tokens run with now."""
         return self._c.n_threads_batch
+
+    @property
+    def threads(self) -> dict[str, dict[str, Any]]:
+        """The thread count choice of each step kind, ``"decode"`` (one token) and ``"batch"``.
+
+        Each is a dict: ``adaptive`` (the engine chooses), ``current`` (the count steps run with
+        outside probes), ``n_max`` (the most it may choose: the usable cores), ``probes``
+        (trials of a neighbouring count so far) and ``switches`` (changes of ``current``).
+        """
+        return self._c.threads
 
     @property
     def logits_all(self) -> bool:

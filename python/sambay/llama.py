@@ -101,8 +101,11 @@ class Llama:
         n_ctx: context length in tokens; 0 means the model's trained context (65536 for
             Phi-4-mini-flash-reasoning: see the README for what long contexts cost).
         n_batch: prompt tokens per engine step (micro-batch).
-        n_threads: threads for single-token decoding (default: half the cores; 0: all cores).
-        n_threads_batch: threads for prompt processing (default and 0: all cores).
+        n_threads: threads for single-token decoding. ``None`` (default): the engine chooses,
+            and adapts the count by timing its steps (one thread when other programs keep the
+            cores busy, all usable cores when they are free); 0: all cores; N: exactly N.
+        n_threads_batch: threads for prompt processing (and steps of several sequences); the
+            same choices, chosen separately.
         n_gpu_layers: layers to put on a GPU when the installed ggml has one (-1: all, 0: none).
         seed: seed of the sampler's generator (None, or llama-cpp-python's -1: fresh entropy);
             a call's ``seed`` wins.
@@ -183,13 +186,12 @@ class Llama:
         chat_template = _compat.chat_format_template(chat_format, chat_template)
         if chat_template is not None:  # a bad name or template fails before the weights load
             check_template(chat_template)
-        cpus = os.cpu_count() or 1
         _check_int("n_ctx", n_ctx, 0)
         _check_int("n_batch", n_batch, 1)
-        # 0: all cores, as for engine.Context
-        n_threads = _check_int("n_threads", n_threads, 0) or cpus if n_threads is not None else max(1, cpus // 2)
-        n_threads_batch = (_check_int("n_threads_batch", n_threads_batch, 0) or cpus
-                           if n_threads_batch is not None else cpus)
+        # None: the engine adapts the count, 0: all cores (both resolved by engine.Context)
+        for name, n in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if n is not None:
+                _check_int(name, n, 0)
         _check_int("max_snapshots", max_snapshots, 0)
         _check_int("n_seq_max", n_seq_max, 1)
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
@@ -389,6 +391,13 @@ class Llama:
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes per part of the context's memory (Mamba states, SWA rings, shared KV, ...)."""
         return dict(self._ctx.memory_breakdown())
+
+    @property
+    def threads(self) -> dict[str, dict[str, Any]]:
+        """The engine's thread count choice for single-token steps (``"decode"``) and longer ones
+        (``"batch"``): ``adaptive``, ``current``, ``n_max``, ``probes``, ``switches``
+        (:attr:`sambay.engine.Context.threads`)."""
+        return dict(self._ctx.threads)
 
     # ------------------------------------------------------------------ tokens
 

@@ -54,11 +54,10 @@ def load_pool(settings: ServerSettings) -> Any:
     from .pool import SlotLlama, SlotPool
 
     check_model_file(settings.model, LoadError)
-    cpus = os.cpu_count() or 1
     n = settings.parallel
     base = SlotLlama(settings.model, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-                     n_threads=settings.n_threads or max(1, cpus // 2),
-                     n_threads_batch=settings.n_threads_batch or cpus, device=settings.device,
+                     n_threads=settings.n_threads, n_threads_batch=settings.n_threads_batch,
+                     device=settings.device,
                      n_gpu_layers=settings.n_gpu_layers, n_seq_max=n, seed=settings.seed, verbose=False,
                      flash_attn=settings.flash_attn, type_k=settings.type_k, type_v=settings.type_v,
                      use_mmap=settings.use_mmap, chat_template=settings.chat_template)

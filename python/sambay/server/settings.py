@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from .._compat import cache_type
-from .._options import add_chat_template_arguments, add_engine_arguments, chat_template, engine_kwargs
+from .._options import (add_chat_template_arguments, add_engine_arguments, add_thread_arguments, chat_template,
+                        engine_kwargs, thread_kwargs)
 from ..chat import check_template
 from ..reasoning import REASONING_FORMATS, check_reasoning_format, resolve_budget
 
@@ -125,10 +126,7 @@ def add_arguments(p: argparse.ArgumentParser, *, ray: bool = False) -> None:
                    help="the largest max_tokens a request may ask for (default: the context length)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="the largest request body accepted")
-    p.add_argument("-t", "--threads", type=int, default=None,
-                   help="threads for steps of one token (default: half the cores)")
-    p.add_argument("-tb", "--threads-batch", type=int, default=None,
-                   help="threads for steps of several tokens: prompts, or several sequences (default: the cores)")
+    add_thread_arguments(p)
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=-1, help="layers on the GPU if any (-1: all)")
     p.add_argument("--cpu", action="store_true", help="compute on the CPU even if a GPU exists")
     p.add_argument("-s", "--seed", type=int, default=None,
@@ -182,7 +180,7 @@ def from_args(args: argparse.Namespace) -> ServerSettings:
     """:class:`ServerSettings` from :func:`add_arguments`' options."""
     return ServerSettings(
         model=args.model, host=args.host, port=args.port, n_ctx=args.n_ctx, n_batch=args.batch_size,
-        n_threads=args.threads, n_threads_batch=args.threads_batch, n_gpu_layers=args.n_gpu_layers,
+        **thread_kwargs(args), n_gpu_layers=args.n_gpu_layers,
         device="cpu" if args.cpu else "auto", parallel=args.parallel, max_queue=args.max_queue,
         api_key=args.api_key or None, model_alias=args.model_alias, max_tokens=args.max_tokens,
         max_body_bytes=args.max_body_bytes, seed=args.seed, log_level=args.log_level,
