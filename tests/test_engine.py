@@ -521,9 +521,11 @@ def test_quantized_q8_0_model_runs_close_to_reference(tiny12, root):
     assert err < 6e-2, f"Q8_0: max |engine - reference| = {err:.3g}"
     # relative mean-squared error stays small
     assert np.mean((got - want) ** 2) / np.mean(want**2) < 1e-3
-    # the CPU's repacked Q8_0 layout (default) computes what the plain mapped layout computes
+    # the CPU's repacked Q8_0 layout (default) computes what the plain mapped layout computes,
+    # up to the order of its sums: 9.7e-3 apart on an Armv8.2 dotprod+fp16 build (its 4x4
+    # interleaved kernel; emulated Cortex-A76), equal on x86-64 (wheel and native); a wrong layout is O(1)
     plain = _ctx(Model(q8, use_extra_bufts=False), logits_all=True).eval(ids)
-    np.testing.assert_allclose(got, plain, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(got, plain, rtol=0, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------------
