@@ -285,10 +285,14 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
-// cells of a V^T row converted to F32 at a time (the weights' rows of the same cells stay in L1)
+// cells of a V^T row converted to F32 at a time when V is not read in registers
 constexpr int64_t PV_CHUNK = 512;
 // V^T rows (channels) per work item
 constexpr int64_t PV_CHANNELS = 8;
+// bytes of weights (cols rows of a tile of cells) kept in L1 while every channel of a work item
+// reads them: a tile of cells is multiplied with all the item's channels before the next one, so
+// the weights are read from memory once per item rather than once per channel
+constexpr int64_t PV_TILE_BYTES = 16 * 1024;
 
 void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const kernel & kern = *(const kernel *) userdata;
@@ -298,32 +302,46 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t blocks = (dv + PV_CHANNELS - 1) / PV_CHANNELS, n_items = n_pairs * blocks;
     const int64_t per = (n_items + nth - 1) / nth;
     const int64_t i0 = std::min(n_items, ith * per), i1 = std::min(n_items, i0 + per);
+    // cells per tile: a multiple of 16 (the SIMD loops' step), at least 64
+    const int64_t tile = std::max<int64_t>(64, PV_TILE_BYTES / (int64_t) sizeof(float) / cols / 16 * 16);
+    const bool in_registers = kern.dot2_f16 && v->type == GGML_TYPE_F16;
     float buf[PV_CHUNK];
-    thread_local std::vector<float> acc;  // kept between calls: no allocation per token
-    acc.resize(cols);
+    thread_local std::vector<float> acc;  // [channel of the item][col]; kept between calls
+    acc.resize(PV_CHANNELS * cols);
     for (int64_t item = i0; item < i1; ++item) {
         const int64_t m = item / blocks, ch0 = (item % blocks) * PV_CHANNELS;
-        const float * wm = (const float *) ((const char *) w->data + m * w->nb[2]);
-        for (int64_t ch = ch0; ch < std::min(dv, ch0 + PV_CHANNELS); ++ch) {
-            const char * vrow = (const char *) v->data + m * v->nb[2] + ch * v->nb[1];
-            std::fill(acc.begin(), acc.end(), 0.0f);
-            if (kern.dot2_f16 && v->type == GGML_TYPE_F16) {
-                // two weight rows per pass over the row, F16 converted in registers
-                const ggml_fp16_t * v16 = (const ggml_fp16_t *) vrow;
-                for (int64_t j = 0; j < cols; j += 2) {
-                    const float * w0 = (const float *) ((const char *) wm + j * w->nb[1]);
-                    const float * w1 = j + 1 < cols ? (const float *) ((const char *) wm + (j + 1) * w->nb[1]) : nullptr;
-                    kern.dot2_f16(v16, w0, w1, n_kv, &acc[j]);
-                }
-            } else for (int64_t c0 = 0; c0 < n_kv; c0 += PV_CHUNK) {
-                const int64_t n = std::min(PV_CHUNK, n_kv - c0);
-                to_f32(v->type, vrow + c0 * v->nb[0], buf, n);
-                for (int64_t j = 0; j < cols; ++j) {
-                    acc[j] += kern.dot(buf, (const float *) ((const char *) wm + j * w->nb[1]) + c0, n);
+        const int64_t n_ch = std::min(dv, ch0 + PV_CHANNELS) - ch0;
+        const char * wm = (const char *) w->data + m * w->nb[2];
+        const char * vm = (const char *) v->data + m * v->nb[2] + ch0 * v->nb[1];
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t t0 = 0; t0 < n_kv; t0 += tile) {
+            const int64_t nt = std::min(tile, n_kv - t0);
+            for (int64_t ci = 0; ci < n_ch; ++ci) {
+                const char * vrow = vm + ci * v->nb[1];
+                float * a = &acc[ci * cols];
+                if (in_registers) {
+                    // two weight rows per pass over the tile, F16 converted in registers
+                    const ggml_fp16_t * v16 = (const ggml_fp16_t *) vrow + t0;
+                    for (int64_t j = 0; j < cols; j += 2) {
+                        const float * w0 = (const float *) (wm + j * w->nb[1]) + t0;
+                        const float * w1 = j + 1 < cols ? (const float *) (wm + (j + 1) * w->nb[1]) + t0 : nullptr;
+                        float d[2];
+                        kern.dot2_f16(v16, w0, w1, nt, d);
+                        a[j] += d[0];
+                        if (w1) a[j + 1] += d[1];
+                    }
+                } else for (int64_t c0 = t0; c0 < t0 + nt; c0 += PV_CHUNK) {
+                    const int64_t n = std::min(PV_CHUNK, t0 + nt - c0);
+                    to_f32(v->type, vrow + c0 * v->nb[0], buf, n);
+                    for (int64_t j = 0; j < cols; ++j) {
+                        a[j] += kern.dot(buf, (const float *) (wm + j * w->nb[1]) + c0, n);
+                    }
                 }
             }
-            float * o = (float *) ((char *) dst->data + m * dst->nb[2]) + ch;
-            for (int64_t j = 0; j < cols; ++j) o[j * dv] = acc[j];
+        }
+        for (int64_t ci = 0; ci < n_ch; ++ci) {
+            float * o = (float *) ((char *) dst->data + m * dst->nb[2]) + ch0 + ci;
+            for (int64_t j = 0; j < cols; ++j) o[j * dv] = acc[ci * cols + j];
         }
     }
 }
@@ -336,8 +354,9 @@ ggml_tensor * attn_pv_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * v) 
     GGML_ASSERT(v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_F16 || v->type == GGML_TYPE_BF16);
     GGML_ASSERT(v->ne[0] == n_kv && v->ne[2] == n_pairs && v->nb[0] == (int64_t) ggml_type_size(v->type));
     ggml_tensor * args[2] = { w, v };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[1], cols, n_pairs, 1, args, 2, pv_op, GGML_N_TASKS_MAX,
-                          (void *) &pick_kernel(0));
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[1], cols, n_pairs, 1, args, 2, pv_op,
+                                       GGML_N_TASKS_MAX, (void *) &pick_kernel(0));
+    return ggml_set_name(out, "attn_pv_cpu");
 }
 
 ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask) {
@@ -352,8 +371,9 @@ ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor *
     GGML_ASSERT(mask->ne[0] == n_kv && mask->ne[1] == n_rows);
     ggml_tensor * args[3] = { q, k, mask };
     const kernel & kern = pick_kernel(hd);
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, (H / Hkv) * n_rows, Hkv / 2, 2, args, 3, scores_op,
-                          GGML_N_TASKS_MAX, (void *) &kern);
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, (H / Hkv) * n_rows, Hkv / 2, 2, args, 3, scores_op,
+                                       GGML_N_TASKS_MAX, (void *) &kern);
+    return ggml_set_name(out, "attn_scores_cpu");
 }
 
 const char * attn_scores_kernel_name() {
