@@ -10,29 +10,84 @@
 // With flash_attn: ggml_flash_attn_ext per stripe over V stored like K (no score tensor).
 // Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
 // shared cache of kv_shared_layer (already holding this batch's K/V).
-// Several sequences: the projections run on all rows at once; the attention itself runs per
-// sequence over the cells of its slot (views, no copies) and the results are joined back into
-// rows. The caches are written for all rows by one set_rows per cache.
+// Several sequences: the projections run on all rows at once. In a CPU context the sequences
+// of at most COMBINE_MAX_ROWS rows share one set of attention ops per layer (attn_cpu.h: the
+// kernels find each sequence's cells through a table of sequences, the scores are padded to the
+// deepest one); every other sequence attends in its own subgraph over the cells of its slot
+// (views, no copies); the results are joined back into rows. The caches are written for all
+// rows by one set_rows per cache.
 #include "attn_cpu.h"
 #include "graph.h"
 #include "memory.h"
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace sambay {
 
-// batches of at most this many rows take the combined-weights attention path (see above)
+// sequences of at most this many rows (of a micro-batch) take the combined-weights attention
+// paths (see above): the joined CPU kernels, or ggml's ops per sequence
 constexpr int64_t COMBINE_MAX_ROWS = 16;
+
+const attn_join_inputs * graph_builder::join_inputs(bool is_swa) {
+    if (!ub_.cpu_attn || ub_.flash_attn) return nullptr;
+    // (the returned pointer lives until the next call: joins may grow)
+    for (const attn_join_inputs & j : inp_.joins) {
+        if (j.is_swa == is_swa && j.cut == cut_) return &j;
+    }
+    attn_join_inputs j;
+    j.is_swa = is_swa;
+    j.cut = cut_;
+    uint32_t n_rows = 0;
+    for (uint32_t i = 0; i < ub_.seqs.size(); ++i) {
+        const uint32_t n = seq_rows(i);
+        if (n == 0 || n > COMBINE_MAX_ROWS) continue;
+        j.idx.push_back(i);
+        j.q_row0.push_back(seq_row0(i));
+        j.rows.push_back(n);
+        j.n_kv_max = std::max(j.n_kv_max, is_swa ? inp_.seqs[i].n_kv_swa : inp_.seqs[i].n_kv_full);
+        n_rows += n;
+    }
+    if (j.idx.empty()) return nullptr;
+    const char * stage = is_swa ? "swa" : cut_ ? "full-cut" : "full";
+    j.seqs = ggml_new_tensor_2d(ctx_, GGML_TYPE_I64, ATTN_SEQ_FIELDS, (int64_t) j.idx.size());
+    ggml_set_input(j.seqs); ggml_format_name(j.seqs, "inp_join_seqs-%s", stage);
+    j.mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, j.n_kv_max, n_rows);
+    ggml_set_input(j.mask); ggml_format_name(j.mask, "inp_join_mask-%s", stage);
+    inp_.joins.push_back(std::move(j));
+    return &inp_.joins.back();
+}
 
 ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                              uint32_t n_cells, bool is_swa, int il) {
-    // each sequence attends over the cells of its own slot: a subgraph per sequence on its rows,
-    // the results joined back into the rows of the micro-batch (the weights stay batched)
+    // the short sequences (decode steps, small chunks) of a CPU context together in one set of
+    // ops; every other sequence a subgraph over the cells of its slot (views, no copies); the
+    // results joined back into the rows of the micro-batch (the weights stay batched)
+    const attn_join_inputs * join = join_inputs(is_swa);
+    ggml_tensor * joined = join ? build_attn_joined(q, k_all, v_all, *join, il) : nullptr;  // [2*hd*H/2, joined rows]
     std::vector<ggml_tensor *> outs;
+    size_t  k = 0;                  // the next sequence of the join
+    int64_t jrow = 0;               // its first joined row
+    int64_t run0 = 0, run_rows = 0; // joined rows not yet in outs
+    auto flush_run = [&]() {
+        if (run_rows == 0) return;
+        outs.push_back(run_rows == joined->ne[1] ? joined
+                                                 : ggml_view_2d(ctx_, joined, joined->ne[0], run_rows, joined->nb[1],
+                                                                run0 * joined->nb[1]));
+        run0 += run_rows;
+        run_rows = 0;
+    };
     for (size_t i = 0; i < ub_.seqs.size(); ++i) {
         const uint32_t n = seq_rows(i);
         if (n == 0) continue;
+        if (join && k < join->idx.size() && join->idx[k] == i) {
+            run_rows += n;
+            jrow += n;
+            ++k;
+            continue;
+        }
+        flush_run();
         ggml_tensor * qs = ggml_view_3d(ctx_, q, q->ne[0], q->ne[1], n, q->nb[1], q->nb[2], seq_row0(i) * q->nb[2]);
         const seq_inputs & si = inp_.seqs[i];
         ggml_tensor * mask = is_swa ? si.swa_mask : si.full_mask;
@@ -43,9 +98,29 @@ ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_al
         outs.push_back(build_diff_attn(qs, k_all, v_all, ub_.seqs[i].seq, n_cells,
                                        is_swa ? si.n_kv_swa : si.n_kv_full, mask, il));
     }
+    flush_run();
+    GGML_ASSERT(!join || (k == join->idx.size() && jrow == joined->ne[1]));
     ggml_tensor * cur = join_rows(ctx_, outs);  // [2*hd*H/2, n_rows]
     cb(cur, "diff_attn", il);
     return build_attn_out(cur, il);
+}
+
+ggml_tensor * graph_builder::build_attn_joined(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+                                               const attn_join_inputs & join, int il) {
+    // q: [hd, H, n_rows] of all rows; k_all, v_all: the whole caches (rows; V^T elements); the
+    // kernels of attn_cpu.h find each sequence's rows and cells in join.seqs (each cached key and
+    // value read once for the g query heads of both stripes that share it)
+    const int64_t hd = hp_.n_embd_head, Hkv2 = hp_.n_head_kv / 2;
+    const int64_t n_rows = join.mask->ne[1];
+    const float   scale = 1.0f / std::sqrt((float) hd);  // 1/sqrt(hd), never 1/sqrt(2*hd)
+    ggml_tensor * kq = attn_scores_cpu(ctx_, q, k_all, join.mask, join.seqs);  // [n_kv_max, g*n_rows, Hkv/2, 2], mask added
+    // over the padded rows: the padding is -inf, so exact zeros
+    kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
+    ggml_tensor * p1 = ggml_view_3d(ctx_, kq, kq->ne[0], kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
+    ggml_tensor * p2 = ggml_view_3d(ctx_, kq, kq->ne[0], kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
+    ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv_max, g*n_rows, Hkv/2]
+    ggml_tensor * cur = attn_pv_cpu(ctx_, w, v_all, join.seqs, 2 * hd);  // [2*hd, g*n_rows, Hkv/2]
+    return build_pair_norm(cur, n_rows, /*by_kv_pair*/ true, il);
 }
 
 ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all, uint32_t slot,
@@ -73,7 +148,6 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     };
     // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over the head dimension
     ggml_tensor * cur = nullptr;
-    bool by_kv_pair = false;  // cur is [2*hd, g*n_rows, Hkv/2] (the CPU kernels' order)
     if (ub_.flash_attn) {
         // V stored like K, [n_embd_kv, n_cells] viewed as pairs [2*hd, n_kv, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, 2 * hd, n_kv, Hkv2, v_all->nb[1], 2 * hd * ves, v_off);
@@ -86,19 +160,7 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     } else {
         // V^T stored [n_cells, n_embd_kv] per sequence, viewed as pairs [n_kv, 2*hd, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, v_off);
-        if (n_rows <= COMBINE_MAX_ROWS && ub_.cpu_attn) {
-            // decode-sized batches on the CPU: the kernels of attn_cpu.h (each cached key and
-            // value read once for the g query heads of both stripes that share it); the scores'
-            // rows are ordered so that each V pair multiplies adjacent rows; otherwise as below
-            ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], k_off);
-            ggml_tensor * kq = attn_scores_cpu(ctx_, q, ka, mask);  // [n_kv, g*n_rows, Hkv/2, 2], mask added
-            kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
-            ggml_tensor * p1 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
-            ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
-            ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv, g*n_rows, Hkv/2]
-            cur = attn_pv_cpu(ctx_, w, v);  // [2*hd, g*n_rows, Hkv/2]
-            by_kv_pair = true;
-        } else if (n_rows <= COMBINE_MAX_ROWS) {
+        if (n_rows <= COMBINE_MAX_ROWS) {
             // decode-sized batches: both stripes' scores at once, then, as O_1 - lambda O_2 =
             // (P_1 - lambda P_2) V, one product with V: half the V work and V is read once.
             // Query head h (stripe-major) reads K head h / (H/Hkv): stripe s's K head j / (H/Hkv)
@@ -126,6 +188,11 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
             cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
         }
     }
+    return build_pair_norm(cur, n_rows, /*by_kv_pair*/ false, il);
+}
+
+ggml_tensor * graph_builder::build_pair_norm(ggml_tensor * cur, int64_t n_rows, bool by_kv_pair, int il) {
+    const int64_t hd = hp_.n_embd_head, H2 = hp_.n_head / 2, Hkv2 = hp_.n_head_kv / 2;
     // per pair (rows of 2*hd values, whatever the order of the other dimensions)
     cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
     cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);
