@@ -53,8 +53,10 @@ struct group_inputs {                   // sequences of equal n_tokens (Mamba)
     ggml_tensor * slots32 = nullptr;    // I32 [count]: state slots (get_rows, ssm_scan)
     ggml_tensor * slots64 = nullptr;    // I64 [count]: the same (set_rows)
 };
-// the joined attention (attn_cpu.h) of the short sequences of a micro-batch over one cache, at
-// one stage (before or after the YOCO cut); ub.seqs[idx[k]] is its k-th sequence
+// a joined attention (attn_cpu.h) of short sequences of a micro-batch over one cache, at one
+// stage (before or after the YOCO cut); ub.seqs[idx[k]] is its k-th sequence (idx ascending).
+// A stage's short sequences form one join, or several when their depths differ so much that
+// padding them all to the deepest would multiply the softmax's work (attn.cpp, JOIN_PAD_MAX)
 struct attn_join_inputs {
     bool is_swa = false;                // the SWA ring, else the full (shared) cache
     bool cut    = false;                // rows after the YOCO cut (the last n_out of each sequence)
@@ -100,9 +102,9 @@ private:
     // the attention of the sequences of `join` in one set of CPU ops; [2*hd*H/2, joined rows]
     ggml_tensor * build_attn_joined(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                     const attn_join_inputs & join, int il);
-    // the join inputs of the current stage for this cache (made on first use); nullptr when no
-    // sequence of the micro-batch takes the joined path
-    const attn_join_inputs * join_inputs(bool is_swa);
+    // the joins of the current stage for this cache (made on first use; indices into
+    // inp_.joins); empty when no sequence of the micro-batch takes the joined path
+    std::vector<size_t> join_inputs(bool is_swa);
     // the pair norm of the differential attention on pairs of 2*hd values, then the rows in the
     // original head order: [2*hd*H/2, n_rows]; by_kv_pair: cur is [2*hd, g*n_rows, Hkv/2] (the
     // CPU kernels' order), else [2*hd, n_rows, H/2] or, with flash_attn, [2*hd, H/2, n_rows]

@@ -123,9 +123,12 @@ def test_system_info_names_the_kernel():
     assert _core.system_info()["attn_kernel"] in want
 
 
-# (slot -> tokens fed) per decode call: slots 3, 0 and 2 of a 4-slot context (never slot 1)
-# start and stop at different calls; 1 to 16 rows per sequence, and 17 and 20 rows (a chunk
-# longer than the joined path takes) next to joined sequences; the window (16) is crossed
+# (slot -> tokens fed) per decode call: slots 3, 0 and 2 of a 4-slot context start and stop at
+# different calls, slot 1 joins at the last two; 1 to 16 rows per sequence, and 17, 20 and 30
+# rows (chunks longer than the joined path takes) next to joined sequences; the window (16) is
+# crossed. The last two calls join slots 0 (81 cells), 1 (1 cell) and 3 (30 cells): too far
+# apart to pad slot 1 to slot 0's depth, so slots 0 and 3 share a join and slot 1 (between them
+# in row order) gets its own
 PLAN = (
     {3: 5},
     {3: 1, 0: 16},
@@ -138,19 +141,25 @@ PLAN = (
     {3: 2, 0: 1, 2: 1},
     {0: 9, 2: 1},
     {3: 1, 0: 1, 2: 13},
+    {0: 30},
+    {0: 1, 1: 1, 3: 1},
+    {0: 1, 1: 1, 3: 1},
 )
 
 
 def _run_plan(model, monkeypatch, *, cpu_attn, logits_all=False, simd=True):
     """Feeds PLAN (n_batch 64: each call is one micro-batch). Returns slot -> (ids fed,
-    {position: logits row})."""
+    {position: logits row}), and the op profile of the last call (profiling runs the same
+    arithmetic one node at a time)."""
     monkeypatch.setenv("SAMBAY_CPU_ATTN", "1" if cpu_attn else "0")
     monkeypatch.setenv("SAMBAY_ATTN_SIMD", "1" if simd else "0")
+    monkeypatch.setenv("SAMBAY_PROFILE", "1")
     c = Context(model, n_ctx=N_CTX, n_batch=64, n_seq_max=4, logits_all=logits_all, kv_type="f32", **THREADS)
     rng = np.random.default_rng(11)
-    ids = {s: [] for s in (0, 2, 3)}
+    ids = {s: [] for s in range(4)}
     rows = {s: {} for s in ids}
     for step in PLAN:
+        c.reset_op_profile()
         batch = [(s, rng.integers(0, model.n_vocab, n).tolist()) for s, n in step.items()]
         logits = c.decode(batch)
         r = 0
@@ -162,15 +171,18 @@ def _run_plan(model, monkeypatch, *, cpu_attn, logits_all=False, simd=True):
                 rows[s][p] = logits[r]
                 r += 1
         assert r == len(logits)
-    return {s: (ids[s], rows[s]) for s in ids}
+    return {s: (ids[s], rows[s]) for s in ids}, c.op_profile()
 
 
 @pytest.mark.parametrize("shape, logits_all", [("g2-hd32", False), ("g2-hd32", True), ("g1-hd32", True),
                                                 ("g4-hd32", False), ("g2-hd12", True)])
 def test_joined_sequences_equal_per_sequence_path_and_reference(shapes, shape, logits_all, monkeypatch):
     hf, model = shapes[shape]
-    new = _run_plan(model, monkeypatch, cpu_attn=True, logits_all=logits_all)
-    old = _run_plan(model, monkeypatch, cpu_attn=False, logits_all=logits_all)
+    new, prof = _run_plan(model, monkeypatch, cpu_attn=True, logits_all=logits_all)
+    old, _ = _run_plan(model, monkeypatch, cpu_attn=False, logits_all=logits_all)
+    # the last call took two joins per attention layer
+    n_attn = sum(k.startswith("attn") for k in model.hparams()["layer_types"])
+    assert prof["CUSTOM attn_scores_cpu"][0] == 2 * n_attn
     ref = NumpyReference.from_folder(hf)
     for s, (ids, rows) in new.items():
         assert rows.keys() == old[s][1].keys()
@@ -183,8 +195,8 @@ def test_joined_sequences_equal_per_sequence_path_and_reference(shapes, shape, l
 
 def test_joined_scalar_loop_equals_simd_loop(shapes, monkeypatch):
     _, model = shapes["g2-hd64"]
-    simd = _run_plan(model, monkeypatch, cpu_attn=True)
-    scalar = _run_plan(model, monkeypatch, cpu_attn=True, simd=False)
+    simd, _ = _run_plan(model, monkeypatch, cpu_attn=True)
+    scalar, _ = _run_plan(model, monkeypatch, cpu_attn=True, simd=False)
     for s, (_, rows) in simd.items():
         assert max(np.abs(rows[p] - scalar[s][1][p]).max() for p in rows) < 1e-5
 

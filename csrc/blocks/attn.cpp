@@ -13,7 +13,7 @@
 // Several sequences: the projections run on all rows at once. In a CPU context the sequences
 // of at most COMBINE_MAX_ROWS rows share one set of attention ops per layer (attn_cpu.h: the
 // kernels find each sequence's cells through a table of sequences, the scores are padded to the
-// deepest one); every other sequence attends in its own subgraph over the cells of its slot
+// deepest one; much deeper sequences get joins of their own); every other sequence attends in its own subgraph over the cells of its slot
 // (views, no copies); the results are joined back into rows. The caches are written for all
 // rows by one set_rows per cache.
 #include "attn_cpu.h"
@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace sambay {
 
@@ -30,64 +31,94 @@ namespace sambay {
 // paths (see above): the joined CPU kernels, or ggml's ops per sequence
 constexpr int64_t COMBINE_MAX_ROWS = 16;
 
-const attn_join_inputs * graph_builder::join_inputs(bool is_swa) {
-    if (!ub_.cpu_attn || ub_.flash_attn) return nullptr;
-    // (the returned pointer lives until the next call: joins may grow)
-    for (const attn_join_inputs & j : inp_.joins) {
-        if (j.is_swa == is_swa && j.cut == cut_) return &j;
+// a join's padded softmax work (its deepest sequence's cells times its rows) stays within this
+// factor of the work of its sequences' own cells: deeper sequences start a join of their own
+constexpr int64_t JOIN_PAD_MAX = 2;
+
+std::vector<size_t> graph_builder::join_inputs(bool is_swa) {
+    std::vector<size_t> out;
+    if (!ub_.cpu_attn || ub_.flash_attn) return out;
+    for (size_t k = 0; k < inp_.joins.size(); ++k) {
+        if (inp_.joins[k].is_swa == is_swa && inp_.joins[k].cut == cut_) out.push_back(k);
     }
-    attn_join_inputs j;
-    j.is_swa = is_swa;
-    j.cut = cut_;
-    uint32_t n_rows = 0;
+    if (!out.empty()) return out;
+    auto n_kv_of = [&](uint32_t i) { return is_swa ? inp_.seqs[i].n_kv_swa : inp_.seqs[i].n_kv_full; };
+    // the short sequences, deepest first, cut into joins whose padding stays bounded
+    std::vector<uint32_t> order;
     for (uint32_t i = 0; i < ub_.seqs.size(); ++i) {
         const uint32_t n = seq_rows(i);
-        if (n == 0 || n > COMBINE_MAX_ROWS) continue;
-        j.idx.push_back(i);
-        j.q_row0.push_back(seq_row0(i));
-        j.rows.push_back(n);
-        j.n_kv_max = std::max(j.n_kv_max, is_swa ? inp_.seqs[i].n_kv_swa : inp_.seqs[i].n_kv_full);
-        n_rows += n;
+        if (n > 0 && n <= COMBINE_MAX_ROWS) order.push_back(i);
     }
-    if (j.idx.empty()) return nullptr;
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return n_kv_of(a) > n_kv_of(b); });
+    std::vector<std::vector<uint32_t>> groups;
+    int64_t rows = 0, work = 0;  // of the last group
+    for (uint32_t i : order) {
+        const int64_t n = seq_rows(i), w = (int64_t) n_kv_of(i) * n;
+        if (groups.empty() || (int64_t) n_kv_of(groups.back()[0]) * (rows + n) > JOIN_PAD_MAX * (work + w)) {
+            groups.emplace_back();
+            rows = work = 0;
+        }
+        groups.back().push_back(i);
+        rows += n;
+        work += w;
+    }
     const char * stage = is_swa ? "swa" : cut_ ? "full-cut" : "full";
-    j.seqs = ggml_new_tensor_2d(ctx_, GGML_TYPE_I64, ATTN_SEQ_FIELDS, (int64_t) j.idx.size());
-    ggml_set_input(j.seqs); ggml_format_name(j.seqs, "inp_join_seqs-%s", stage);
-    j.mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, j.n_kv_max, n_rows);
-    ggml_set_input(j.mask); ggml_format_name(j.mask, "inp_join_mask-%s", stage);
-    inp_.joins.push_back(std::move(j));
-    return &inp_.joins.back();
+    for (std::vector<uint32_t> & g : groups) {
+        std::sort(g.begin(), g.end());  // rows in micro-batch order
+        attn_join_inputs j;
+        j.is_swa = is_swa;
+        j.cut = cut_;
+        uint32_t n_rows = 0;
+        for (uint32_t i : g) {
+            j.idx.push_back(i);
+            j.q_row0.push_back(seq_row0(i));
+            j.rows.push_back(seq_rows(i));
+            j.n_kv_max = std::max(j.n_kv_max, n_kv_of(i));
+            n_rows += seq_rows(i);
+        }
+        j.seqs = ggml_new_tensor_2d(ctx_, GGML_TYPE_I64, ATTN_SEQ_FIELDS, (int64_t) j.idx.size());
+        ggml_set_input(j.seqs); ggml_format_name(j.seqs, "inp_join_seqs-%s-%zu", stage, inp_.joins.size());
+        j.mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, j.n_kv_max, n_rows);
+        ggml_set_input(j.mask); ggml_format_name(j.mask, "inp_join_mask-%s-%zu", stage, inp_.joins.size());
+        out.push_back(inp_.joins.size());
+        inp_.joins.push_back(std::move(j));
+    }
+    return out;
 }
 
 ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                              uint32_t n_cells, bool is_swa, int il) {
-    // the short sequences (decode steps, small chunks) of a CPU context together in one set of
-    // ops; every other sequence a subgraph over the cells of its slot (views, no copies); the
+    // the short sequences (decode steps, small chunks) of a CPU context together in a few joins;
+    // every other sequence a subgraph over the cells of its slot (views, no copies); the
     // results joined back into the rows of the micro-batch (the weights stay batched)
-    const attn_join_inputs * join = join_inputs(is_swa);
-    ggml_tensor * joined = join ? build_attn_joined(q, k_all, v_all, *join, il) : nullptr;  // [2*hd*H/2, joined rows]
-    std::vector<ggml_tensor *> outs;
-    size_t  k = 0;                  // the next sequence of the join
-    int64_t jrow = 0;               // its first joined row
-    int64_t run0 = 0, run_rows = 0; // joined rows not yet in outs
-    auto flush_run = [&]() {
-        if (run_rows == 0) return;
-        outs.push_back(run_rows == joined->ne[1] ? joined
-                                                 : ggml_view_2d(ctx_, joined, joined->ne[0], run_rows, joined->nb[1],
-                                                                run0 * joined->nb[1]));
-        run0 += run_rows;
-        run_rows = 0;
-    };
+    const std::vector<size_t> joins = join_inputs(is_swa);
+    std::vector<ggml_tensor *> joined;                  // per join: [2*hd*H/2, its rows]
+    std::vector<std::pair<size_t, int64_t>> at(ub_.seqs.size(), { SIZE_MAX, 0 });  // (join, first row)
+    for (size_t g = 0; g < joins.size(); ++g) {
+        const attn_join_inputs & j = inp_.joins[joins[g]];
+        joined.push_back(build_attn_joined(q, k_all, v_all, j, il));
+        int64_t row = 0;
+        for (size_t k = 0; k < j.idx.size(); ++k) {
+            at[j.idx[k]] = { g, row };
+            row += j.rows[k];
+        }
+    }
+    // pieces of rows in micro-batch order: (join, first row, rows), or a per-sequence output
+    struct piece { size_t join; int64_t row0, rows; ggml_tensor * t; };
+    std::vector<piece> pieces;
     for (size_t i = 0; i < ub_.seqs.size(); ++i) {
         const uint32_t n = seq_rows(i);
         if (n == 0) continue;
-        if (join && k < join->idx.size() && join->idx[k] == i) {
-            run_rows += n;
-            jrow += n;
-            ++k;
+        if (at[i].first != SIZE_MAX) {
+            const auto [g, row] = at[i];
+            if (!pieces.empty() && !pieces.back().t && pieces.back().join == g &&
+                pieces.back().row0 + pieces.back().rows == row) {
+                pieces.back().rows += n;  // the next rows of the same join
+            } else {
+                pieces.push_back({ g, row, n, nullptr });
+            }
             continue;
         }
-        flush_run();
         ggml_tensor * qs = ggml_view_3d(ctx_, q, q->ne[0], q->ne[1], n, q->nb[1], q->nb[2], seq_row0(i) * q->nb[2]);
         const seq_inputs & si = inp_.seqs[i];
         ggml_tensor * mask = is_swa ? si.swa_mask : si.full_mask;
@@ -95,11 +126,16 @@ ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_al
             // cross-decoder rows after the YOCO cut: the last n rows of the full mask
             mask = ggml_view_2d(ctx_, mask, mask->ne[0], n, mask->nb[1], (mask->ne[1] - n) * mask->nb[1]);
         }
-        outs.push_back(build_diff_attn(qs, k_all, v_all, ub_.seqs[i].seq, n_cells,
-                                       is_swa ? si.n_kv_swa : si.n_kv_full, mask, il));
+        pieces.push_back({ SIZE_MAX, 0, n,
+                           build_diff_attn(qs, k_all, v_all, ub_.seqs[i].seq, n_cells,
+                                           is_swa ? si.n_kv_swa : si.n_kv_full, mask, il) });
     }
-    flush_run();
-    GGML_ASSERT(!join || (k == join->idx.size() && jrow == joined->ne[1]));
+    std::vector<ggml_tensor *> outs;
+    for (const piece & p : pieces) {
+        if (p.t) { outs.push_back(p.t); continue; }
+        ggml_tensor * t = joined[p.join];
+        outs.push_back(p.rows == t->ne[1] ? t : ggml_view_2d(ctx_, t, t->ne[0], p.rows, t->nb[1], p.row0 * t->nb[1]));
+    }
     ggml_tensor * cur = join_rows(ctx_, outs);  // [2*hd*H/2, n_rows]
     cb(cur, "diff_attn", il);
     return build_attn_out(cur, il);
