@@ -3,6 +3,7 @@
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -227,9 +228,36 @@ void to_f32(ggml_type type, const void * src, float * out, int64_t n) {
     }
 }
 
-void convert_cells(const ggml_tensor * k, int64_t c0, int64_t n, float * out) {
-    // cells c0 .. c0+n-1 of the view are one contiguous run of n * n_embd_kv elements
-    to_f32(k->type, (const char *) k->data + c0 * k->nb[2], out, n * k->ne[0] * k->ne[1]);
+// one row of the table of sequences (attn_cpu.h)
+struct seq_desc {
+    int64_t q_row, row, n_rows, n_kv, k_row, v_elem, v_stride;
+};
+
+seq_desc read_seq(const ggml_tensor * seqs, int64_t i) {
+    const int64_t * f = (const int64_t *) ((const char *) seqs->data + i * seqs->nb[1]);
+    return { f[ATTN_SEQ_Q_ROW], f[ATTN_SEQ_ROW],  f[ATTN_SEQ_N_ROWS],  f[ATTN_SEQ_N_KV],
+             f[ATTN_SEQ_K_ROW], f[ATTN_SEQ_V_ELEM], f[ATTN_SEQ_V_STRIDE] };
+}
+
+// Thread ith's share of the work units of all sequences: sequence i has units(i) units of
+// cost(i) >= 1 each, laid end to end in sequence order; a unit belongs to the thread whose
+// equal slice of the total cost holds its start. Calls fn(i, u0, u1) for each sequence with
+// units [u0, u1) in this thread's share, so one deep sequence and many short ones both spread
+// over every thread.
+template <class Units, class Cost, class Fn>
+void for_thread_share(int64_t n_seqs, int ith, int nth, Units units, Cost cost, Fn fn) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_seqs; ++i) total += units(i) * cost(i);
+    const int64_t lo = total * ith / nth, hi = total * (ith + 1) / nth;
+    int64_t at = 0;  // the start of sequence i's first unit
+    for (int64_t i = 0; i < n_seqs && at < hi; ++i) {
+        const int64_t n = units(i), c = cost(i);
+        // unit u starts at at + u*c: this thread's when lo <= at + u*c < hi
+        const int64_t u0 = lo <= at ? 0 : std::min(n, (lo - at + c - 1) / c);
+        const int64_t u1 = std::min(n, (hi - at + c - 1) / c);
+        if (u0 < u1) fn(i, u0, u1);
+        at += n * c;
+    }
 }
 
 void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -237,123 +265,178 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * q = dst->src[0];
     const ggml_tensor * k = dst->src[1];
     const ggml_tensor * mask = dst->src[2];
-    const int64_t hd = q->ne[0], H = q->ne[1], n_rows = q->ne[2];
-    const int64_t Hkv = k->ne[1], n_kv = k->ne[2];
-    const int64_t g = H / Hkv, H2 = H / 2, Hkv2 = Hkv / 2, cols = g * n_rows;
-    const int64_t n_embd_kv = Hkv * hd;
-
-    // sub-blocks of cells, a contiguous share per thread
-    const int64_t n_sub = (n_kv + SUB_CELLS - 1) / SUB_CELLS;
-    const int64_t per = (n_sub + nth - 1) / nth;
-    const int64_t sb0 = std::min(n_sub, ith * per), sb1 = std::min(n_sub, sb0 + per);
-    if (sb0 >= sb1) return;
+    const ggml_tensor * seqs = dst->src[3];
+    const int64_t hd = q->ne[0], H = q->ne[1];
+    const int64_t n_embd_kv = k->ne[0], Hkv = n_embd_kv / hd;
+    const int64_t g = H / Hkv, H2 = H / 2, Hkv2 = Hkv / 2;
+    const int64_t n_kv_max = dst->ne[0], cols_all = dst->ne[1];
+    const size_t  kes = ggml_type_size(k->type);
 
     thread_local std::vector<float> kf;
     if ((int64_t) kf.size() < SUB_CELLS * n_embd_kv) kf.assign(SUB_CELLS * n_embd_kv, 0.0f);
     float * out = (float *) dst->data;
+    // the output row of (stripe s, K-head pair m, joined row R, query head jj)
+    auto out_row = [&](int64_t s, int64_t m, int64_t R, int64_t jj) {
+        return out + ((s * Hkv2 + m) * cols_all + R * g + jj) * n_kv_max;
+    };
 
-    for (int64_t sb = sb0; sb < sb1; ++sb) {
-        const int64_t c0 = sb * SUB_CELLS, nc = std::min(SUB_CELLS, n_kv - c0);
-        // F16 keys in whole groups of four are read where they are; else through the scratch
-        const bool direct = kern.fn_f16 && k->type == GGML_TYPE_F16 && nc % 4 == 0;
-        const ggml_fp16_t * k16 = (const ggml_fp16_t *) ((const char *) k->data + c0 * k->nb[2]);
-        if (!direct) convert_cells(k, c0, nc, kf.data());
-        for (int64_t s = 0; s < 2; ++s) {
-            for (int64_t m = 0; m < Hkv2; ++m) {
-                const int64_t kh_off = (s * Hkv2 + m) * hd;  // this K head of cell c0
-                const float * kh = kf.data() + kh_off;
-                for (int64_t r = 0; r < n_rows; ++r) {
-                    const float * mrow = (const float *) ((const char *) mask->data + r * mask->nb[1]) + c0;
-                    for (int64_t jj = 0; jj < g; ++jj) {
-                        const float * qp = (const float *) ((const char *) q->data + (s * H2 + m * g + jj) * q->nb[1] +
-                                                            r * q->nb[2]);
-                        float * o = out + ((s * Hkv2 + m) * cols + r * g + jj) * n_kv + c0;
-                        for (int64_t c = 0; c < nc; c += 4) {
-                            float d4[4];
-                            // cells past nc are stale data of the scratch (never stored)
-                            if (direct) {
-                                kern.fn_f16(qp, k16 + kh_off + c * n_embd_kv, n_embd_kv, hd, d4);
-                            } else {
-                                kern.fn(qp, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+    auto n_blocks = [&](int64_t i) { return (read_seq(seqs, i).n_kv + SUB_CELLS - 1) / SUB_CELLS; };
+    auto rows = [&](int64_t i) { return read_seq(seqs, i).n_rows; };
+    for_thread_share(seqs->ne[1], ith, nth, n_blocks, rows, [&](int64_t i, int64_t b0, int64_t b1) {
+        const seq_desc sd = read_seq(seqs, i);
+        if (b0 == 0 && sd.n_kv < n_kv_max) {
+            // the padding past the sequence's cells, by the thread of its first block
+            for (int64_t s = 0; s < 2; ++s)
+                for (int64_t m = 0; m < Hkv2; ++m)
+                    for (int64_t r = 0; r < sd.n_rows; ++r)
+                        for (int64_t jj = 0; jj < g; ++jj) {
+                            float * o = out_row(s, m, sd.row + r, jj);
+                            std::fill(o + sd.n_kv, o + n_kv_max, -INFINITY);
+                        }
+        }
+        for (int64_t sb = b0; sb < b1; ++sb) {
+            const int64_t c0 = sb * SUB_CELLS, nc = std::min(SUB_CELLS, sd.n_kv - c0);
+            // cells c0 .. c0+nc-1: nc consecutive cache rows
+            const char * kc = (const char *) k->data + (sd.k_row + c0) * k->nb[1];
+            // F16 keys in whole groups of four are read where they are; else through the scratch
+            const bool direct = kern.fn_f16 && k->type == GGML_TYPE_F16 && nc % 4 == 0;
+            if (!direct) to_f32(k->type, kc, kf.data(), nc * n_embd_kv);
+            for (int64_t s = 0; s < 2; ++s) {
+                for (int64_t m = 0; m < Hkv2; ++m) {
+                    const int64_t kh_off = (s * Hkv2 + m) * hd;  // this K head of cell c0
+                    const float * kh = kf.data() + kh_off;
+                    const ggml_fp16_t * kh16 = (const ggml_fp16_t *) (kc + kh_off * kes);
+                    for (int64_t r = 0; r < sd.n_rows; ++r) {
+                        const float * mrow = (const float *) ((const char *) mask->data + (sd.row + r) * mask->nb[1]) + c0;
+                        for (int64_t jj = 0; jj < g; ++jj) {
+                            const float * qp = (const float *) ((const char *) q->data + (s * H2 + m * g + jj) * q->nb[1] +
+                                                                (sd.q_row + r) * q->nb[2]);
+                            float * o = out_row(s, m, sd.row + r, jj) + c0;
+                            for (int64_t c = 0; c < nc; c += 4) {
+                                float d4[4];
+                                // cells past nc are stale data of the scratch (never stored)
+                                if (direct) {
+                                    kern.fn_f16(qp, kh16 + c * n_embd_kv, n_embd_kv, hd, d4);
+                                } else {
+                                    kern.fn(qp, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+                                }
+                                for (int64_t t = 0; t < 4 && c + t < nc; ++t) o[c + t] = d4[t] + mrow[c + t];
                             }
-                            for (int64_t i = 0; i < 4 && c + i < nc; ++i) o[c + i] = d4[i] + mrow[c + i];
                         }
                     }
                 }
             }
         }
-    }
+    });
 }
 
-// cells of a V^T row converted to F32 at a time (the weights' rows of the same cells stay in L1)
+// cells of a V^T row converted to F32 at a time when V is not read in registers
 constexpr int64_t PV_CHUNK = 512;
 // V^T rows (channels) per work item
 constexpr int64_t PV_CHANNELS = 8;
+// bytes of weights (cols rows of a tile of cells) kept in L1 while every channel of a work item
+// reads them: a tile of cells is multiplied with all the item's channels before the next one, so
+// the weights are read from memory once per item rather than once per channel
+constexpr int64_t PV_TILE_BYTES = 16 * 1024;
 
 void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const kernel & kern = *(const kernel *) userdata;
-    const ggml_tensor * w = dst->src[0];  // F32 [n_kv, cols, Hkv/2]
-    const ggml_tensor * v = dst->src[1];  // [n_kv, 2*hd, Hkv/2] (V^T view)
-    const int64_t n_kv = w->ne[0], cols = w->ne[1], n_pairs = w->ne[2], dv = v->ne[1];
-    const int64_t blocks = (dv + PV_CHANNELS - 1) / PV_CHANNELS, n_items = n_pairs * blocks;
-    const int64_t per = (n_items + nth - 1) / nth;
-    const int64_t i0 = std::min(n_items, ith * per), i1 = std::min(n_items, i0 + per);
+    const ggml_tensor * w = dst->src[0];     // F32 [n_kv_max, g*n_rows, Hkv/2]
+    const ggml_tensor * v = dst->src[1];     // the V^T cache, contiguous
+    const ggml_tensor * seqs = dst->src[2];
+    const int64_t n_seqs = seqs->ne[1], n_pairs = w->ne[2], dv = dst->ne[0];
+    const seq_desc last = read_seq(seqs, n_seqs - 1);
+    const int64_t g = w->ne[1] / (last.row + last.n_rows);
+    const size_t  ves = ggml_type_size(v->type);
+    const int64_t blocks = (dv + PV_CHANNELS - 1) / PV_CHANNELS;
+    const bool in_registers = kern.dot2_f16 && v->type == GGML_TYPE_F16;
     float buf[PV_CHUNK];
-    thread_local std::vector<float> acc;  // kept between calls: no allocation per token
-    acc.resize(cols);
-    for (int64_t item = i0; item < i1; ++item) {
-        const int64_t m = item / blocks, ch0 = (item % blocks) * PV_CHANNELS;
-        const float * wm = (const float *) ((const char *) w->data + m * w->nb[2]);
-        for (int64_t ch = ch0; ch < std::min(dv, ch0 + PV_CHANNELS); ++ch) {
-            const char * vrow = (const char *) v->data + m * v->nb[2] + ch * v->nb[1];
+    thread_local std::vector<float> acc;  // [channel of the item][col]; kept between calls
+
+    auto n_items = [&](int64_t) { return n_pairs * blocks; };
+    auto cost = [&](int64_t i) { const seq_desc sd = read_seq(seqs, i); return sd.n_kv * sd.n_rows; };
+    for_thread_share(n_seqs, ith, nth, n_items, cost, [&](int64_t i, int64_t u0, int64_t u1) {
+        const seq_desc sd = read_seq(seqs, i);
+        const int64_t cols = g * sd.n_rows, col0 = g * sd.row, n_kv = sd.n_kv;
+        // cells per tile: a multiple of 16 (the SIMD loops' step), at least 64
+        const int64_t tile = std::max<int64_t>(64, PV_TILE_BYTES / (int64_t) sizeof(float) / cols / 16 * 16);
+        acc.resize(PV_CHANNELS * cols);
+        for (int64_t item = u0; item < u1; ++item) {
+            const int64_t m = item / blocks, ch0 = (item % blocks) * PV_CHANNELS;
+            const int64_t n_ch = std::min(dv, ch0 + PV_CHANNELS) - ch0;
+            const char * wm = (const char *) w->data + m * w->nb[2] + col0 * w->nb[1];
+            // channel j = m*dv + ch of the sequence's V^T
+            const char * vm = (const char *) v->data + (sd.v_elem + (m * dv + ch0) * sd.v_stride) * ves;
             std::fill(acc.begin(), acc.end(), 0.0f);
-            if (kern.dot2_f16 && v->type == GGML_TYPE_F16) {
-                // two weight rows per pass over the row, F16 converted in registers
-                const ggml_fp16_t * v16 = (const ggml_fp16_t *) vrow;
-                for (int64_t j = 0; j < cols; j += 2) {
-                    const float * w0 = (const float *) ((const char *) wm + j * w->nb[1]);
-                    const float * w1 = j + 1 < cols ? (const float *) ((const char *) wm + (j + 1) * w->nb[1]) : nullptr;
-                    kern.dot2_f16(v16, w0, w1, n_kv, &acc[j]);
-                }
-            } else for (int64_t c0 = 0; c0 < n_kv; c0 += PV_CHUNK) {
-                const int64_t n = std::min(PV_CHUNK, n_kv - c0);
-                to_f32(v->type, vrow + c0 * v->nb[0], buf, n);
-                for (int64_t j = 0; j < cols; ++j) {
-                    acc[j] += kern.dot(buf, (const float *) ((const char *) wm + j * w->nb[1]) + c0, n);
+            for (int64_t t0 = 0; t0 < n_kv; t0 += tile) {
+                const int64_t nt = std::min(tile, n_kv - t0);
+                for (int64_t ci = 0; ci < n_ch; ++ci) {
+                    const char * vrow = vm + ci * sd.v_stride * ves;
+                    float * a = &acc[ci * cols];
+                    if (in_registers) {
+                        // two weight rows per pass over the tile, F16 converted in registers
+                        const ggml_fp16_t * v16 = (const ggml_fp16_t *) vrow + t0;
+                        for (int64_t j = 0; j < cols; j += 2) {
+                            const float * w0 = (const float *) (wm + j * w->nb[1]) + t0;
+                            const float * w1 = j + 1 < cols ? (const float *) (wm + (j + 1) * w->nb[1]) + t0 : nullptr;
+                            float d[2];
+                            kern.dot2_f16(v16, w0, w1, nt, d);
+                            a[j] += d[0];
+                            if (w1) a[j + 1] += d[1];
+                        }
+                    } else for (int64_t c0 = t0; c0 < t0 + nt; c0 += PV_CHUNK) {
+                        const int64_t n = std::min(PV_CHUNK, t0 + nt - c0);
+                        to_f32(v->type, vrow + c0 * ves, buf, n);
+                        for (int64_t j = 0; j < cols; ++j) {
+                            a[j] += kern.dot(buf, (const float *) (wm + j * w->nb[1]) + c0, n);
+                        }
+                    }
                 }
             }
-            float * o = (float *) ((char *) dst->data + m * dst->nb[2]) + ch;
-            for (int64_t j = 0; j < cols; ++j) o[j * dv] = acc[j];
+            for (int64_t ci = 0; ci < n_ch; ++ci) {
+                char * o = (char *) dst->data + m * dst->nb[2] + col0 * dst->nb[1] + (ch0 + ci) * sizeof(float);
+                for (int64_t j = 0; j < cols; ++j) *(float *) (o + j * dst->nb[1]) = acc[ci * cols + j];
+            }
         }
-    }
+    });
+}
+
+// the table's checks that cost nothing at graph build time (its values come at set_inputs)
+void check_seqs(const ggml_tensor * seqs) {
+    GGML_ASSERT(seqs->type == GGML_TYPE_I64 && seqs->ne[0] == ATTN_SEQ_FIELDS && seqs->ne[1] >= 1);
+    GGML_ASSERT(ggml_is_contiguous(seqs));
 }
 
 } // namespace
 
-ggml_tensor * attn_pv_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * v) {
-    const int64_t n_kv = w->ne[0], cols = w->ne[1], n_pairs = w->ne[2];
+ggml_tensor * attn_pv_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * v_all, ggml_tensor * seqs, int64_t dv) {
     GGML_ASSERT(w->type == GGML_TYPE_F32 && ggml_is_contiguous(w));
-    GGML_ASSERT(v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_F16 || v->type == GGML_TYPE_BF16);
-    GGML_ASSERT(v->ne[0] == n_kv && v->ne[2] == n_pairs && v->nb[0] == (int64_t) ggml_type_size(v->type));
-    ggml_tensor * args[2] = { w, v };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, v->ne[1], cols, n_pairs, 1, args, 2, pv_op, GGML_N_TASKS_MAX,
-                          (void *) &pick_kernel(0));
+    GGML_ASSERT(v_all->type == GGML_TYPE_F32 || v_all->type == GGML_TYPE_F16 || v_all->type == GGML_TYPE_BF16);
+    GGML_ASSERT(ggml_is_contiguous(v_all));
+    check_seqs(seqs);
+    ggml_tensor * args[3] = { w, v_all, seqs };
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, dv, w->ne[1], w->ne[2], 1, args, 3, pv_op,
+                                       GGML_N_TASKS_MAX, (void *) &pick_kernel(0));
+    return ggml_set_name(out, "attn_pv_cpu");
 }
 
-ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * mask) {
-    const int64_t hd = q->ne[0], H = q->ne[1], n_rows = q->ne[2];
-    const int64_t Hkv = k->ne[1], n_kv = k->ne[2];
+ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * mask,
+                              ggml_tensor * seqs) {
+    const int64_t hd = q->ne[0], H = q->ne[1];
     GGML_ASSERT(q->type == GGML_TYPE_F32 && mask->type == GGML_TYPE_F32);
-    GGML_ASSERT(k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_BF16);
-    GGML_ASSERT(k->ne[0] == hd && Hkv % 2 == 0 && H % Hkv == 0 && (H / Hkv) * Hkv == H);
+    GGML_ASSERT(k_all->type == GGML_TYPE_F32 || k_all->type == GGML_TYPE_F16 || k_all->type == GGML_TYPE_BF16);
+    GGML_ASSERT(k_all->ne[0] % hd == 0);
+    const int64_t Hkv = k_all->ne[0] / hd;
+    GGML_ASSERT(Hkv % 2 == 0 && H % Hkv == 0);
     GGML_ASSERT(q->nb[0] == sizeof(float) && mask->nb[0] == sizeof(float));
-    // a cell's K heads adjacent, cells one after another
-    GGML_ASSERT(k->nb[1] == hd * (int64_t) ggml_type_size(k->type) && k->nb[2] == Hkv * k->nb[1]);
-    GGML_ASSERT(mask->ne[0] == n_kv && mask->ne[1] == n_rows);
-    ggml_tensor * args[3] = { q, k, mask };
+    // a cell's K heads adjacent, a sequence's cells consecutive rows
+    GGML_ASSERT(ggml_is_contiguous(k_all));
+    check_seqs(seqs);
+    ggml_tensor * args[4] = { q, k_all, mask, seqs };
     const kernel & kern = pick_kernel(hd);
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, (H / Hkv) * n_rows, Hkv / 2, 2, args, 3, scores_op,
-                          GGML_N_TASKS_MAX, (void *) &kern);
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, mask->ne[0], (H / Hkv) * mask->ne[1], Hkv / 2, 2, args, 4,
+                                       scores_op, GGML_N_TASKS_MAX, (void *) &kern);
+    return ggml_set_name(out, "attn_scores_cpu");
 }
 
 const char * attn_scores_kernel_name() {

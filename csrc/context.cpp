@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <thread>
 
@@ -115,6 +116,9 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     for (auto & b : backends_) backends.push_back(b.get());
     sched_.reset(ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size_,
                                         /*parallel*/ false, /*op_offload*/ backends.size() > 1));
+    if (const char * prof = std::getenv("SAMBAY_PROFILE"); prof && *prof && std::strcmp(prof, "0") != 0) {
+        ggml_backend_sched_set_eval_callback(sched_.get(), &context::profile_node, this);
+    }
 
     // reserve the compute buffers with the worst cases: a full micro-batch of one sequence at
     // the end of the context, with the logits rows this context returns, and one token of as
@@ -300,6 +304,7 @@ ggml_tensor * context::compute_ubatch(ggml_context * ctx, const ubatch & ub) {
     const int n_threads = tuner.next();
     set_threads(n_threads);
     const auto t0 = std::chrono::steady_clock::now();
+    profile_t_ = t0;
     const ggml_status st = ggml_backend_sched_graph_compute(sched_.get(), gf);
     if (st == GGML_STATUS_SUCCESS) {
         tuner.record(n_threads, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
@@ -368,6 +373,49 @@ std::map<std::string, size_t> context::memory_breakdown() const {
     out["n_seq_max"] = params_.n_seq_max;
     out["per_sequence"] = (out["mamba_conv"] + out["mamba_ssm"] + out["swa_kv"] + out["full_kv"]) / params_.n_seq_max;
     return out;
+}
+
+} // namespace sambay
+
+namespace sambay {
+
+bool context::profile_node(ggml_tensor * t, bool ask, void * ud) {
+    if (ask) return true;  // every node on its own, so each one's time can be taken
+    context & c = *(context *) ud;
+    const auto now = std::chrono::steady_clock::now();
+    std::string key = ggml_op_desc(t);
+    if (t->op == GGML_OP_MUL_MAT && t->src[0] && std::strncmp(t->src[0]->name, "blk.", 4) == 0) {
+        // a weight product: "MUL_MAT attn_qkv.weight" for every layer's blk.N.attn_qkv.weight
+        const char * dot = std::strchr(t->src[0]->name + 4, '.');
+        key += std::string(" ") + (dot ? dot + 1 : t->src[0]->name);
+    } else if (t->op == GGML_OP_MUL_MAT || t->op == GGML_OP_GET_ROWS) {
+        // "MUL_MAT cache_k" for every layer's "cache_k_l5 (reshaped) (view)", "GET_ROWS l_out"
+        std::string src = t->src[0] && t->src[0]->name[0] ? t->src[0]->name : "(activations)";
+        src = src.substr(0, src.find(' '));
+        const size_t cut = std::min(src.rfind("_l"), src.rfind('-'));
+        if (cut != std::string::npos && cut + 1 < src.size() &&
+            src.find_first_not_of("0123456789", cut + (src[cut] == '-' ? 1 : 2)) == std::string::npos) {
+            src.resize(cut);
+        }
+        key += " " + src;
+    } else if (t->op == GGML_OP_CUSTOM && t->name[0]) {
+        key += std::string(" ") + t->name;
+    }
+    auto & e = c.profile_[key];
+    e.first += 1;
+    e.second += std::chrono::duration<double>(now - c.profile_t_).count();
+    c.profile_t_ = now;
+    return true;
+}
+
+std::map<std::string, std::pair<uint64_t, double>> context::op_profile() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return profile_;
+}
+
+void context::reset_op_profile() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    profile_.clear();
 }
 
 } // namespace sambay

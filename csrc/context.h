@@ -11,6 +11,7 @@
 #include "ggml-cpp.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -125,6 +126,12 @@ public:
     // a copy, taken under the lock (waits for a running eval)
     thread_tuner threads(bool batch) const;
     const context_params & params() const { return params_; }
+    // time spent per kind of graph node since the context was made or last reset, when the
+    // context was made with SAMBAY_PROFILE=1 (empty otherwise): key "OP" or "OP name" (weight
+    // products and named custom ops), value (nodes computed, seconds). Profiling computes the
+    // graph one node at a time, so the sum exceeds an unprofiled step by the per-node dispatch.
+    std::map<std::string, std::pair<uint64_t, double>> op_profile() const;
+    void reset_op_profile();
     const model & get_model() const { return *model_; }
     std::string device_name() const { return model_->device_name(); }
 
@@ -150,6 +157,10 @@ private:
     std::atomic<bool>              abort_{false};
     std::vector<uint8_t>           poisoned_;  // per sequence: an aborted compute left its memory half-written
     mutable std::mutex             mutex_;  // one eval/state call at a time (the GIL is released)
+    // SAMBAY_PROFILE: per node kind (nodes, seconds), and when the last node finished
+    std::map<std::string, std::pair<uint64_t, double>> profile_;
+    std::chrono::steady_clock::time_point              profile_t_;
+    static bool profile_node(ggml_tensor * t, bool ask, void * ud);
 };
 
 } // namespace sambay

@@ -1,5 +1,7 @@
 #include "graph.h"
 
+#include "attn_cpu.h"
+
 #include "memory.h"
 #include "model.h"
 
@@ -171,6 +173,36 @@ ggml_type graph_builder::mask_type() const {
     return ub_.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32;
 }
 
+std::vector<float> graph_builder::seq_mask(size_t i, bool is_swa) const {
+    const ubatch_seq & us = ub_.seqs[i];
+    const seq_inputs & si = inp_.seqs[i];
+    const uint32_t n_kv = is_swa ? si.n_kv_swa : si.n_kv_full;
+    std::vector<float> mask((size_t) n_kv * us.n_tokens, -INFINITY);
+    if (is_swa) {
+        // SWA ring (memory's addressing): after this batch's writes a cell holds the most recent
+        // position mapping to it (all cells < n_kv_swa hold one)
+        const uint32_t n_cells = mem_.n_swa_cells();
+        const int64_t  W       = hp_.n_swa;
+        const uint32_t p_end   = us.pos0 + us.n_tokens;
+        std::vector<int64_t> cell_pos(n_kv);
+        for (uint32_t c = 0; c < n_kv; ++c) cell_pos[c] = memory::pos_in_cell(c, p_end, n_cells);
+        for (uint32_t t = 0; t < us.n_tokens; ++t) {
+            const int64_t pq = us.pos0 + t;
+            for (uint32_t c = 0; c < n_kv; ++c) {
+                const int64_t pk = cell_pos[c];
+                if (pk >= 0 && pk <= pq && pk >= pq - (W - 1)) mask[(size_t) t * n_kv + c] = 0.0f;
+            }
+        }
+    } else {
+        // causal over the full cache (cell = position)
+        for (uint32_t r = 0; r < us.n_tokens; ++r) {
+            const uint32_t pq = us.pos0 + r;
+            for (uint32_t c = 0; c <= pq && c < n_kv; ++c) mask[(size_t) r * n_kv + c] = 0.0f;
+        }
+    }
+    return mask;
+}
+
 void graph_builder::set_inputs() const {
     const uint32_t n_tokens  = ub_.n_tokens();
     const int64_t  n_embd_kv = hp_.n_embd_kv();
@@ -196,35 +228,42 @@ void graph_builder::set_inputs() const {
         ggml_backend_tensor_set(inp_.out_ids, ids.data(), 0, ids.size() * sizeof(int32_t));
     }
 
-    // SWA ring (memory's addressing): after this batch's writes a cell holds the most recent
-    // position mapping to it (all cells < n_kv_swa hold one)
-    const uint32_t n_cells = mem_.n_swa_cells();
-    const int64_t  W       = hp_.n_swa;
     for (size_t i = 0; i < ub_.seqs.size(); ++i) {
-        const ubatch_seq & us = ub_.seqs[i];
         const seq_inputs & si = inp_.seqs[i];
-        const uint32_t p_end = us.pos0 + us.n_tokens;
-        if (is_set(si.swa_mask)) {
-            std::vector<int64_t> cell_pos(si.n_kv_swa);
-            for (uint32_t c = 0; c < si.n_kv_swa; ++c) cell_pos[c] = memory::pos_in_cell(c, p_end, n_cells);
-            std::vector<float> mask((size_t) si.n_kv_swa * us.n_tokens, ninf);
-            for (uint32_t t = 0; t < us.n_tokens; ++t) {
-                const int64_t pq = us.pos0 + t;
-                for (uint32_t c = 0; c < si.n_kv_swa; ++c) {
-                    const int64_t pk = cell_pos[c];
-                    if (pk >= 0 && pk <= pq && pk >= pq - (W - 1)) mask[(size_t) t * si.n_kv_swa + c] = 0.0f;
-                }
+        if (is_set(si.swa_mask))  set_mask(si.swa_mask, seq_mask(i, /*is_swa*/ true));
+        if (is_set(si.full_mask)) set_mask(si.full_mask, seq_mask(i, /*is_swa*/ false));
+    }
+    // the joined attention: each sequence's rows and cells (memory's addressing), and its mask
+    // rows padded with -inf to n_kv_max
+    for (const attn_join_inputs & j : inp_.joins) {
+        if (!is_set(j.seqs) && !is_set(j.mask)) continue;
+        const uint32_t cells = j.is_swa ? mem_.n_swa_cells() : mem_.n_ctx();
+        std::vector<int64_t> table;
+        std::vector<float> mask((size_t) j.n_kv_max * j.mask->ne[1], ninf);
+        int64_t row = 0;
+        for (size_t k = 0; k < j.idx.size(); ++k) {
+            const ubatch_seq & us = ub_.seqs[j.idx[k]];
+            const seq_inputs & si = inp_.seqs[j.idx[k]];
+            const uint32_t n_kv = j.is_swa ? si.n_kv_swa : si.n_kv_full;
+            int64_t f[ATTN_SEQ_FIELDS];
+            f[ATTN_SEQ_Q_ROW]    = j.q_row0[k];
+            f[ATTN_SEQ_ROW]      = row;
+            f[ATTN_SEQ_N_ROWS]   = j.rows[k];
+            f[ATTN_SEQ_N_KV]     = n_kv;
+            f[ATTN_SEQ_K_ROW]    = memory::row_of(us.seq, 0, cells);
+            f[ATTN_SEQ_V_ELEM]   = memory::vt_index(us.seq, 0, 0, cells, n_embd_kv);
+            f[ATTN_SEQ_V_STRIDE] = memory::vt_index(us.seq, 1, 0, cells, n_embd_kv) - f[ATTN_SEQ_V_ELEM];
+            table.insert(table.end(), f, f + ATTN_SEQ_FIELDS);
+            // its rows are the last j.rows[k] of its mask (all of them before the YOCO cut)
+            const std::vector<float> m = seq_mask(j.idx[k], j.is_swa);
+            const uint32_t skip = us.n_tokens - j.rows[k];
+            for (uint32_t r = 0; r < j.rows[k]; ++r) {
+                std::copy_n(m.begin() + (size_t) (skip + r) * n_kv, n_kv, mask.begin() + (size_t) (row + r) * j.n_kv_max);
             }
-            set_mask(si.swa_mask, mask);
+            row += j.rows[k];
         }
-        if (is_set(si.full_mask)) {
-            std::vector<float> mask((size_t) si.n_kv_full * us.n_tokens, ninf);
-            for (uint32_t r = 0; r < us.n_tokens; ++r) {
-                const uint32_t pq = us.pos0 + r;
-                for (uint32_t c = 0; c <= pq && c < si.n_kv_full; ++c) mask[(size_t) r * si.n_kv_full + c] = 0.0f;
-            }
-            set_mask(si.full_mask, mask);
-        }
+        if (is_set(j.seqs)) ggml_backend_tensor_set(j.seqs, table.data(), 0, table.size() * sizeof(int64_t));
+        if (is_set(j.mask)) ggml_backend_tensor_set(j.mask, mask.data(), 0, mask.size() * sizeof(float));
     }
     // write indices (memory's addressing): the K cache row of each token's cell; the elements
     // (slot, j, cell) of the V^T cache
@@ -249,7 +288,7 @@ void graph_builder::set_inputs() const {
         }
         ggml_backend_tensor_set(v_idx, v.data(), 0, v.size() * sizeof(int64_t));
     };
-    write_idx(inp_.swa_k_idx, inp_.swa_v_idx, n_cells);
+    write_idx(inp_.swa_k_idx, inp_.swa_v_idx, mem_.n_swa_cells());
     write_idx(inp_.full_k_idx, inp_.full_v_idx, mem_.n_ctx());
 }
 

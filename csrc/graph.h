@@ -56,6 +56,19 @@ struct group_inputs {                   // sequences of equal n_tokens (Mamba)
     ggml_tensor * slots32 = nullptr;    // I32 [count]: state slots (get_rows, ssm_scan)
     ggml_tensor * slots64 = nullptr;    // I64 [count]: the same (set_rows)
 };
+// a joined attention (attn_cpu.h) of short sequences of a micro-batch over one cache, at one
+// stage (before or after the YOCO cut); ub.seqs[idx[k]] is its k-th sequence (idx ascending).
+// A stage's short sequences form one join, or several when their depths differ so much that
+// padding them all to the deepest would multiply the softmax's work (attn.cpp, JOIN_PAD_MAX)
+struct attn_join_inputs {
+    bool is_swa = false;                // the SWA ring, else the full (shared) cache
+    bool cut    = false;                // rows after the YOCO cut (the last n_out of each sequence)
+    std::vector<uint32_t> idx;
+    std::vector<uint32_t> q_row0, rows; // per joined sequence: its first row of q, its rows
+    uint32_t n_kv_max = 0;
+    ggml_tensor * seqs = nullptr;       // I64 [ATTN_SEQ_FIELDS, idx.size()]
+    ggml_tensor * mask = nullptr;       // F32 [n_kv_max, joined rows]: each row its sequence's, -inf padded
+};
 struct graph_inputs {
     ggml_tensor * tokens     = nullptr;  // I32 [n_tokens]
     ggml_tensor * out_ids    = nullptr;  // I32 [n_out] rows of the micro-batch that give logits
@@ -65,6 +78,7 @@ struct graph_inputs {
     ggml_tensor * full_v_idx = nullptr;  // I64 [n_tokens*n_embd_kv]
     std::vector<seq_inputs>   seqs;      // per ubatch.seqs entry
     std::vector<group_inputs> groups;
+    std::vector<attn_join_inputs> joins;
 };
 
 class graph_builder {
@@ -88,6 +102,18 @@ private:
                                   uint32_t n_cells, bool is_swa, int il);
     ggml_tensor * build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all, uint32_t slot,
                                   uint32_t n_cells, uint32_t n_kv, ggml_tensor * mask, int il);
+    // the attention of the sequences of `join` in one set of CPU ops; [2*hd*H/2, joined rows]
+    ggml_tensor * build_attn_joined(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+                                    const attn_join_inputs & join, int il);
+    // the joins of the current stage for this cache (made on first use; indices into
+    // inp_.joins); empty when no sequence of the micro-batch takes the joined path
+    std::vector<size_t> join_inputs(bool is_swa);
+    // the pair norm of the differential attention on pairs of 2*hd values, then the rows in the
+    // original head order: [2*hd*H/2, n_rows]; by_kv_pair: cur is [2*hd, g*n_rows, Hkv/2] (the
+    // CPU kernels' order), else [2*hd, n_rows, H/2] or, with flash_attn, [2*hd, H/2, n_rows]
+    ggml_tensor * build_pair_norm(ggml_tensor * cur, int64_t n_rows, bool by_kv_pair, int il);
+    // the host values of a sequence's mask over one cache: F32 [n_kv, n_tokens] (0 or -inf)
+    std::vector<float> seq_mask(size_t i, bool is_swa) const;
     // rows of the current layer of sequence i: [first, first + count)
     uint32_t seq_row0(size_t i) const { return cut_ ? out_row0_[i] : ub_.seqs[i].row0; }
     uint32_t seq_rows(size_t i) const { return cut_ ? ub_.seqs[i].n_out : ub_.seqs[i].n_tokens; }

@@ -184,6 +184,18 @@ void register_context(py::module_ & m) {
                 out = c.memory_breakdown();
             }
             return out;
+        })
+        .def("op_profile", [](const context & c) {
+            std::map<std::string, std::pair<uint64_t, double>> out;
+            {
+                py::gil_scoped_release release;
+                out = c.op_profile();
+            }
+            return out;
+        })
+        .def("reset_op_profile", [](context & c) {
+            py::gil_scoped_release release;
+            c.reset_op_profile();
         });
 }
 

@@ -11,15 +11,20 @@
 // the CPU (GPU backends) two calls per stripe, one per half of each V pair.
 // Self layers (SWA, full) write their K/V first; cross layers project Q only and read the
 // shared cache of kv_shared_layer (already holding this batch's K/V).
-// Several sequences: the projections run on all rows at once; the attention itself runs per
-// sequence over the cells of its slot (views, no copies) and the results are joined back into
-// rows. The caches are written for all rows by one set_rows per cache.
+// Several sequences: the projections run on all rows at once. In a CPU context the sequences
+// of at most COMBINE_MAX_ROWS rows share one set of attention ops per layer (attn_cpu.h: the
+// kernels find each sequence's cells through a table of sequences, the scores are padded to the
+// deepest one; much deeper sequences get joins of their own); every other sequence attends in its own subgraph over the cells of its slot
+// (views, no copies); the results are joined back into rows. The caches are written for all
+// rows by one set_rows per cache.
 #include "attn_cpu.h"
 #include "graph.h"
 #include "memory.h"
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace sambay {
 
@@ -30,17 +35,98 @@ bool flash_attn_gpu_head_size(uint32_t hd) {
     return false;
 }
 
-// batches of at most this many rows take the combined-weights attention path (see above)
+// sequences of at most this many rows (of a micro-batch) take the combined-weights attention
+// paths (see above): the joined CPU kernels, or ggml's ops per sequence
 constexpr int64_t COMBINE_MAX_ROWS = 16;
+
+// a join's padded softmax work (its deepest sequence's cells times its rows) stays within this
+// factor of the work of its sequences' own cells: deeper sequences start a join of their own
+constexpr int64_t JOIN_PAD_MAX = 2;
+
+std::vector<size_t> graph_builder::join_inputs(bool is_swa) {
+    std::vector<size_t> out;
+    if (!ub_.cpu_attn || ub_.flash_attn) return out;
+    for (size_t k = 0; k < inp_.joins.size(); ++k) {
+        if (inp_.joins[k].is_swa == is_swa && inp_.joins[k].cut == cut_) out.push_back(k);
+    }
+    if (!out.empty()) return out;
+    auto n_kv_of = [&](uint32_t i) { return is_swa ? inp_.seqs[i].n_kv_swa : inp_.seqs[i].n_kv_full; };
+    // the short sequences, deepest first, cut into joins whose padding stays bounded
+    std::vector<uint32_t> order;
+    for (uint32_t i = 0; i < ub_.seqs.size(); ++i) {
+        const uint32_t n = seq_rows(i);
+        if (n > 0 && n <= COMBINE_MAX_ROWS) order.push_back(i);
+    }
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return n_kv_of(a) > n_kv_of(b); });
+    std::vector<std::vector<uint32_t>> groups;
+    int64_t rows = 0, work = 0;  // of the last group
+    for (uint32_t i : order) {
+        const int64_t n = seq_rows(i), w = (int64_t) n_kv_of(i) * n;
+        if (groups.empty() || (int64_t) n_kv_of(groups.back()[0]) * (rows + n) > JOIN_PAD_MAX * (work + w)) {
+            groups.emplace_back();
+            rows = work = 0;
+        }
+        groups.back().push_back(i);
+        rows += n;
+        work += w;
+    }
+    const char * stage = is_swa ? "swa" : cut_ ? "full-cut" : "full";
+    for (std::vector<uint32_t> & g : groups) {
+        std::sort(g.begin(), g.end());  // rows in micro-batch order
+        attn_join_inputs j;
+        j.is_swa = is_swa;
+        j.cut = cut_;
+        uint32_t n_rows = 0;
+        for (uint32_t i : g) {
+            j.idx.push_back(i);
+            j.q_row0.push_back(seq_row0(i));
+            j.rows.push_back(seq_rows(i));
+            j.n_kv_max = std::max(j.n_kv_max, n_kv_of(i));
+            n_rows += seq_rows(i);
+        }
+        j.seqs = ggml_new_tensor_2d(ctx_, GGML_TYPE_I64, ATTN_SEQ_FIELDS, (int64_t) j.idx.size());
+        ggml_set_input(j.seqs); ggml_format_name(j.seqs, "inp_join_seqs-%s-%zu", stage, inp_.joins.size());
+        j.mask = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, j.n_kv_max, n_rows);
+        ggml_set_input(j.mask); ggml_format_name(j.mask, "inp_join_mask-%s-%zu", stage, inp_.joins.size());
+        out.push_back(inp_.joins.size());
+        inp_.joins.push_back(std::move(j));
+    }
+    return out;
+}
 
 ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
                                              uint32_t n_cells, bool is_swa, int il) {
-    // each sequence attends over the cells of its own slot: a subgraph per sequence on its rows,
-    // the results joined back into the rows of the micro-batch (the weights stay batched)
-    std::vector<ggml_tensor *> outs;
+    // the short sequences (decode steps, small chunks) of a CPU context together in a few joins;
+    // every other sequence a subgraph over the cells of its slot (views, no copies); the
+    // results joined back into the rows of the micro-batch (the weights stay batched)
+    const std::vector<size_t> joins = join_inputs(is_swa);
+    std::vector<ggml_tensor *> joined;                  // per join: [2*hd*H/2, its rows]
+    std::vector<std::pair<size_t, int64_t>> at(ub_.seqs.size(), { SIZE_MAX, 0 });  // (join, first row)
+    for (size_t g = 0; g < joins.size(); ++g) {
+        const attn_join_inputs & j = inp_.joins[joins[g]];
+        joined.push_back(build_attn_joined(q, k_all, v_all, j, il));
+        int64_t row = 0;
+        for (size_t k = 0; k < j.idx.size(); ++k) {
+            at[j.idx[k]] = { g, row };
+            row += j.rows[k];
+        }
+    }
+    // pieces of rows in micro-batch order: (join, first row, rows), or a per-sequence output
+    struct piece { size_t join; int64_t row0, rows; ggml_tensor * t; };
+    std::vector<piece> pieces;
     for (size_t i = 0; i < ub_.seqs.size(); ++i) {
         const uint32_t n = seq_rows(i);
         if (n == 0) continue;
+        if (at[i].first != SIZE_MAX) {
+            const auto [g, row] = at[i];
+            if (!pieces.empty() && !pieces.back().t && pieces.back().join == g &&
+                pieces.back().row0 + pieces.back().rows == row) {
+                pieces.back().rows += n;  // the next rows of the same join
+            } else {
+                pieces.push_back({ g, row, n, nullptr });
+            }
+            continue;
+        }
         ggml_tensor * qs = ggml_view_3d(ctx_, q, q->ne[0], q->ne[1], n, q->nb[1], q->nb[2], seq_row0(i) * q->nb[2]);
         const seq_inputs & si = inp_.seqs[i];
         ggml_tensor * mask = is_swa ? si.swa_mask : si.full_mask;
@@ -48,12 +134,37 @@ ggml_tensor * graph_builder::build_attn_seqs(ggml_tensor * q, ggml_tensor * k_al
             // cross-decoder rows after the YOCO cut: the last n rows of the full mask
             mask = ggml_view_2d(ctx_, mask, mask->ne[0], n, mask->nb[1], (mask->ne[1] - n) * mask->nb[1]);
         }
-        outs.push_back(build_diff_attn(qs, k_all, v_all, ub_.seqs[i].seq, n_cells,
-                                       is_swa ? si.n_kv_swa : si.n_kv_full, mask, il));
+        pieces.push_back({ SIZE_MAX, 0, n,
+                           build_diff_attn(qs, k_all, v_all, ub_.seqs[i].seq, n_cells,
+                                           is_swa ? si.n_kv_swa : si.n_kv_full, mask, il) });
+    }
+    std::vector<ggml_tensor *> outs;
+    for (const piece & p : pieces) {
+        if (p.t) { outs.push_back(p.t); continue; }
+        ggml_tensor * t = joined[p.join];
+        outs.push_back(p.rows == t->ne[1] ? t : ggml_view_2d(ctx_, t, t->ne[0], p.rows, t->nb[1], p.row0 * t->nb[1]));
     }
     ggml_tensor * cur = join_rows(ctx_, outs);  // [2*hd*H/2, n_rows]
     cb(cur, "diff_attn", il);
     return build_attn_out(cur, il);
+}
+
+ggml_tensor * graph_builder::build_attn_joined(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all,
+                                               const attn_join_inputs & join, int il) {
+    // q: [hd, H, n_rows] of all rows; k_all, v_all: the whole caches (rows; V^T elements); the
+    // kernels of attn_cpu.h find each sequence's rows and cells in join.seqs (each cached key and
+    // value read once for the g query heads of both stripes that share it)
+    const int64_t hd = hp_.n_embd_head, Hkv2 = hp_.n_head_kv / 2;
+    const int64_t n_rows = join.mask->ne[1];
+    const float   scale = 1.0f / std::sqrt((float) hd);  // 1/sqrt(hd), never 1/sqrt(2*hd)
+    ggml_tensor * kq = attn_scores_cpu(ctx_, q, k_all, join.mask, join.seqs);  // [n_kv_max, g*n_rows, Hkv/2, 2], mask added
+    // over the padded rows: the padding is -inf, so exact zeros
+    kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
+    ggml_tensor * p1 = ggml_view_3d(ctx_, kq, kq->ne[0], kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
+    ggml_tensor * p2 = ggml_view_3d(ctx_, kq, kq->ne[0], kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
+    ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv_max, g*n_rows, Hkv/2]
+    ggml_tensor * cur = attn_pv_cpu(ctx_, w, v_all, join.seqs, 2 * hd);  // [2*hd, g*n_rows, Hkv/2]
+    return build_pair_norm(cur, n_rows, /*by_kv_pair*/ true, il);
 }
 
 ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * v_all, uint32_t slot,
@@ -81,7 +192,6 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     };
     // query pair p uses kv pair p / (H/Hkv): ggml's broadcast over the head dimension
     ggml_tensor * cur = nullptr;
-    bool by_kv_pair = false;  // cur is [2*hd, g*n_rows, Hkv/2] (the CPU kernels' order)
     if (ub_.flash_attn) {
         // V stored like K, [n_embd_kv, n_cells]: pair p is [2*hd, n_kv] at column 2*hd*p.
         // The CPU's flash_attn_ext takes the pairs whole (V head size 2*hd); CUDA and Metal
@@ -106,19 +216,7 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
     } else {
         // V^T stored [n_cells, n_embd_kv] per sequence, viewed as pairs [n_kv, 2*hd, Hkv/2]
         ggml_tensor * v = ggml_view_3d(ctx_, v_all, n_kv, 2 * hd, Hkv2, n_cells * ves, 2 * hd * n_cells * ves, v_off);
-        if (n_rows <= COMBINE_MAX_ROWS && ub_.cpu_attn) {
-            // decode-sized batches on the CPU: the kernels of attn_cpu.h (each cached key and
-            // value read once for the g query heads of both stripes that share it); the scores'
-            // rows are ordered so that each V pair multiplies adjacent rows; otherwise as below
-            ggml_tensor * ka = ggml_view_3d(ctx_, k_all, hd, hp_.n_head_kv, n_kv, hd * kes, k_all->nb[1], k_off);
-            ggml_tensor * kq = attn_scores_cpu(ctx_, q, ka, mask);  // [n_kv, g*n_rows, Hkv/2, 2], mask added
-            kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
-            ggml_tensor * p1 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
-            ggml_tensor * p2 = ggml_view_3d(ctx_, kq, n_kv, kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
-            ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv, g*n_rows, Hkv/2]
-            cur = attn_pv_cpu(ctx_, w, v);  // [2*hd, g*n_rows, Hkv/2]
-            by_kv_pair = true;
-        } else if (n_rows <= COMBINE_MAX_ROWS) {
+        if (n_rows <= COMBINE_MAX_ROWS) {
             // decode-sized batches: both stripes' scores at once, then, as O_1 - lambda O_2 =
             // (P_1 - lambda P_2) V, one product with V: half the V work and V is read once.
             // Query head h (stripe-major) reads K head h / (H/Hkv): stripe s's K head j / (H/Hkv)
@@ -146,6 +244,11 @@ ggml_tensor * graph_builder::build_diff_attn(ggml_tensor * q, ggml_tensor * k_al
             cur = ggml_sub(ctx_, o[0], ggml_scale(ctx_, o[1], hp_.lambda[il]));
         }
     }
+    return build_pair_norm(cur, n_rows, /*by_kv_pair*/ false, il);
+}
+
+ggml_tensor * graph_builder::build_pair_norm(ggml_tensor * cur, int64_t n_rows, bool by_kv_pair, int il) {
+    const int64_t hd = hp_.n_embd_head, H2 = hp_.n_head / 2, Hkv2 = hp_.n_head_kv / 2;
     // per pair (rows of 2*hd values, whatever the order of the other dimensions)
     cur = ggml_rms_norm(ctx_, cur, hp_.sub_norm_eps);
     cur = ggml_mul(ctx_, cur, model_.layer(il).sub_norm);

@@ -427,6 +427,21 @@ class Context:
         weights; ``per_sequence`` (one sequence's share of the four caches) and ``n_seq_max``."""
         return dict(self._c.memory_breakdown())
 
+    def op_profile(self) -> dict[str, tuple[int, float]]:
+        """Where the engine's time went, per kind of graph node: ``{"MUL_MAT ffn_up.weight":
+        (nodes, seconds), "SOFT_MAX": ..., "CUSTOM attn_scores_cpu": ...}``, summed over every
+        step since the context was made or :meth:`reset_op_profile`.
+
+        Only a context created with the environment variable ``SAMBAY_PROFILE=1`` records
+        (empty otherwise). It then runs its graphs one node at a time, which adds a dispatch per
+        node: the figures say where the time goes, not how fast an unprofiled step is
+        (``python -m bench.op_profile`` prints them as a table)."""
+        return {k: (int(n), float(s)) for k, (n, s) in self._c.op_profile().items()}
+
+    def reset_op_profile(self) -> None:
+        """Start :meth:`op_profile`'s sums afresh."""
+        self._c.reset_op_profile()
+
     def __repr__(self) -> str:
         return (
             f"<sambay.engine.Context n_ctx={self.n_ctx} n_batch={self.n_batch} "
