@@ -122,3 +122,25 @@ def rewrite_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def three_sequences(ctx: Any, n_vocab: int, *, seed: int, n_steps: int, n_batch: int
+                    ) -> tuple[dict[int, np.ndarray], dict[int, list[int]], list[list[int]]]:
+    """Three sequences of one context (slots 0-2; prompts of 3, 21 and 40 random tokens) fed
+    together in n_batch chunks, then n_steps decode steps of all three. Returns slot -> logits
+    rows (the last row of each prompt chunk, then one row per step), the prompts, the steps."""
+    rng = np.random.default_rng(seed)
+    prompts = {s: rng.integers(0, n_vocab, n).tolist() for s, n in enumerate((3, 21, 40))}
+    steps = rng.integers(0, n_vocab, (n_steps, 3)).tolist()
+    out: dict[int, list[np.ndarray]] = {s: [] for s in prompts}
+    done = {s: 0 for s in prompts}
+    while any(done[s] < len(p) for s, p in prompts.items()):
+        batch = [(s, p[done[s]:done[s] + n_batch]) for s, p in prompts.items() if done[s] < len(p)]
+        for (s, toks), row in zip(batch, ctx.decode(batch)):
+            out[s].append(row)
+            done[s] += len(toks)
+    for row in steps:
+        logits = ctx.decode([(s, [row[s]]) for s in prompts])
+        for s in prompts:
+            out[s].append(logits[s])
+    return {s: np.stack(v) for s, v in out.items()}, prompts, steps

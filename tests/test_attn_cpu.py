@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_helpers import reference_logits
+from engine_helpers import reference_logits, three_sequences
 from numpy_reference import NumpyReference
 from sambay import _core
 from sambay.engine import Context, Model
@@ -52,22 +52,7 @@ def _run(model, monkeypatch, *, cpu_attn, kv_type="f32", n_batch=16, simd=True):
     monkeypatch.setenv("SAMBAY_CPU_ATTN", "1" if cpu_attn else "0")
     monkeypatch.setenv("SAMBAY_ATTN_SIMD", "1" if simd else "0")
     c = Context(model, n_ctx=N_CTX, n_batch=n_batch, n_seq_max=3, kv_type=kv_type, **THREADS)
-    rng = np.random.default_rng(7)
-    prompts = {s: rng.integers(0, model.n_vocab, n).tolist() for s, n in enumerate((3, 21, 40))}
-    steps = rng.integers(0, model.n_vocab, (24, 3)).tolist()
-    out = {s: [] for s in prompts}
-    done = {s: 0 for s in prompts}
-    while any(done[s] < len(p) for s, p in prompts.items()):
-        batch = [(s, p[done[s]:done[s] + n_batch]) for s, p in prompts.items() if done[s] < len(p)]
-        logits = c.decode(batch)
-        for r, (s, toks) in enumerate(batch):
-            out[s].append(logits[r])
-            done[s] += len(toks)
-    for row in steps:
-        logits = c.decode([(s, [row[s]]) for s in prompts])
-        for s in prompts:
-            out[s].append(logits[s])
-    return {s: np.stack(v) for s, v in out.items()}, prompts, steps
+    return three_sequences(c, model.n_vocab, seed=7, n_steps=24, n_batch=n_batch)
 
 
 def _max_diff(a, b):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_helpers import selected_device_is_gpu
+from engine_helpers import selected_device_is_gpu, three_sequences
 from sambay.engine import Context, Model
 
 N_CTX = 96
@@ -38,21 +38,7 @@ def _run(model, monkeypatch, *, flash, split, kv_type="f32", n_batch=16):
     decode steps of all three; returns slot -> logits rows."""
     monkeypatch.setenv("SAMBAY_CPU_ATTN", "0" if split else "1")
     c = Context(model, n_ctx=N_CTX, n_batch=n_batch, n_seq_max=3, kv_type=kv_type, flash_attn=flash, **THREADS)
-    rng = np.random.default_rng(11)
-    prompts = {s: rng.integers(0, model.n_vocab, n).tolist() for s, n in enumerate((3, 21, 40))}
-    steps = rng.integers(0, model.n_vocab, (20, 3)).tolist()
-    out = {s: [] for s in prompts}
-    done = {s: 0 for s in prompts}
-    while any(done[s] < len(p) for s, p in prompts.items()):
-        batch = [(s, p[done[s]:done[s] + n_batch]) for s, p in prompts.items() if done[s] < len(p)]
-        for (s, toks), row in zip(batch, c.decode(batch)):
-            out[s].append(row)
-            done[s] += len(toks)
-    for row in steps:
-        logits = c.decode([(s, [row[s]]) for s in prompts])
-        for s in prompts:
-            out[s].append(logits[s])
-    return {s: np.stack(v) for s, v in out.items()}
+    return three_sequences(c, model.n_vocab, seed=11, n_steps=20, n_batch=n_batch)[0]
 
 
 def _max_diff(a, b):
