@@ -375,10 +375,6 @@ std::map<std::string, size_t> context::memory_breakdown() const {
     return out;
 }
 
-} // namespace sambay
-
-namespace sambay {
-
 bool context::profile_node(ggml_tensor * t, bool ask, void * ud) {
     if (ask) return true;  // every node on its own, so each one's time can be taken
     context & c = *(context *) ud;

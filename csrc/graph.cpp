@@ -228,10 +228,20 @@ void graph_builder::set_inputs() const {
         ggml_backend_tensor_set(inp_.out_ids, ids.data(), 0, ids.size() * sizeof(int32_t));
     }
 
+    // each sequence's mask over each cache, computed once: its own mask tensor and the joins
+    // before and after the YOCO cut read the same values
+    std::vector<std::vector<float>> masks[2];  // [is_swa][sequence]
+    masks[0].resize(ub_.seqs.size());
+    masks[1].resize(ub_.seqs.size());
+    auto mask_of = [&](size_t i, bool is_swa) -> const std::vector<float> & {
+        std::vector<float> & m = masks[is_swa][i];
+        if (m.empty()) m = seq_mask(i, is_swa);
+        return m;
+    };
     for (size_t i = 0; i < ub_.seqs.size(); ++i) {
         const seq_inputs & si = inp_.seqs[i];
-        if (is_set(si.swa_mask))  set_mask(si.swa_mask, seq_mask(i, /*is_swa*/ true));
-        if (is_set(si.full_mask)) set_mask(si.full_mask, seq_mask(i, /*is_swa*/ false));
+        if (is_set(si.swa_mask))  set_mask(si.swa_mask, mask_of(i, /*is_swa*/ true));
+        if (is_set(si.full_mask)) set_mask(si.full_mask, mask_of(i, /*is_swa*/ false));
     }
     // the joined attention: each sequence's rows and cells (memory's addressing), and its mask
     // rows padded with -inf to n_kv_max
@@ -255,7 +265,7 @@ void graph_builder::set_inputs() const {
             f[ATTN_SEQ_V_STRIDE] = memory::vt_index(us.seq, 1, 0, cells, n_embd_kv) - f[ATTN_SEQ_V_ELEM];
             table.insert(table.end(), f, f + ATTN_SEQ_FIELDS);
             // its rows are the last j.rows[k] of its mask (all of them before the YOCO cut)
-            const std::vector<float> m = seq_mask(j.idx[k], j.is_swa);
+            const std::vector<float> & m = mask_of(j.idx[k], j.is_swa);
             const uint32_t skip = us.n_tokens - j.rows[k];
             for (uint32_t r = 0; r < j.rows[k]; ++r) {
                 std::copy_n(m.begin() + (size_t) (skip + r) * n_kv, n_kv, mask.begin() + (size_t) (row + r) * j.n_kv_max);
