@@ -67,7 +67,10 @@ def test_split_flash_equals_cpu_flash_and_mul_mat(models, shape, kv_type, n_batc
     split = _run(model, monkeypatch, flash=True, split=True, kv_type=kv_type, n_batch=n_batch)
     whole = _run(model, monkeypatch, flash=True, split=False, kv_type=kv_type, n_batch=n_batch)
     plain = _run(model, monkeypatch, flash=False, split=True, kv_type=kv_type, n_batch=n_batch)
-    assert _max_diff(split, whole) < 1e-5
+    # f32 caches: the same sums over the same weights. f16 caches: the CPU flash kernel sums V
+    # in F16, and where those roundings fall depends on the V row length and the build's SIMD
+    # width (bit-equal with the wheel's AVX2 build, 5.5e-3 apart with a native AVX-512 build)
+    assert _max_diff(split, whole) < (1e-5 if kv_type == "f32" else atol)
     assert _max_diff(split, plain) < atol
     if kv_type != "f32":
         exact = _run(model, monkeypatch, flash=False, split=True, n_batch=n_batch)  # f32 caches
