@@ -109,11 +109,13 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
     if hasattr(cp, "flash_attn_type"):
         cp.flash_attn_type = 0  # off, as sambay's default (and bench/peers.py's runs)
         out["flash_attn"] = False
+    # a KV stream per sequence (llama.cpp's default: each sequence attends to its own cells, as
+    # sambay's do) unless --llamacpp-unified (one buffer for all: every sequence's attention
+    # spans every sequence's cells, masked); a llama-cpp-python without the field has only that
+    unified = a.llamacpp_unified or not hasattr(cp, "kv_unified")
     if hasattr(cp, "kv_unified"):
-        # one KV buffer for all sequences (llama-server's layout); sequence states filled from a
-        # one-sequence context load into it (a per-sequence-stream context refuses them)
-        cp.kv_unified = True
-        out["kv_unified"] = True
+        cp.kv_unified = unified
+    out["kv_unified"] = unified
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)
     batch = L.llama_batch_init(max(S, FILL_TOKENS), 0, 1)
@@ -142,7 +144,7 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
     buf = (ctypes.c_uint8 * size)()
     L.llama_state_seq_get_data(one, buf, size, 0)
     L.llama_free(one)
-    fake = llamacpp_state(bytes(buf), D)
+    fake = llamacpp_state(bytes(buf), D, n_stream=1 if unified else S)
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
         raise RuntimeError("llama.cpp could not create the context")
@@ -180,6 +182,8 @@ def _measure(engine: str, model: Path, S: int, D: int, a: argparse.Namespace, sh
         cmd.append("--prefill")
     if a.no_extra_bufts:
         cmd.append("--llamacpp-no-extra-bufts")
+    if a.llamacpp_unified:
+        cmd.append("--llamacpp-unified")
     t0 = time.perf_counter()
     r = _run(cmd, a, timeout=a.timeout)
     r["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -190,6 +194,12 @@ def report(res: dict) -> str:
     lines = [f"# Many sequences at once ({res['mode']})", "",
              f"Machine: {res['machine']}; {res['threads']} threads for each engine; commit {res['commit']}. "
              "Aggregate decode tok/s of S sequences, each at depth D, one token per sequence per step.", ""]
+    layouts = {r.get("llamacpp", {}).get("kv_unified") for by_d in res["sweep"].values() for rows in by_d.values()
+               for r in rows.values()} - {None}
+    if layouts:
+        lines += ["llama.cpp's KV cache: " + " and ".join(
+            "one buffer for all sequences (each sequence's attention spans every sequence's cells)" if u
+            else "a stream per sequence (each sequence attends to its own cells)" for u in sorted(layouts)) + ".", ""]
     if res.get("notes"):
         lines += [res["notes"], ""]
     for qt, by_depth in res["sweep"].items():
@@ -271,6 +281,8 @@ def main() -> None:
     ap.add_argument("--llamacpp-no-extra-bufts", dest="no_extra_bufts", action="store_true",
                     help="llama.cpp without extra buffer types (AMX, repacking): its native build's AMX "
                          "matmul crashes on batches on AMX CPUs")
+    ap.add_argument("--llamacpp-unified", action="store_true",
+                    help="llama.cpp with one KV buffer for all sequences instead of a stream per sequence")
     ap.add_argument("--report-only", action="store_true", help="redraw the markdown and plot from the JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

@@ -96,45 +96,58 @@ def _parse_llamacpp(buf: bytes) -> dict[str, Any]:
 
     def take(fmt: str) -> tuple:
         nonlocal off
+        if off + struct.calcsize(fmt) > len(buf):
+            raise ValueError(f"llama.cpp state layout not understood: it ends at byte {len(buf)}")
         v = struct.unpack_from(fmt, buf, off)
         off += struct.calcsize(fmt)
         return v
 
     (n_stream,) = take("<I")
-    if n_stream != 1:
-        raise ValueError(f"llama.cpp state with {n_stream} streams not supported")
-    (cells,) = take("<I")
-    for _ in range(cells):
-        _pos, n_seq = take("<iI")
-        if n_seq != 1:
-            raise ValueError("llama.cpp state layout not understood (a cell with several sequences)")
-        take("<i")
-    v_trans, n_layer = take("<II")
-    k = []
-    for _ in range(n_layer):
-        t, row = take("<iQ")
-        k.append((t, row))
-        off += cells * row
-    v = []
-    for _ in range(n_layer):
-        if v_trans:
-            t, el, n_embd = take("<iII")
-            v.append((t, el, n_embd))
-            off += n_embd * cells * el
-        else:
+    cells, v_trans, n_layer, k, v = 0, 0, 0, [], []
+    for _ in range(n_stream):
+        (n,) = take("<I")
+        if n == 0:  # a stream without this sequence's cells
+            continue
+        if k:
+            raise ValueError("llama.cpp state layout not understood (one sequence's cells in several streams)")
+        cells = n
+        for _ in range(cells):
+            _pos, n_seq = take("<iI")
+            if n_seq != 1:
+                raise ValueError("llama.cpp state layout not understood (a cell with several sequences)")
+            take("<i")
+        v_trans, n_layer = take("<II")
+        for _ in range(n_layer):
             t, row = take("<iQ")
-            v.append((t, row))
+            k.append((t, row))
             off += cells * row
+        for _ in range(n_layer):
+            if v_trans:
+                t, el, n_embd = take("<iII")
+                v.append((t, el, n_embd))
+                off += n_embd * cells * el
+            else:
+                t, row = take("<iQ")
+                v.append((t, row))
+                off += cells * row
+    if not k:
+        raise ValueError("llama.cpp state without cells")
     if off != len(buf):
         raise ValueError(f"llama.cpp state layout not understood: parsed {off} of {len(buf)} bytes")
-    return {"prefix": buf[:8], "cells": cells, "v_trans": v_trans, "n_layer": n_layer, "k": k, "v": v}
+    return {"prefix": buf[:8], "n_stream": n_stream, "cells": cells, "v_trans": v_trans, "n_layer": n_layer,
+            "k": k, "v": v}
 
 
-def llamacpp_state(real: bytes, depth: int) -> np.ndarray:
-    """A llama.cpp sequence state at ``depth`` (one sequence, id 0) shaped like ``real``."""
+def llamacpp_state(real: bytes, depth: int, n_stream: int = 1) -> np.ndarray:
+    """A llama.cpp sequence state at ``depth`` (one sequence, id 0) shaped like ``real``.
+
+    ``n_stream``: the KV streams of the context it is for (llama.cpp refuses a state whose
+    stream count differs from the context's): 1 for a unified KV buffer, the number of
+    sequences for per-sequence streams. The cells go in the first stream, the others are
+    empty; a sequence's state is read into that sequence's own stream whichever stream held it."""
     p = _parse_llamacpp(real)
     n = depth
-    size = 8 + 8 + n * 12 + 8
+    size = 8 + 8 + n * 12 + 8 + 4 * (n_stream - 1)  # an empty stream is its cell count, 0
     size += sum(4 + 8 + n * row for _, row in p["k"])
     if p["v_trans"]:
         size += sum(4 + 4 + 4 + n_embd * n * el for _, el, n_embd in p["v"])
@@ -149,7 +162,7 @@ def llamacpp_state(real: bytes, depth: int) -> np.ndarray:
         struct.pack_into(fmt, out, off, *vals)
         off += struct.calcsize(fmt)
 
-    put("<II", 1, n)
+    put("<II", n_stream, n)
     cells = np.zeros((n, 3), dtype="<i4")
     cells[:, 0] = np.arange(n)  # pos
     cells[:, 1] = 1  # n_seq_id
@@ -168,6 +181,7 @@ def llamacpp_state(real: bytes, depth: int) -> np.ndarray:
             t, row = v
             put("<iQ", t, row)
             off += n * row
+    put(f"<{n_stream - 1}I", *([0] * (n_stream - 1)))
     assert off == size
     return out
 

@@ -72,3 +72,21 @@ def test_llamacpp_rebuild_agrees_with_the_parser(v_trans):
     assert len(deep) == len(real) + (1000 - 7) * (12 + 2 * 3 * 64)
     with pytest.raises(ValueError):
         depth_fill.check_llamacpp(real + b"\0")
+
+
+@pytest.mark.parametrize("n_stream", [2, 5])
+def test_llamacpp_state_for_per_sequence_streams(n_stream):
+    # a context with a KV stream per sequence takes only states with its own stream count: the
+    # cells in one stream, the others empty (a cell count of 0 each)
+    real = _llama_state(cells=7, n_layer=2, row=32, v_trans=1)
+    deep = depth_fill.llamacpp_state(real, 40, n_stream=n_stream)
+    p = depth_fill._parse_llamacpp(deep.tobytes())
+    assert p["n_stream"] == n_stream and p["cells"] == 40 and p["n_layer"] == 2
+    assert len(deep) == len(depth_fill.llamacpp_state(real, 40)) + 4 * (n_stream - 1)
+    assert struct.unpack_from("<II", deep.tobytes(), 8) == (n_stream, 40)
+    assert struct.unpack_from(f"<{n_stream - 1}I", deep.tobytes(), len(deep) - 4 * (n_stream - 1)) == (0,) * (n_stream - 1)
+    # the parser refuses a stream count that does not match the streams present
+    broken = bytearray(deep.tobytes())
+    struct.pack_into("<I", broken, 8, n_stream + 1)
+    with pytest.raises(ValueError):
+        depth_fill._parse_llamacpp(bytes(broken))
