@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, git_commit
+from bench.common import REPO, best_run, git_commit
 from bench.peers import MODES, _machine, _run, _tokens, prepare
 
 CTX_32K = 32768
@@ -190,10 +190,19 @@ def _measure(engine: str, model: Path, S: int, D: int, a: argparse.Namespace, sh
     return r
 
 
+def _cell(r: dict) -> str:
+    """tok/s of the best run, and the range of all runs where there were several."""
+    runs = [x for x in r.get("runs", []) if x]
+    rng = f" ({min(runs):.1f}–{max(runs):.1f})" if len(runs) > 1 else ""
+    return f"{r['decode_tok_s']:.1f}{rng}"
+
+
 def report(res: dict) -> str:
     lines = [f"# Many sequences at once ({res['mode']})", "",
              f"Machine: {res['machine']}; {res['threads']} threads for each engine; commit {res['commit']}. "
-             "Aggregate decode tok/s of S sequences, each at depth D, one token per sequence per step.", ""]
+             "Aggregate decode tok/s of S sequences, each at depth D, one token per sequence per step"
+             + (f"; the best of {res['repeat']} runs, the engines alternating (the range of the runs in "
+                "parentheses)" if res.get("repeat", 1) > 1 else "") + ".", ""]
     layouts = {r.get("llamacpp", {}).get("kv_unified") for by_d in res["sweep"].values() for rows in by_d.values()
                for r in rows.values()} - {None}
     if layouts:
@@ -211,8 +220,8 @@ def report(res: dict) -> str:
                 sb, lc = r.get("sambay", {}), r.get("llamacpp", {})
                 a, b = sb.get("decode_tok_s"), lc.get("decode_tok_s")
                 ratio = f"{a / b:.2f}x" if a and b else "-"
-                fa = f"{a:.1f}" if a else "-"
-                fb = f"{b:.1f}" if b else "not measured"
+                fa = _cell(sb) if a else "-"
+                fb = _cell(lc) if b else "not measured"
                 lines.append(f"| {S} | {fa} | {fb} | {ratio} | {sb.get('step_ms', 0):.1f} |")
             pre = res.get("prefill", {}).get(qt)
             one = rows.get("1", {}).get("sambay", {}).get("decode_tok_s")
@@ -229,8 +238,8 @@ def report(res: dict) -> str:
             e = b.get(eng)
             if not e:
                 continue
-            lines.append(f"| {eng} | {e['per_seq_mib']:.0f} MiB | {e['fits']} | {e['measured_seqs']} | "
-                         f"{e.get('decode_tok_s', 0):.1f} |")
+            tok_s = _cell(e) if e.get("decode_tok_s") else "-"
+            lines.append(f"| {eng} | {e['per_seq_mib']:.0f} MiB | {e['fits']} | {e['measured_seqs']} | {tok_s} |")
         s, l_ = b.get("sambay", {}).get("decode_tok_s"), b.get("llamacpp", {}).get("decode_tok_s")
         if s and l_:
             lines += ["", f"sambay / twin aggregate: {s / l_:.2f}x"]
@@ -275,6 +284,7 @@ def main() -> None:
     ap.add_argument("--no-budget", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=1, help="measure each cell this many times, keep the best")
     ap.add_argument("--workdir")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--timeout", type=float, default=1800)
@@ -312,21 +322,22 @@ def main() -> None:
     files = prepare(m, work, types, engines)
     twin_shape = MODES[m]["twin"] or {}
     res: dict[str, Any] = {"mode": m, "machine": _machine(), "threads": a.threads, "commit": git_commit(),
-                           "gen": a.gen, "budget_gib": a.budget_gib, "sweep": {}, "prefill": {}, "budget": {}}
+                           "gen": a.gen, "repeat": a.repeat, "budget_gib": a.budget_gib, "sweep": {}, "prefill": {}, "budget": {}}
     for qt in types:
         res["sweep"][qt] = {}
         for D in (int(x) for x in a.depths.split(",")):
             rows: dict[str, dict] = {}
             for S in (int(x) for x in a.seqs.split(",")):
-                row = {}
-                for eng in engines:
-                    r = _measure(eng, files[f"{eng}/{qt}"], S, D, a, twin_shape,
-                                 prefill=eng == "sambay" and S == 1 and qt not in res["prefill"])
-                    if "prefill_tok_s" in r:
-                        res["prefill"][qt] = r["prefill_tok_s"]
-                    row[eng] = r
-                    print(f"{qt} depth {D} S={S} {eng}: {r.get('decode_tok_s', r.get('error'))}", flush=True)
-                rows[str(S)] = row
+                runs: dict[str, list[dict]] = {eng: [] for eng in engines}
+                for _ in range(a.repeat):  # the engines alternate, so a drift reaches both
+                    for eng in engines:
+                        r = _measure(eng, files[f"{eng}/{qt}"], S, D, a, twin_shape,
+                                     prefill=eng == "sambay" and S == 1 and qt not in res["prefill"])
+                        if "prefill_tok_s" in r:
+                            res["prefill"][qt] = max(r["prefill_tok_s"], res["prefill"].get(qt, 0.0))
+                        runs[eng].append(r)
+                        print(f"{qt} depth {D} S={S} {eng}: {r.get('decode_tok_s', r.get('error'))}", flush=True)
+                rows[str(S)] = {eng: best_run(rs, "decode_tok_s") for eng, rs in runs.items()}
             res["sweep"][qt][str(D)] = rows
         if not a.no_budget:
             b: dict[str, Any] = {}
@@ -341,8 +352,9 @@ def main() -> None:
                 n = min(fits, a.max_seqs) if eng == "sambay" else fits
                 e = {"per_seq_mib": per / 2**20, "fits": fits, "measured_seqs": n}
                 if n >= 1:
-                    r = _measure(eng, files[f"{eng}/{qt}"], n, CTX_32K, a, twin_shape)
-                    e.update({k: r[k] for k in ("decode_tok_s", "step_ms", "error") if k in r})
+                    r = best_run([_measure(eng, files[f"{eng}/{qt}"], n, CTX_32K, a, twin_shape)
+                                  for _ in range(a.repeat)], "decode_tok_s")
+                    e.update({k: r[k] for k in ("decode_tok_s", "step_ms", "error", "runs") if k in r})
                 print(f"{qt} budget {eng}: {e}", flush=True)
                 b[eng] = e
             res["budget"][qt] = b

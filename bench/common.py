@@ -26,3 +26,12 @@ def git_commit() -> str:
                                        text=True).strip()
     except Exception:
         return "unknown"
+
+
+def best_run(runs: list[dict], key: str) -> dict:
+    """The run with the highest ``key`` (a speed) of several runs of one measurement (the
+    machine's speed drifts with its neighbours), with every run's ``key`` under ``runs``; the
+    last run (its error) if none has it."""
+    ok = [r for r in runs if key in r]
+    best = max(ok, key=lambda r: r[key]) if ok else runs[-1]
+    return {**best, "runs": [r.get(key) for r in runs]} if len(runs) > 1 else best

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import MEDIUM_SHAPE, REPO, git_commit
+from bench.common import best_run, MEDIUM_SHAPE, REPO, git_commit
 from bench.phi3_twin import PHI4_MINI_SHAPE
 
 MODES: dict[str, dict[str, Any]] = {
@@ -638,11 +638,7 @@ def main() -> None:
         for eng, qt, model, task, n, shape in jobs:
             # --repeat: the best of several runs (the machine's speed drifts with its neighbours)
             key = "prefill_tok_s" if task == "prefill" else "decode_tok_s"
-            runs = [_measure(eng, model, task, n, a, shape) for _ in range(a.repeat)]
-            ok = [x for x in runs if key in x]
-            r = max(ok, key=lambda x: x[key]) if ok else runs[-1]
-            if a.repeat > 1:
-                r = {**r, "runs": [x.get(key) for x in runs]}
+            r = best_run([_measure(eng, model, task, n, a, shape) for _ in range(a.repeat)], key)
             r["commit"] = res["commit"]
             print(f"{eng} {qt} {task} {n}:", json.dumps({k: v for k, v in r.items() if k != 'memory_breakdown'})[:400],
                   flush=True)
