@@ -362,6 +362,11 @@ thread_tuner context::threads(bool batch) const {
     return batch ? tuner_batch_ : tuner_decode_;
 }
 
+size_t context::huge_page_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return mem_->huge_page_bytes();
+}
+
 std::map<std::string, size_t> context::memory_breakdown() const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto out = mem_->breakdown();

@@ -122,6 +122,7 @@ public:
                                     const std::vector<int32_t> * tokens = nullptr);
 
     std::map<std::string, size_t> memory_breakdown() const;
+    size_t huge_page_bytes() const;  // of the caches (memory::huge_page_bytes)
     // the thread count chooser of single-token steps (batch false) or of longer ones (true):
     // a copy, taken under the lock (waits for a running eval)
     thread_tuner threads(bool batch) const;

@@ -2,6 +2,7 @@
 
 #include "errors.h"
 #include "hash.h"
+#include "hugepages.h"
 #include "model.h"
 
 #include "ggml-alloc.h"
@@ -69,6 +70,7 @@ memory::memory(const model & m, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq
                                 " MiB for n_ctx " + std::to_string(n_ctx) + ") on " + ggml_backend_dev_name(dev) +
                                 ": out of memory; a smaller n_ctx needs less");
         }
+        huge_page_bytes_ += advise_huge_pages(buf.get(), dev);  // before clear() touches the pages
         buffers_.push_back(std::move(buf));
     }
     clear();

@@ -82,6 +82,8 @@ public:
 
     // bytes per part, all sequences: mamba_conv, mamba_ssm, swa_kv, full_kv
     std::map<std::string, size_t> breakdown() const;
+    // bytes of the caches the kernel was asked to back with huge pages (hugepages.h)
+    size_t huge_page_bytes() const { return huge_page_bytes_; }
 
     // state (de)serialisation of the first n_past positions of sequence s; the layout is
     // independent of n_ctx, n_batch, n_seq, the slot and v_trans, so a state moves between
@@ -103,6 +105,7 @@ private:
     std::vector<layer_memory>          layers_;
     std::vector<ggml_context_ptr>        ctxs_;     // one per device: the tensor headers
     std::vector<ggml_backend_buffer_ptr> buffers_;  // one per device: the data (freed first)
+    size_t                             huge_page_bytes_ = 0;
 };
 
 } // namespace sambay

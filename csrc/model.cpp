@@ -2,6 +2,7 @@
 
 #include "errors.h"
 #include "hash.h"
+#include "hugepages.h"
 #include "log.h"
 
 #include "ggml.h"
@@ -337,6 +338,7 @@ void model::load_data(bool use_mmap) {
         }
         buffers_.emplace_back(buf);
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        huge_page_bytes_ += advise_huge_pages(buf, dev);  // before the weights are written
         char * base = (char *) ggml_backend_buffer_get_base(buf);
         size_t off = 0;
         for (auto * t : tensors) {

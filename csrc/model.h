@@ -80,6 +80,8 @@ public:
     ggml_backend_dev_t output_device() const { return output_dev_; }
     std::string device_name() const;  // what the model mostly runs on, e.g. "CPU"
     bool mmapped() const { return mmapped_; }
+    // bytes of weight buffers the kernel was asked to back with huge pages (hugepages.h)
+    size_t huge_page_bytes() const { return huge_page_bytes_; }
     size_t weights_bytes() const;      // bytes of all weight tensors
     // identity of the weights, computed once at load: a hash of the hparams, every tensor's
     // name, type and shape, and a sample of its bytes (start, middle, end); two files with the
@@ -103,6 +105,7 @@ private:
     std::vector<std::pair<ggml_tensor *, ggml_backend_dev_t>> tensors_;  // every weight and its device
     std::vector<ggml_backend_buffer_ptr> buffers_;  // the weights (freed before file_'s mapping)
     bool                               mmapped_ = false;
+    size_t                             huge_page_bytes_ = 0;
     uint64_t                           fingerprint_ = 0;
     std::string                        label_;
     bool                               use_extra_bufts_ = true;

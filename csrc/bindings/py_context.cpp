@@ -177,6 +177,7 @@ void register_context(py::module_ & m) {
             py::gil_scoped_release release;
             c.load_state(s, seq, tokens ? &*tokens : nullptr);
         }, py::arg("state"), py::arg("seq") = 0, py::kw_only(), py::arg("tokens") = py::none())
+        .def_property_readonly("huge_page_bytes", &context::huge_page_bytes)
         .def("memory_breakdown", [](const context & c) {
             std::map<std::string, size_t> out;
             {

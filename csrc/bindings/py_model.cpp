@@ -142,6 +142,7 @@ void register_model(py::module_ & m) {
         }, py::arg("n_gpu_layers"))
         .def_property_readonly("device", &model::device_name)
         .def_property_readonly("mmapped", &model::mmapped)
+        .def_property_readonly("huge_page_bytes", &model::huge_page_bytes)
         .def_property_readonly("weights_bytes", &model::weights_bytes)
         .def_property_readonly("fingerprint", [](const model & md) {
             char hex[17];

@@ -139,6 +139,14 @@ class Model:
         return self._m.mmapped
 
     @property
+    def huge_page_bytes(self) -> int:
+        """Bytes of the weights copied out of the file (repacked matrices; all of them with
+        ``use_mmap=False``) that Linux was asked to back with transparent huge pages (0 on
+        other systems, on a GPU, or with ``SAMBAY_HUGE_PAGES=0``). Pages of the mapped file stay
+        the page cache's."""
+        return self._m.huge_page_bytes
+
+    @property
     def weights_bytes(self) -> int:
         """Bytes of all weight tensors."""
         return self._m.weights_bytes
@@ -421,6 +429,12 @@ class Context:
         """
         claimed = None if tokens is None else [int(t) for t in tokens]
         self._c.load_state(bytes(state), int(seq), tokens=claimed)
+
+    @property
+    def huge_page_bytes(self) -> int:
+        """Bytes of this context's caches and states that Linux was asked to back with
+        transparent huge pages (see :attr:`Model.huge_page_bytes`)."""
+        return self._c.huge_page_bytes
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes per part, all sequences: mamba_conv, mamba_ssm, swa_kv, full_kv, compute,
