@@ -12,7 +12,7 @@ own subprocess):
   sequence, every step one engine call with all S (sambay: ``Context.decode`` of S
   ``(seq, [token])`` pairs; llama.cpp: one ``llama_batch`` with S sequence ids, as its
   ``batched-bench`` does, each sequence in its own KV stream);
-* sambay's prefill tok/s of a 512-token prompt, the compute bound the aggregate approaches;
+* each engine's prefill tok/s of a 512-token prompt, the compute bound its aggregate approaches;
 * the fixed-memory scenario of the model card: with ``--budget-gib`` for weights + caches at
   32K context per sequence, how many sequences each engine holds, and the aggregate decode
   speed each reaches with that many at depth 32K (sambay's count is capped by ``--max-seqs``;
@@ -118,18 +118,34 @@ def _worker_llamacpp(a: argparse.Namespace) -> dict:
     out["kv_unified"] = unified
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)
-    batch = L.llama_batch_init(max(S, FILL_TOKENS), 0, 1)
+    batch = L.llama_batch_init(max(S, FILL_TOKENS, 512), 0, 1)
 
-    def run(ctx: Any, entries: list[tuple[int, int, int]]) -> None:  # (seq, pos, token)
+    def run(ctx: Any, entries: list[tuple[int, int, int]], last_logits_only: bool = False) -> None:  # (seq, pos, token)
         batch.n_tokens = len(entries)
         for i, (s, pos, tok) in enumerate(entries):
             batch.token[i] = tok
             batch.pos[i] = pos
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = s
-            batch.logits[i] = 1
+            batch.logits[i] = 0 if last_logits_only and i < len(entries) - 1 else 1
         if L.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
+
+    if a.prefill:
+        # the twin's own compute bound, timed as sambay's: a 512-token prompt after a warm-up
+        pp = L.llama_context_default_params()
+        pp.n_ctx, pp.n_batch, pp.n_ubatch, pp.n_seq_max = 600, 512, 512, 1
+        pp.n_threads = pp.n_threads_batch = a.threads
+        if hasattr(pp, "flash_attn_type"):
+            pp.flash_attn_type = 0
+        pctx = L.llama_init_from_model(model, pp)
+        toks = _tokens(512, n_vocab, 3)
+        run(pctx, [(0, p, t) for p, t in enumerate(toks[:8])], last_logits_only=True)
+        L.llama_memory_clear(L.llama_get_memory(pctx), True)
+        t0 = time.perf_counter()
+        run(pctx, [(0, p, t) for p, t in enumerate(toks)], last_logits_only=True)
+        out["prefill_tok_s"] = 512 / (time.perf_counter() - t0)
+        L.llama_free(pctx)
 
     # a real one-sequence state to fill from, made in a one-sequence context (one KV stream)
     one_p = L.llama_context_default_params()
@@ -223,12 +239,18 @@ def report(res: dict) -> str:
                 fa = _cell(sb) if a else "-"
                 fb = _cell(lc) if b else "not measured"
                 lines.append(f"| {S} | {fa} | {fb} | {ratio} | {sb.get('step_ms', 0):.1f} |")
-            pre = res.get("prefill", {}).get(qt)
-            one = rows.get("1", {}).get("sambay", {}).get("decode_tok_s")
-            if pre and one:
-                best = max(r.get("sambay", {}).get("decode_tok_s", 0) for r in rows.values())
-                lines += ["", f"sambay prefill (512 tokens): {pre:.1f} tok/s; best aggregate decode "
-                              f"{best:.1f} tok/s = {best / pre:.0%} of it, {best / one:.2f}x its single-sequence decode."]
+            lines.append("")
+            for eng, key, name in (("sambay", "prefill", "sambay"), ("llamacpp", "prefill_llamacpp", "llama.cpp twin")):
+                pre = res.get(key, {}).get(qt)
+                one = rows.get("1", {}).get(eng, {}).get("decode_tok_s")
+                by_s = {S: r.get(eng, {}).get("decode_tok_s") or 0 for S, r in rows.items()}
+                if pre and one:
+                    best = max(by_s.values())
+                    at = "; ".join(f"{S} sequences {v / pre:.0%}" for S, v in by_s.items() if S in ("8", "16") and v)
+                    eight = f" ({by_s['8'] / one:.2f}x with 8)" if by_s.get("8") else ""
+                    lines.append(f"- {name}: prefill (512 tokens) {pre:.1f} tok/s; best aggregate decode {best:.1f} "
+                                 f"tok/s = {best / pre:.0%} of it{f' ({at})' if at else ''}, {best / one:.2f}x its "
+                                 f"single-sequence decode{eight}")
             lines.append("")
     for qt, b in res.get("budget", {}).items():
         lines += [f"## Fixed memory budget, {qt}: {res['budget_gib']} GiB for weights + caches, 32K context per sequence", "",
@@ -322,7 +344,9 @@ def main() -> None:
     files = prepare(m, work, types, engines)
     twin_shape = MODES[m]["twin"] or {}
     res: dict[str, Any] = {"mode": m, "machine": _machine(), "threads": a.threads, "commit": git_commit(),
-                           "gen": a.gen, "repeat": a.repeat, "budget_gib": a.budget_gib, "sweep": {}, "prefill": {}, "budget": {}}
+                           "gen": a.gen, "repeat": a.repeat, "budget_gib": a.budget_gib, "sweep": {}, "prefill": {},
+                           "prefill_llamacpp": {},
+                           "budget": {}}
     for qt in types:
         res["sweep"][qt] = {}
         for D in (int(x) for x in a.depths.split(",")):
@@ -331,10 +355,11 @@ def main() -> None:
                 runs: dict[str, list[dict]] = {eng: [] for eng in engines}
                 for _ in range(a.repeat):  # the engines alternate, so a drift reaches both
                     for eng in engines:
-                        r = _measure(eng, files[f"{eng}/{qt}"], S, D, a, twin_shape,
-                                     prefill=eng == "sambay" and S == 1 and qt not in res["prefill"])
+                        # each engine's 512-token prefill (its compute bound) with its one-sequence runs
+                        r = _measure(eng, files[f"{eng}/{qt}"], S, D, a, twin_shape, prefill=S == 1)
                         if "prefill_tok_s" in r:
-                            res["prefill"][qt] = max(r["prefill_tok_s"], res["prefill"].get(qt, 0.0))
+                            key = "prefill" if eng == "sambay" else "prefill_llamacpp"
+                            res[key][qt] = max(r["prefill_tok_s"], res[key].get(qt, 0.0))
                         runs[eng].append(r)
                         print(f"{qt} depth {D} S={S} {eng}: {r.get('decode_tok_s', r.get('error'))}", flush=True)
                 rows[str(S)] = {eng: best_run(rs, "decode_tok_s") for eng, rs in runs.items()}
@@ -363,7 +388,7 @@ def main() -> None:
     old = out / f"batched_{m}.json"
     if old.exists():  # results of other types stay (a run can be done type by type)
         prev = json.loads(old.read_text())
-        for key in ("sweep", "prefill", "budget"):
+        for key in ("sweep", "prefill", "prefill_llamacpp", "budget"):
             res[key] = {**prev.get(key, {}), **res[key]}
         if prev.get("notes"):
             res["notes"] = prev["notes"]
