@@ -15,7 +15,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
                    help="attention cache type: f16, bf16 or f32 (one type for K and V; default: f16)")
     p.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE", help="the same as -ctk")
-    p.add_argument("--no-mmap", action="store_true", help="read the weights into memory instead of mapping the file")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory (huge pages on Linux) instead of mapping the file: "
+                        "more resident memory, faster decode on CPU")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
