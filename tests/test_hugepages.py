@@ -67,7 +67,8 @@ def _huge_pages_gained(path: Path, advise: bool) -> dict:
 
 
 @pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
-                    reason="the system's transparent huge pages are not in 'madvise' mode, where the advice decides")
+                    reason="the system's transparent huge page mode is unreadable here (no /sys) or not 'madvise', "
+                           "the mode where the advice decides")
 def test_the_kernel_backs_advised_buffers_with_huge_pages(tiny_gguf):
     _, path = tiny_gguf()
     on = _huge_pages_gained(path, advise=True)
