@@ -92,6 +92,22 @@ def test_cli_system_info():
     assert re.search(r"^  CPU \[cpu\]", out.stdout, re.M)
 
 
+def test_system_info_reports_the_huge_page_mode(tmp_path):
+    from sambay._system import THP_ENABLED, format_system_info, thp_mode
+
+    f = tmp_path / "enabled"
+    for text, want in (("always [madvise] never\n", "madvise"), ("[always] madvise never\n", "always"),
+                       ("always madvise [never]\n", "never"), ("garbled\n", None)):
+        f.write_text(text)
+        assert thp_mode(f) == want
+    assert thp_mode(tmp_path / "missing") is None
+    info = sambay.system_info()
+    assert info["huge_pages"] == thp_mode(THP_ENABLED)
+    lines = format_system_info({**info, "huge_pages": "madvise"}).splitlines()
+    assert "transparent huge pages: madvise (sambay asks for them for the weights it copies and its caches)" in lines
+    assert not any("huge pages" in line for line in format_system_info({**info, "huge_pages": None}).splitlines())
+
+
 def test_cli_help_lists_commands():
     out = _run("--help")
     assert out.returncode == 0
