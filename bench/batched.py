@@ -347,16 +347,19 @@ def main() -> None:
                            "gen": a.gen, "repeat": a.repeat, "budget_gib": a.budget_gib, "sweep": {}, "prefill": {},
                            "prefill_llamacpp": {},
                            "budget": {}}
+    depths = [int(x) for x in a.depths.split(",")]
     for qt in types:
         res["sweep"][qt] = {}
-        for D in (int(x) for x in a.depths.split(",")):
+        for D in depths:
             rows: dict[str, dict] = {}
             for S in (int(x) for x in a.seqs.split(",")):
                 runs: dict[str, list[dict]] = {eng: [] for eng in engines}
                 for _ in range(a.repeat):  # the engines alternate, so a drift reaches both
                     for eng in engines:
-                        # each engine's 512-token prefill (its compute bound) with its one-sequence runs
-                        r = _measure(eng, files[f"{eng}/{qt}"], S, D, a, twin_shape, prefill=S == 1)
+                        # each engine's 512-token prefill (its compute bound; the depth does not
+                        # enter it) with its one-sequence runs at the first depth
+                        r = _measure(eng, files[f"{eng}/{qt}"], S, D, a, twin_shape,
+                                     prefill=S == 1 and D == depths[0])
                         if "prefill_tok_s" in r:
                             key = "prefill" if eng == "sambay" else "prefill_llamacpp"
                             res[key][qt] = max(r["prefill_tok_s"], res[key].get(qt, 0.0))
@@ -368,7 +371,7 @@ def main() -> None:
             b: dict[str, Any] = {}
             budget = a.budget_gib * 2**30
             for eng in engines:
-                probe = res["sweep"][qt][a.depths.split(",")[0]]["1"].get(eng, {})
+                probe = res["sweep"][qt][str(depths[0])]["1"].get(eng, {})
                 if "per_seq_bytes_at_32k" not in probe:
                     continue
                 per, w = probe["per_seq_bytes_at_32k"], probe["weights_bytes"]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from sambay._system import thp_mode
 from sambay.engine import Context, Model
 
 MIB = 1 << 20
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def test_copied_weights_and_caches_are_advised(tiny_gguf, monkeypatch):
@@ -66,7 +66,7 @@ def _huge_pages_gained(path: Path, advise: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+@pytest.mark.skipif(thp_mode() != "madvise",
                     reason="the system's transparent huge page mode is unreadable here (no /sys) or not 'madvise', "
                            "the mode where the advice decides")
 def test_the_kernel_backs_advised_buffers_with_huge_pages(tiny_gguf):
