@@ -305,6 +305,46 @@ def test_ctrl_c_during_the_prefill_cancels_it(watched):
     assert s.messages[-1]["content"] == api_answer(watched, s.messages[:1], max_tokens=16)
 
 
+def test_ctrl_c_while_the_reply_thread_starts_cancels_it(watched, monkeypatch):
+    """A Ctrl-C that reaches the session while it is still starting the reply's thread (a small
+    model can be at its first micro-batch by then) cancels that reply as one a moment later
+    does: the turn is dropped and the next message is answered (it used to escape with the
+    thread still running, and the next message found the Llama busy)."""
+    import sambay.terminal as terminal
+
+    starts = []
+
+    class SlowStart(threading.Thread):
+        def start(self):  # the session is still inside the first start() when the Ctrl-C comes
+            starts.append(self)
+            super().start()
+            if len(starts) == 1:
+                time.sleep(WAIT)  # (a signal ends it)
+
+    watched.cancelled.clear()
+    watched.reset()
+    fired = []
+
+    def hook(done, total):
+        if not fired:
+            fired.append(done)
+            # to the main thread, as a terminal's Ctrl-C reaches it: it wakes the sleep above
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            watched.cancelled.wait(WAIT)
+
+    monkeypatch.setattr(terminal.threading, "Thread", SlowStart)
+    s, _, err = session(watched, max_tokens=16)
+    watched.hook = hook
+    try:
+        assert s.run(piped("What is 1 + 2?", "What is 2 + 2?")) == 0
+    finally:
+        watched.hook = None
+    assert len(starts) == 2 and fired == [0]
+    assert watched.cancelled.is_set() and "[stopped; this turn is dropped]" in err.getvalue()
+    assert [m["content"] for m in s.messages if m["role"] == "user"] == ["What is 2 + 2?"]
+    assert s.messages[-1]["content"] == api_answer(watched, s.messages[:1], max_tokens=16)
+
+
 def test_ctrl_c_at_the_prompt_says_how_to_quit_and_twice_quits(llm):
     reader, _ = scripted(KeyboardInterrupt, "What is 1 + 1?", KeyboardInterrupt, "/help",
                          KeyboardInterrupt, KeyboardInterrupt, "not read")

@@ -527,7 +527,13 @@ class ChatSession:
         stopped = False
         outcome: Any = None
         try:
-            worker.start()
+            try:
+                worker.start()  # waits for the thread to run, which may already reach a Ctrl-C
+            except KeyboardInterrupt:
+                stopped = True
+                if worker.ident is None:  # it never ran: nothing to cancel or wait for
+                    return finish, True, None
+                llm.cancel()
             while True:
                 try:
                     while True:
