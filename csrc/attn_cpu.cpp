@@ -38,8 +38,13 @@ void dot4_scalar(const float * q, const float * k, int64_t kstride, int64_t hd, 
 using dot_fn = float (*)(const float * x, const float * y, int64_t n);
 // dot4_fn on keys stored F16, converted in registers
 using dot4_f16_fn = void (*)(const float * q, const ggml_fp16_t * k, int64_t kstride, int64_t hd, float * out);
-// out[0] = v . w0 and, with w1, out[1] = v . w1 (n values; v stored F16, converted in registers once for both)
-using dot2_f16_fn = void (*)(const ggml_fp16_t * v, const float * w0, const float * w1, int64_t n, float * out);
+// dot4_f16_fn for two queries at once: out0[i] = q0 . k_i, out1[i] = q1 . k_i (each key converted once for both)
+using dot4x2_f16_fn = void (*)(const float * q0, const float * q1, const ggml_fp16_t * k, int64_t kstride, int64_t hd,
+                               float * out0, float * out1);
+// out = { v0 . w0, v0 . w1, v1 . w0, v1 . w1 } over n values, v0/v1 stored F16 and converted in
+// registers once for both weight rows; v1 and w1 may be nullptr (their sums are not written)
+using dot2x2_f16_fn = void (*)(const ggml_fp16_t * v0, const ggml_fp16_t * v1, const float * w0, const float * w1,
+                               int64_t n, float * out);
 
 float dot_scalar(const float * x, const float * y, int64_t n) {
     float s = 0.0f;
@@ -100,52 +105,113 @@ __attribute__((target("avx2,fma,f16c"))) void dot4_f16_avx2(const float * q, con
 }
 #endif
 
-// the dot2_f16 kernels' last n - i values (fewer than a SIMD step) added to their sums s0, s1
-void dot2_f16_finish(const ggml_fp16_t * v, const float * w0, const float * w1, int64_t i, int64_t n, float s0,
-                     float s1, float * out) {
+// the dot2x2_f16 kernels' last n - i values (fewer than a SIMD step) added to their sums s[4]
+void dot2x2_f16_finish(const ggml_fp16_t * v0, const ggml_fp16_t * v1, const float * w0, const float * w1, int64_t i,
+                       int64_t n, float * s, float * out) {
     for (; i < n; ++i) {
-        const float x = ggml_fp16_to_fp32(v[i]);
-        s0 += x * w0[i];
-        if (w1) s1 += x * w1[i];
+        const float x = ggml_fp16_to_fp32(v0[i]), y = v1 ? ggml_fp16_to_fp32(v1[i]) : 0.0f;
+        s[0] += x * w0[i];
+        s[2] += y * w0[i];
+        if (w1) {
+            s[1] += x * w1[i];
+            s[3] += y * w1[i];
+        }
     }
-    out[0] = s0;
-    if (w1) out[1] = s1;
+    out[0] = s[0];
+    if (w1) out[1] = s[1];
+    if (v1) {
+        out[2] = s[2];
+        if (w1) out[3] = s[3];
+    }
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma,f16c"))) void dot2_f16_avx2(const ggml_fp16_t * v, const float * w0, const float * w1,
-                                                             int64_t n, float * out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + i)));
-        const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v + i + 8)));
-        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w0 + i), a0);
-        a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w0 + i + 8), a1);
-        if (w1) {
-            b0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w1 + i), b0);
-            b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w1 + i + 8), b1);
-        }
+// two queries, four keys: each key converted once (the K read of a decode step is shared by the
+// g query heads of its K head; converting it per query doubled the work of a memory-bound loop)
+__attribute__((target("avx2,fma,f16c"))) void dot4x2_f16_avx2(const float * q0, const float * q1, const ggml_fp16_t * k,
+                                                               int64_t kstride, int64_t hd, float * out0, float * out1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 qa = _mm256_loadu_ps(q0 + d), qb = _mm256_loadu_ps(q1 + d);
+        const __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + d)));
+        const __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + kstride + d)));
+        const __m256 k2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + 2 * kstride + d)));
+        const __m256 k3 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (k + 3 * kstride + d)));
+        a0 = _mm256_fmadd_ps(qa, k0, a0);
+        a1 = _mm256_fmadd_ps(qa, k1, a1);
+        a2 = _mm256_fmadd_ps(qa, k2, a2);
+        a3 = _mm256_fmadd_ps(qa, k3, a3);
+        b0 = _mm256_fmadd_ps(qb, k0, b0);
+        b1 = _mm256_fmadd_ps(qb, k1, b1);
+        b2 = _mm256_fmadd_ps(qb, k2, b2);
+        b3 = _mm256_fmadd_ps(qb, k3, b3);
     }
-    dot2_f16_finish(v, w0, w1, i, n, hsum_avx2(_mm256_add_ps(a0, a1)), hsum_avx2(_mm256_add_ps(b0, b1)), out);
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(out0, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    s = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    _mm_storeu_ps(out1, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) void dot2x2_f16_avx2(const ggml_fp16_t * v0, const ggml_fp16_t * v1,
+                                                               const float * w0, const float * w1, int64_t n, float * out) {
+    // a missing row reads (and multiplies) the other one again: its sums are never stored
+    const ggml_fp16_t * u = v1 ? v1 : v0;
+    const float * x1 = w1 ? w1 : w0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v0 + i)));
+        const __m256 y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (u + i)));
+        const __m256 p = _mm256_loadu_ps(w0 + i), q = _mm256_loadu_ps(x1 + i);
+        a0 = _mm256_fmadd_ps(x, p, a0);
+        a1 = _mm256_fmadd_ps(x, q, a1);
+        b0 = _mm256_fmadd_ps(y, p, b0);
+        b1 = _mm256_fmadd_ps(y, q, b1);
+    }
+    float sums[4] = { hsum_avx2(a0), hsum_avx2(a1), hsum_avx2(b0), hsum_avx2(b1) };
+    dot2x2_f16_finish(v0, v1, w0, w1, i, n, sums, out);
 }
 #endif
 
 #if defined(__aarch64__)
-void dot2_f16_neon(const ggml_fp16_t * v, const float * w0, const float * w1, int64_t n, float * out) {
+void dot2x2_f16_neon(const ggml_fp16_t * v0, const ggml_fp16_t * v1, const float * w0, const float * w1, int64_t n,
+                     float * out) {
+    const ggml_fp16_t * u = v1 ? v1 : v0;  // as in dot2x2_f16_avx2
+    const float * x1 = w1 ? w1 : w0;
     float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, b0 = a0, b1 = a0;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const float32x4_t v0 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (v + i))));
-        const float32x4_t v1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (v + i + 4))));
-        a0 = vfmaq_f32(a0, v0, vld1q_f32(w0 + i));
-        a1 = vfmaq_f32(a1, v1, vld1q_f32(w0 + i + 4));
-        if (w1) {
-            b0 = vfmaq_f32(b0, v0, vld1q_f32(w1 + i));
-            b1 = vfmaq_f32(b1, v1, vld1q_f32(w1 + i + 4));
-        }
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t x = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (v0 + i))));
+        const float32x4_t y = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) (u + i))));
+        const float32x4_t p = vld1q_f32(w0 + i), q = vld1q_f32(x1 + i);
+        a0 = vfmaq_f32(a0, x, p);
+        a1 = vfmaq_f32(a1, x, q);
+        b0 = vfmaq_f32(b0, y, p);
+        b1 = vfmaq_f32(b1, y, q);
     }
-    dot2_f16_finish(v, w0, w1, i, n, vaddvq_f32(vaddq_f32(a0, a1)), vaddvq_f32(vaddq_f32(b0, b1)), out);
+    float sums[4] = { vaddvq_f32(a0), vaddvq_f32(a1), vaddvq_f32(b0), vaddvq_f32(b1) };
+    dot2x2_f16_finish(v0, v1, w0, w1, i, n, sums, out);
+}
+
+void dot4x2_f16_neon(const float * q0, const float * q1, const ggml_fp16_t * k, int64_t kstride, int64_t hd,
+                     float * out0, float * out1) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    auto load = [](const ggml_fp16_t * p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) p))); };
+    for (int64_t d = 0; d < hd; d += 4) {
+        const float32x4_t qa = vld1q_f32(q0 + d), qb = vld1q_f32(q1 + d);
+        const float32x4_t k0 = load(k + d), k1 = load(k + kstride + d), k2 = load(k + 2 * kstride + d),
+                          k3 = load(k + 3 * kstride + d);
+        a0 = vfmaq_f32(a0, qa, k0);
+        a1 = vfmaq_f32(a1, qa, k1);
+        a2 = vfmaq_f32(a2, qa, k2);
+        a3 = vfmaq_f32(a3, qa, k3);
+        b0 = vfmaq_f32(b0, qb, k0);
+        b1 = vfmaq_f32(b1, qb, k1);
+        b2 = vfmaq_f32(b2, qb, k2);
+        b3 = vfmaq_f32(b3, qb, k3);
+    }
+    vst1q_f32(out0, vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3)));
+    vst1q_f32(out1, vpaddq_f32(vpaddq_f32(b0, b1), vpaddq_f32(b2, b3)));
 }
 
 // dot4_neon on F16 keys converted in registers (FCVTL: every AArch64 CPU has it)
@@ -188,21 +254,186 @@ void dot4_neon(const float * q, const float * k, int64_t kstride, int64_t hd, fl
 }
 #endif
 
+
+// One row pair of the differential softmax (attn_softmax_diff_cpu): n scores of each stripe,
+// s1 and s2 (-inf where masked or padded); writes out[c] = P1[c] - lambda * P2[c] with
+// P_s = softmax(scale * s_s). tmp: n floats of scratch.
+using softmax_diff_fn = void (*)(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
+                                 float * tmp);
+
+void softmax_diff_scalar(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
+                         float * tmp) {
+    float m1 = -INFINITY, m2 = -INFINITY;
+    for (int64_t c = 0; c < n; ++c) {
+        m1 = std::max(m1, s1[c]);
+        m2 = std::max(m2, s2[c]);
+    }
+    if (m1 == -INFINITY || m2 == -INFINITY) {
+        std::fill(out, out + n, 0.0f);
+        return;
+    }
+    double l1 = 0.0, l2 = 0.0;
+    for (int64_t c = 0; c < n; ++c) {
+        out[c] = std::exp(scale * (s1[c] - m1));
+        tmp[c] = std::exp(scale * (s2[c] - m2));
+        l1 += out[c];
+        l2 += tmp[c];
+    }
+    const float a1 = (float) (1.0 / l1), a2 = (float) (lambda / l2);
+    for (int64_t c = 0; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+}
+
+#if defined(__x86_64__)
+// e^x for x <= 0 (x = -inf or below the smallest normal result gives exactly 0): x = n ln2 + r,
+// |r| <= ln2/2, e^r by a degree-5 polynomial (relative error ~1e-7), 2^n put in the exponent
+__attribute__((target("avx2,fma,f16c"))) inline __m256 exp_neg_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 zero = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(zero, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) void softmax_diff_avx2(const float * s1, const float * s2, int64_t n,
+                                                                 float scale, float lambda, float * out, float * tmp) {
+    const int64_t n8 = n / 8 * 8;  // the SIMD part; the last n - n8 cells by the scalar formulas
+    __m256 m1 = _mm256_set1_ps(-INFINITY), m2 = m1;
+    for (int64_t c = 0; c < n8; c += 8) {
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s1 + c));
+        m2 = _mm256_max_ps(m2, _mm256_loadu_ps(s2 + c));
+    }
+    float v1[8], v2[8];
+    _mm256_storeu_ps(v1, m1);
+    _mm256_storeu_ps(v2, m2);
+    float max1 = *std::max_element(v1, v1 + 8), max2 = *std::max_element(v2, v2 + 8);
+    for (int64_t c = n8; c < n; ++c) {
+        max1 = std::max(max1, s1[c]);
+        max2 = std::max(max2, s2[c]);
+    }
+    if (max1 == -INFINITY || max2 == -INFINITY) {
+        std::fill(out, out + n, 0.0f);
+        return;
+    }
+    // scale * (s - max) as one FMA: scale * s - scale * max
+    const __m256 sc = _mm256_set1_ps(scale), b1 = _mm256_set1_ps(-scale * max1), b2 = _mm256_set1_ps(-scale * max2);
+    __m256 l1 = _mm256_setzero_ps(), l2 = l1;
+    for (int64_t c = 0; c < n8; c += 8) {
+        const __m256 e1 = exp_neg_avx2(_mm256_fmadd_ps(sc, _mm256_loadu_ps(s1 + c), b1));
+        const __m256 e2 = exp_neg_avx2(_mm256_fmadd_ps(sc, _mm256_loadu_ps(s2 + c), b2));
+        _mm256_storeu_ps(out + c, e1);
+        _mm256_storeu_ps(tmp + c, e2);
+        l1 = _mm256_add_ps(l1, e1);
+        l2 = _mm256_add_ps(l2, e2);
+    }
+    float sum1 = hsum_avx2(l1), sum2 = hsum_avx2(l2);
+    for (int64_t c = n8; c < n; ++c) {
+        out[c] = std::exp(scale * (s1[c] - max1));
+        tmp[c] = std::exp(scale * (s2[c] - max2));
+        sum1 += out[c];
+        sum2 += tmp[c];
+    }
+    const float a1 = 1.0f / sum1, a2 = lambda / sum2;
+    const __m256 va1 = _mm256_set1_ps(a1), va2 = _mm256_set1_ps(a2);
+    for (int64_t c = 0; c < n8; c += 8) {
+        _mm256_storeu_ps(out + c, _mm256_fmsub_ps(_mm256_loadu_ps(out + c), va1,
+                                                  _mm256_mul_ps(_mm256_loadu_ps(tmp + c), va2)));
+    }
+    for (int64_t c = n8; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+}
+#endif
+
+#if defined(__aarch64__)
+// exp_neg_avx2's method
+inline float32x4_t exp_neg_neon(float32x4_t x) {
+    const float32x4_t lo = vdupq_n_f32(-87.33654f);
+    const uint32x4_t zero = vcltq_f32(x, lo);
+    x = vmaxq_f32(x, lo);
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    const float32x4_t y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    const float32x4_t v = vmulq_f32(y, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(v), zero));
+}
+
+void softmax_diff_neon(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
+                       float * tmp) {
+    const int64_t n4 = n / 4 * 4;  // as in softmax_diff_avx2
+    float32x4_t m1 = vdupq_n_f32(-INFINITY), m2 = m1;
+    for (int64_t c = 0; c < n4; c += 4) {
+        m1 = vmaxq_f32(m1, vld1q_f32(s1 + c));
+        m2 = vmaxq_f32(m2, vld1q_f32(s2 + c));
+    }
+    float max1 = vmaxvq_f32(m1), max2 = vmaxvq_f32(m2);
+    for (int64_t c = n4; c < n; ++c) {
+        max1 = std::max(max1, s1[c]);
+        max2 = std::max(max2, s2[c]);
+    }
+    if (max1 == -INFINITY || max2 == -INFINITY) {
+        std::fill(out, out + n, 0.0f);
+        return;
+    }
+    const float32x4_t sc = vdupq_n_f32(scale), b1 = vdupq_n_f32(-scale * max1), b2 = vdupq_n_f32(-scale * max2);
+    float32x4_t l1 = vdupq_n_f32(0.0f), l2 = l1;
+    for (int64_t c = 0; c < n4; c += 4) {
+        const float32x4_t e1 = exp_neg_neon(vfmaq_f32(b1, sc, vld1q_f32(s1 + c)));
+        const float32x4_t e2 = exp_neg_neon(vfmaq_f32(b2, sc, vld1q_f32(s2 + c)));
+        vst1q_f32(out + c, e1);
+        vst1q_f32(tmp + c, e2);
+        l1 = vaddq_f32(l1, e1);
+        l2 = vaddq_f32(l2, e2);
+    }
+    float sum1 = vaddvq_f32(l1), sum2 = vaddvq_f32(l2);
+    for (int64_t c = n4; c < n; ++c) {
+        out[c] = std::exp(scale * (s1[c] - max1));
+        tmp[c] = std::exp(scale * (s2[c] - max2));
+        sum1 += out[c];
+        sum2 += tmp[c];
+    }
+    const float a1 = 1.0f / sum1, a2 = lambda / sum2;
+    const float32x4_t va1 = vdupq_n_f32(a1), va2 = vdupq_n_f32(a2);
+    for (int64_t c = 0; c < n4; c += 4) {
+        vst1q_f32(out + c, vfmsq_f32(vmulq_f32(vld1q_f32(out + c), va1), vld1q_f32(tmp + c), va2));
+    }
+    for (int64_t c = n4; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+}
+#endif
+
 struct kernel {
     dot4_fn      fn;
     dot4_f16_fn  fn_f16;  // nullptr: F16 keys go through the F32 scratch
     dot_fn       dot;
-    dot2_f16_fn  dot2_f16;  // nullptr: F16 V goes through the F32 chunk buffer
+    dot4x2_f16_fn fn_f16x2;  // nullptr: F16 keys are scored one query at a time
+    dot2x2_f16_fn dot2x2_f16;  // nullptr: F16 V goes through the F32 chunk buffer
+    softmax_diff_fn softmax_diff;
     int64_t      hd_multiple;  // the SIMD width the head size must be a multiple of (fn)
     const char * name;
 };
 
-const kernel K_SCALAR = { dot4_scalar, nullptr, dot_scalar, nullptr, 1, "scalar" };
+const kernel K_SCALAR = { dot4_scalar, nullptr, dot_scalar, nullptr, nullptr, softmax_diff_scalar, 1, "scalar" };
 #if defined(__x86_64__)
-const kernel K_AVX2 = { dot4_avx2, dot4_f16_avx2, dot_avx2, dot2_f16_avx2, 8, "avx2" };
+const kernel K_AVX2 = { dot4_avx2, dot4_f16_avx2, dot_avx2, dot4x2_f16_avx2, dot2x2_f16_avx2, softmax_diff_avx2, 8, "avx2" };
 #endif
 #if defined(__aarch64__)
-const kernel K_NEON = { dot4_neon, dot4_f16_neon, dot_neon, dot2_f16_neon, 4, "neon" };
+const kernel K_NEON = { dot4_neon, dot4_f16_neon, dot_neon, dot4x2_f16_neon, dot2x2_f16_neon, softmax_diff_neon, 4, "neon" };
 #endif
 
 const kernel & pick_kernel(int64_t hd) {
@@ -314,23 +545,45 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                     const int64_t kh_off = (s * Hkv2 + m) * hd;  // this K head of cell c0
                     const float * kh = kf.data() + kh_off;
                     const ggml_fp16_t * kh16 = (const ggml_fp16_t *) (kc + kh_off * kes);
-                    for (int64_t r = 0; r < sd.n_rows; ++r) {
-                        const float * mrow = (const float *) ((const char *) mask->data + (sd.row + r) * mask->nb[1]) + c0;
-                        for (int64_t jj = 0; jj < g; ++jj) {
-                            const float * qp = (const float *) ((const char *) q->data + (s * H2 + m * g + jj) * q->nb[1] +
-                                                                (sd.q_row + r) * q->nb[2]);
-                            float * o = out_row(s, m, sd.row + r, jj) + c0;
+                    // the queries that read this K head: (row r, query head jj), n_q = n_rows * g of
+                    // them, two at a time where the keys are read in registers
+                    const int64_t n_q = sd.n_rows * g;
+                    auto q_of = [&](int64_t i) {
+                        return (const float *) ((const char *) q->data + (s * H2 + m * g + i % g) * q->nb[1] +
+                                                (sd.q_row + i / g) * q->nb[2]);
+                    };
+                    auto out_of = [&](int64_t i) { return out_row(s, m, sd.row + i / g, i % g) + c0; };
+                    auto mask_of = [&](int64_t i) {
+                        return (const float *) ((const char *) mask->data + (sd.row + i / g) * mask->nb[1]) + c0;
+                    };
+                    for (int64_t i = 0; i < n_q;) {
+                        const float * qa = q_of(i), * ma = mask_of(i);
+                        float * oa = out_of(i);
+                        if (direct && kern.fn_f16x2 && i + 1 < n_q) {
+                            const float * qb = q_of(i + 1), * mb = mask_of(i + 1);
+                            float * ob = out_of(i + 1);
                             for (int64_t c = 0; c < nc; c += 4) {
-                                float d4[4];
-                                // cells past nc are stale data of the scratch (never stored)
-                                if (direct) {
-                                    kern.fn_f16(qp, kh16 + c * n_embd_kv, n_embd_kv, hd, d4);
-                                } else {
-                                    kern.fn(qp, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+                                float da[4], db[4];
+                                kern.fn_f16x2(qa, qb, kh16 + c * n_embd_kv, n_embd_kv, hd, da, db);
+                                for (int64_t t = 0; t < 4; ++t) {
+                                    oa[c + t] = da[t] + ma[c + t];
+                                    ob[c + t] = db[t] + mb[c + t];
                                 }
-                                for (int64_t t = 0; t < 4 && c + t < nc; ++t) o[c + t] = d4[t] + mrow[c + t];
                             }
+                            i += 2;
+                            continue;
                         }
+                        for (int64_t c = 0; c < nc; c += 4) {
+                            float d4[4];
+                            // cells past nc are stale data of the scratch (never stored)
+                            if (direct) {
+                                kern.fn_f16(qa, kh16 + c * n_embd_kv, n_embd_kv, hd, d4);
+                            } else {
+                                kern.fn(qa, kh + c * n_embd_kv, n_embd_kv, hd, d4);
+                            }
+                            for (int64_t t = 0; t < 4 && c + t < nc; ++t) oa[c + t] = d4[t] + ma[c + t];
+                        }
+                        ++i;
                     }
                 }
             }
@@ -342,10 +595,14 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 constexpr int64_t PV_CHUNK = 512;
 // V^T rows (channels) per work item
 constexpr int64_t PV_CHANNELS = 8;
-// bytes of weights (cols rows of a tile of cells) kept in L1 while every channel of a work item
-// reads them: a tile of cells is multiplied with all the item's channels before the next one, so
-// the weights are read from memory once per item rather than once per channel
+// A work item walks its channels' V^T rows together, a tile of cells at a time: every row of
+// the tile is multiplied with every row of weights before the next tile, so the weights of a
+// tile are read from memory once per item (at most PV_TILE_BYTES of them, kept in L1) and the
+// item's PV_CHANNELS rows are read as that many sequential streams advancing side by side.
+// Short tiles keep those streams close together: at depth 32K (F16 V, 2 threads) tiles of 256
+// cells read V ~20% faster than tiles of 2048 (a row finished before the next was started).
 constexpr int64_t PV_TILE_BYTES = 16 * 1024;
+constexpr int64_t PV_TILE_CELLS = 256;
 
 void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const kernel & kern = *(const kernel *) userdata;
@@ -357,7 +614,7 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t g = w->ne[1] / (last.row + last.n_rows);
     const size_t  ves = ggml_type_size(v->type);
     const int64_t blocks = (dv + PV_CHANNELS - 1) / PV_CHANNELS;
-    const bool in_registers = kern.dot2_f16 && v->type == GGML_TYPE_F16;
+    const bool in_registers = kern.dot2x2_f16 && v->type == GGML_TYPE_F16;
     float buf[PV_CHUNK];
     thread_local std::vector<float> acc;  // [channel of the item][col]; kept between calls
 
@@ -366,8 +623,9 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     for_thread_share(n_seqs, ith, nth, n_items, cost, [&](int64_t i, int64_t u0, int64_t u1) {
         const seq_desc sd = read_seq(seqs, i);
         const int64_t cols = g * sd.n_rows, col0 = g * sd.row, n_kv = sd.n_kv;
-        // cells per tile: a multiple of 16 (the SIMD loops' step), at least 64
-        const int64_t tile = std::max<int64_t>(64, PV_TILE_BYTES / (int64_t) sizeof(float) / cols / 16 * 16);
+        // cells per tile: a multiple of 16 (the SIMD loops' step), 64 .. PV_TILE_CELLS
+        const int64_t tile = std::clamp<int64_t>(PV_TILE_BYTES / (int64_t) sizeof(float) / cols / 16 * 16, 64,
+                                                 PV_TILE_CELLS);
         acc.resize(PV_CHANNELS * cols);
         for (int64_t item = u0; item < u1; ++item) {
             const int64_t m = item / blocks, ch0 = (item % blocks) * PV_CHANNELS;
@@ -378,21 +636,31 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int64_t t0 = 0; t0 < n_kv; t0 += tile) {
                 const int64_t nt = std::min(tile, n_kv - t0);
-                for (int64_t ci = 0; ci < n_ch; ++ci) {
-                    const char * vrow = vm + ci * sd.v_stride * ves;
-                    float * a = &acc[ci * cols];
-                    if (in_registers) {
-                        // two weight rows per pass over the tile, F16 converted in registers
-                        const ggml_fp16_t * v16 = (const ggml_fp16_t *) vrow + t0;
+                if (in_registers) {
+                    // two channels times two weight rows per pass over the tile, F16 converted in registers
+                    for (int64_t ci = 0; ci < n_ch; ci += 2) {
+                        const ggml_fp16_t * v0 = (const ggml_fp16_t *) (vm + ci * sd.v_stride * ves) + t0;
+                        const ggml_fp16_t * v1 = ci + 1 < n_ch ? v0 + sd.v_stride : nullptr;
+                        float * a0 = &acc[ci * cols];
                         for (int64_t j = 0; j < cols; j += 2) {
                             const float * w0 = (const float *) (wm + j * w->nb[1]) + t0;
                             const float * w1 = j + 1 < cols ? (const float *) (wm + (j + 1) * w->nb[1]) + t0 : nullptr;
-                            float d[2];
-                            kern.dot2_f16(v16, w0, w1, nt, d);
-                            a[j] += d[0];
-                            if (w1) a[j + 1] += d[1];
+                            float d[4];
+                            kern.dot2x2_f16(v0, v1, w0, w1, nt, d);
+                            a0[j] += d[0];
+                            if (w1) a0[j + 1] += d[1];
+                            if (v1) {
+                                a0[cols + j] += d[2];
+                                if (w1) a0[cols + j + 1] += d[3];
+                            }
                         }
-                    } else for (int64_t c0 = t0; c0 < t0 + nt; c0 += PV_CHUNK) {
+                    }
+                    continue;
+                }
+                for (int64_t ci = 0; ci < n_ch; ++ci) {
+                    const char * vrow = vm + ci * sd.v_stride * ves;
+                    float * a = &acc[ci * cols];
+                    for (int64_t c0 = t0; c0 < t0 + nt; c0 += PV_CHUNK) {
                         const int64_t n = std::min(PV_CHUNK, t0 + nt - c0);
                         to_f32(v->type, vrow + c0 * ves, buf, n);
                         for (int64_t j = 0; j < cols; ++j) {
@@ -409,6 +677,45 @@ void pv_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     });
 }
 
+
+// attn_softmax_diff_cpu's scale and lambda, carried in the op's userdata pointer itself (two
+// floats; never dereferenced), with the kernel picked when the graph runs
+struct softmax_params {
+    float scale, lambda;
+};
+static_assert(sizeof(softmax_params) <= sizeof(void *), "softmax_params must fit in a pointer");
+
+void softmax_diff_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    softmax_params par;
+    std::memcpy(&par, &userdata, sizeof(par));
+    const kernel & kern = pick_kernel(0);
+    const ggml_tensor * kq = dst->src[0];  // [n_kv_max, rows, Hkv/2, 2]
+    const ggml_tensor * seqs = dst->src[1];
+    const int64_t n_kv_max = kq->ne[0], rows = kq->ne[1], n_pairs = kq->ne[2];
+    const seq_desc last = read_seq(seqs, seqs->ne[1] - 1);
+    const int64_t g = rows / (last.row + last.n_rows);
+    thread_local std::vector<float> tmp;
+    if ((int64_t) tmp.size() < n_kv_max) tmp.resize(n_kv_max);
+    // threads split (sequence, query row) units weighed by the sequence's cells; a unit is the
+    // row pairs of one joined row R and query head jj, over every K-head pair
+    auto units = [&](int64_t i) { return read_seq(seqs, i).n_rows * g; };
+    auto cost = [&](int64_t i) { return std::max<int64_t>(1, read_seq(seqs, i).n_kv); };
+    for_thread_share(seqs->ne[1], ith, nth, units, cost, [&](int64_t i, int64_t u0, int64_t u1) {
+        const seq_desc sd = read_seq(seqs, i);
+        for (int64_t u = u0; u < u1; ++u) {
+            const int64_t j = sd.row * g + u;  // the row of (joined row, query head)
+            for (int64_t m = 0; m < n_pairs; ++m) {
+                const float * s1 = (const float *) ((const char *) kq->data + j * kq->nb[1] + m * kq->nb[2]);
+                const float * s2 = (const float *) ((const char *) s1 + kq->nb[3]);
+                float * o = (float *) ((char *) dst->data + j * dst->nb[1] + m * dst->nb[2]);
+                // the sequence's own cells; the V op reads no further
+                kern.softmax_diff(s1, s2, sd.n_kv, par.scale, par.lambda, o, tmp.data());
+                std::fill(o + sd.n_kv, o + n_kv_max, 0.0f);
+            }
+        }
+    });
+}
+
 // the table's checks that cost nothing at graph build time (its values come at set_inputs)
 void check_seqs(const ggml_tensor * seqs) {
     GGML_ASSERT(seqs->type == GGML_TYPE_I64 && seqs->ne[0] == ATTN_SEQ_FIELDS && seqs->ne[1] >= 1);
@@ -416,6 +723,19 @@ void check_seqs(const ggml_tensor * seqs) {
 }
 
 } // namespace
+
+ggml_tensor * attn_softmax_diff_cpu(ggml_context * ctx, ggml_tensor * kq, ggml_tensor * seqs, float scale,
+                                    float lambda) {
+    GGML_ASSERT(kq->type == GGML_TYPE_F32 && ggml_is_contiguous(kq) && kq->ne[3] == 2);
+    check_seqs(seqs);
+    const softmax_params par = { scale, lambda };
+    void * userdata = nullptr;
+    std::memcpy(&userdata, &par, sizeof(par));
+    ggml_tensor * args[2] = { kq, seqs };
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, kq->ne[0], kq->ne[1], kq->ne[2], 1, args, 2,
+                                       softmax_diff_op, GGML_N_TASKS_MAX, userdata);
+    return ggml_set_name(out, "attn_softmax_cpu");
+}
 
 ggml_tensor * attn_pv_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * v_all, ggml_tensor * seqs, int64_t dv) {
     GGML_ASSERT(w->type == GGML_TYPE_F32 && ggml_is_contiguous(w));

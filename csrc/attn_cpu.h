@@ -4,8 +4,8 @@
 // sum. attn_scores_cpu reads each cached key once per step (F16 keys converted in registers,
 // others through an F32 scratch filled by ggml's row conversion) and scores every query head that shares the key's head (both
 // differential stripes, every row of the sequence) with SIMD dot products whose horizontal sums
-// are batched four keys at a time. attn_pv_cpu multiplies the combined weights with V, each V^T
-// row converted once. The softmax and the (P1 - lambda P2) combination stay ggml ops. Each op
+// are batched four keys at a time. attn_softmax_diff_cpu turns both stripes' scores into the
+// combined weights P1 - lambda P2 in one op; attn_pv_cpu multiplies them with V. Each op
 // serves every sequence of a micro-batch at once (a table of sequences, below): a decode step
 // of 16 sequences is a handful of graph nodes per layer, not a subgraph per sequence.
 #pragma once
@@ -46,13 +46,20 @@ enum attn_seq_field : int64_t {
 ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * mask,
                               ggml_tensor * seqs);
 
+// w[c, j, m] = P1[c, j, m] - lambda * P2[c, j, m] for c < the n_kv of row j's sequence (0 past
+// it), where P_s[., j, m] = softmax(scale * kq[., j, m, s]) over those cells: the combined
+// attention weights of both stripes from attn_scores_cpu's output (kq, F32 [n_kv_max, g*n_rows,
+// Hkv/2, 2]; seqs as there), in one op (ggml's soft_max, scale and sub were five passes over the
+// scores). Returns F32 [n_kv_max, g*n_rows, Hkv/2]. Threads split (sequence, row) units.
+ggml_tensor * attn_softmax_diff_cpu(ggml_context * ctx, ggml_tensor * kq, ggml_tensor * seqs, float scale, float lambda);
+
 // out[ch, R*g + jj, m] = sum over the cells c < n_kv of R's sequence of w[c, R*g + jj, m] * V^T[m*dv + ch, c]:
 // the combined attention weights (F32, contiguous [n_kv_max, g*n_rows, Hkv/2]) times the V pairs
 // of each sequence's cells (v_all: the whole V^T cache, contiguous, F32/F16/BF16, addressed by
-// seqs); returns F32 [dv, g*n_rows, Hkv/2] (dv = 2*hd). Each V^T row is converted to F32 once, in
-// chunks, and multiplied with every row of weights that reads it (ggml's mul_mat would round the
-// weights to F16 and convert both sides for every pair of rows). Threads split (sequence, V pair,
-// 8 channels).
+// seqs); returns F32 [dv, g*n_rows, Hkv/2] (dv = 2*hd). Each V^T row is converted to F32 once
+// and multiplied with every row of weights that reads it (ggml's mul_mat would round the weights
+// to F16 and convert both sides for every pair of rows); a work item's 8 rows are read side by
+// side, a tile of cells at a time. Threads split (sequence, V pair, 8 channels).
 ggml_tensor * attn_pv_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * v_all, ggml_tensor * seqs, int64_t dv);
 
 // whether this build and CPU have a SIMD kernel (AVX2+FMA on x86-64, NEON on AArch64); the

@@ -154,15 +154,11 @@ ggml_tensor * graph_builder::build_attn_joined(ggml_tensor * q, ggml_tensor * k_
     // q: [hd, H, n_rows] of all rows; k_all, v_all: the whole caches (rows; V^T elements); the
     // kernels of attn_cpu.h find each sequence's rows and cells in join.seqs (each cached key and
     // value read once for the g query heads of both stripes that share it)
-    const int64_t hd = hp_.n_embd_head, Hkv2 = hp_.n_head_kv / 2;
+    const int64_t hd = hp_.n_embd_head;
     const int64_t n_rows = join.mask->ne[1];
     const float   scale = 1.0f / std::sqrt((float) hd);  // 1/sqrt(hd), never 1/sqrt(2*hd)
     ggml_tensor * kq = attn_scores_cpu(ctx_, q, k_all, join.mask, join.seqs);  // [n_kv_max, g*n_rows, Hkv/2, 2], mask added
-    // over the padded rows: the padding is -inf, so exact zeros
-    kq = ggml_soft_max_ext_inplace(ctx_, kq, nullptr, scale, 0.0f);
-    ggml_tensor * p1 = ggml_view_3d(ctx_, kq, kq->ne[0], kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], 0);
-    ggml_tensor * p2 = ggml_view_3d(ctx_, kq, kq->ne[0], kq->ne[1], Hkv2, kq->nb[1], kq->nb[2], kq->nb[3]);
-    ggml_tensor * w  = ggml_sub_inplace(ctx_, p1, ggml_scale_inplace(ctx_, p2, hp_.lambda[il]));  // [n_kv_max, g*n_rows, Hkv/2]
+    ggml_tensor * w = attn_softmax_diff_cpu(ctx_, kq, join.seqs, scale, hp_.lambda[il]);  // [n_kv_max, g*n_rows, Hkv/2]
     ggml_tensor * cur = attn_pv_cpu(ctx_, w, v_all, join.seqs, 2 * hd);  // [2*hd, g*n_rows, Hkv/2]
     return build_pair_norm(cur, n_rows, /*by_kv_pair*/ true, il);
 }
