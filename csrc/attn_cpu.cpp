@@ -38,9 +38,10 @@ void dot4_scalar(const float * q, const float * k, int64_t kstride, int64_t hd, 
 using dot_fn = float (*)(const float * x, const float * y, int64_t n);
 // dot4_fn on keys stored F16, converted in registers
 using dot4_f16_fn = void (*)(const float * q, const ggml_fp16_t * k, int64_t kstride, int64_t hd, float * out);
-// dot4_f16_fn for two queries at once: out0[i] = q0 . k_i, out1[i] = q1 . k_i (each key converted once for both)
+// dot4_f16_fn for two queries at once, their masks added: out0[i] = q0 . k_i + mask0[i], out1[i]
+// = q1 . k_i + mask1[i] for i < 4 (each key converted once for both)
 using dot4x2_f16_fn = void (*)(const float * q0, const float * q1, const ggml_fp16_t * k, int64_t kstride, int64_t hd,
-                               float * out0, float * out1);
+                               const float * mask0, const float * mask1, float * out0, float * out1);
 // out = { v0 . w0, v0 . w1, v1 . w0, v1 . w1 } over n values, v0/v1 stored F16 and converted in
 // registers once for both weight rows; v1 and w1 may be nullptr (their sums are not written)
 using dot2x2_f16_fn = void (*)(const ggml_fp16_t * v0, const ggml_fp16_t * v1, const float * w0, const float * w1,
@@ -129,7 +130,8 @@ void dot2x2_f16_finish(const ggml_fp16_t * v0, const ggml_fp16_t * v1, const flo
 // two queries, four keys: each key converted once (the K read of a decode step is shared by the
 // g query heads of its K head; converting it per query doubled the work of a memory-bound loop)
 __attribute__((target("avx2,fma,f16c"))) void dot4x2_f16_avx2(const float * q0, const float * q1, const ggml_fp16_t * k,
-                                                               int64_t kstride, int64_t hd, float * out0, float * out1) {
+                                                               int64_t kstride, int64_t hd, const float * mask0,
+                                                               const float * mask1, float * out0, float * out1) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int64_t d = 0; d < hd; d += 8) {
         const __m256 qa = _mm256_loadu_ps(q0 + d), qb = _mm256_loadu_ps(q1 + d);
@@ -147,9 +149,9 @@ __attribute__((target("avx2,fma,f16c"))) void dot4x2_f16_avx2(const float * q0, 
         b3 = _mm256_fmadd_ps(qb, k3, b3);
     }
     __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    _mm_storeu_ps(out0, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    _mm_storeu_ps(out0, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), _mm_loadu_ps(mask0)));
     s = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
-    _mm_storeu_ps(out1, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    _mm_storeu_ps(out1, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), _mm_loadu_ps(mask1)));
 }
 
 __attribute__((target("avx2,fma,f16c"))) void dot2x2_f16_avx2(const ggml_fp16_t * v0, const ggml_fp16_t * v1,
@@ -157,9 +159,11 @@ __attribute__((target("avx2,fma,f16c"))) void dot2x2_f16_avx2(const ggml_fp16_t 
     // a missing row reads (and multiplies) the other one again: its sums are never stored
     const ggml_fp16_t * u = v1 ? v1 : v0;
     const float * x1 = w1 ? w1 : w0;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    // two sets of accumulators (16 cells a step): eight independent FMA chains keep both FMA
+    // ports busy when the data is in cache
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
+    for (; i + 16 <= n; i += 16) {
         const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v0 + i)));
         const __m256 y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (u + i)));
         const __m256 p = _mm256_loadu_ps(w0 + i), q = _mm256_loadu_ps(x1 + i);
@@ -167,8 +171,16 @@ __attribute__((target("avx2,fma,f16c"))) void dot2x2_f16_avx2(const ggml_fp16_t 
         a1 = _mm256_fmadd_ps(x, q, a1);
         b0 = _mm256_fmadd_ps(y, p, b0);
         b1 = _mm256_fmadd_ps(y, q, b1);
+        const __m256 x2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (v0 + i + 8)));
+        const __m256 y2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (u + i + 8)));
+        const __m256 p2 = _mm256_loadu_ps(w0 + i + 8), q2 = _mm256_loadu_ps(x1 + i + 8);
+        c0 = _mm256_fmadd_ps(x2, p2, c0);
+        c1 = _mm256_fmadd_ps(x2, q2, c1);
+        d0 = _mm256_fmadd_ps(y2, p2, d0);
+        d1 = _mm256_fmadd_ps(y2, q2, d1);
     }
-    float sums[4] = { hsum_avx2(a0), hsum_avx2(a1), hsum_avx2(b0), hsum_avx2(b1) };
+    float sums[4] = { hsum_avx2(_mm256_add_ps(a0, c0)), hsum_avx2(_mm256_add_ps(a1, c1)),
+                      hsum_avx2(_mm256_add_ps(b0, d0)), hsum_avx2(_mm256_add_ps(b1, d1)) };
     dot2x2_f16_finish(v0, v1, w0, w1, i, n, sums, out);
 }
 #endif
@@ -194,7 +206,7 @@ void dot2x2_f16_neon(const ggml_fp16_t * v0, const ggml_fp16_t * v1, const float
 }
 
 void dot4x2_f16_neon(const float * q0, const float * q1, const ggml_fp16_t * k, int64_t kstride, int64_t hd,
-                     float * out0, float * out1) {
+                     const float * mask0, const float * mask1, float * out0, float * out1) {
     float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     auto load = [](const ggml_fp16_t * p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *) p))); };
     for (int64_t d = 0; d < hd; d += 4) {
@@ -210,8 +222,8 @@ void dot4x2_f16_neon(const float * q0, const float * q1, const ggml_fp16_t * k, 
         b2 = vfmaq_f32(b2, qb, k2);
         b3 = vfmaq_f32(b3, qb, k3);
     }
-    vst1q_f32(out0, vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3)));
-    vst1q_f32(out1, vpaddq_f32(vpaddq_f32(b0, b1), vpaddq_f32(b2, b3)));
+    vst1q_f32(out0, vaddq_f32(vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3)), vld1q_f32(mask0)));
+    vst1q_f32(out1, vaddq_f32(vpaddq_f32(vpaddq_f32(b0, b1), vpaddq_f32(b2, b3)), vld1q_f32(mask1)));
 }
 
 // dot4_neon on F16 keys converted in registers (FCVTL: every AArch64 CPU has it)
@@ -563,12 +575,7 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                             const float * qb = q_of(i + 1), * mb = mask_of(i + 1);
                             float * ob = out_of(i + 1);
                             for (int64_t c = 0; c < nc; c += 4) {
-                                float da[4], db[4];
-                                kern.fn_f16x2(qa, qb, kh16 + c * n_embd_kv, n_embd_kv, hd, da, db);
-                                for (int64_t t = 0; t < 4; ++t) {
-                                    oa[c + t] = da[t] + ma[c + t];
-                                    ob[c + t] = db[t] + mb[c + t];
-                                }
+                                kern.fn_f16x2(qa, qb, kh16 + c * n_embd_kv, n_embd_kv, hd, ma + c, mb + c, oa + c, ob + c);
                             }
                             i += 2;
                             continue;
