@@ -273,26 +273,51 @@ void dot4_neon(const float * q, const float * k, int64_t kstride, int64_t hd, fl
 using softmax_diff_fn = void (*)(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
                                  float * tmp);
 
-void softmax_diff_scalar(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
-                         float * tmp) {
+// The driver of every softmax_diff kernel: Simd's loops over the first n / Simd::W * Simd::W
+// cells, the scalar formulas over the rest. Simd provides
+//   W: cells per step
+//   max(s1, s2, n, m1, m2): the running maxima m1, m2 over cells < n
+//   exp(s1, s2, n, scale, m1, m2, out, tmp, l1, l2): out = e^(scale (s1 - m1)), tmp likewise
+//     from s2 and m2, their sums added to l1, l2
+//   combine(out, tmp, n, a1, a2): out = out * a1 - tmp * a2
+template <class Simd>
+void softmax_diff_rows(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
+                       float * tmp) {
+    const int64_t ns = n / Simd::W * Simd::W;
     float m1 = -INFINITY, m2 = -INFINITY;
-    for (int64_t c = 0; c < n; ++c) {
+    Simd::max(s1, s2, ns, m1, m2);
+    for (int64_t c = ns; c < n; ++c) {
         m1 = std::max(m1, s1[c]);
         m2 = std::max(m2, s2[c]);
     }
-    if (m1 == -INFINITY || m2 == -INFINITY) {
+    if (m1 == -INFINITY || m2 == -INFINITY) {  // a stripe sees no cell: no weights
         std::fill(out, out + n, 0.0f);
         return;
     }
-    double l1 = 0.0, l2 = 0.0;
-    for (int64_t c = 0; c < n; ++c) {
+    float l1 = 0.0f, l2 = 0.0f;
+    Simd::exp(s1, s2, ns, scale, m1, m2, out, tmp, l1, l2);
+    for (int64_t c = ns; c < n; ++c) {
         out[c] = std::exp(scale * (s1[c] - m1));
         tmp[c] = std::exp(scale * (s2[c] - m2));
         l1 += out[c];
         l2 += tmp[c];
     }
-    const float a1 = (float) (1.0 / l1), a2 = (float) (lambda / l2);
-    for (int64_t c = 0; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+    const float a1 = 1.0f / l1, a2 = lambda / l2;
+    Simd::combine(out, tmp, ns, a1, a2);
+    for (int64_t c = ns; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+}
+
+// no SIMD: W is longer than any row, so every cell takes the driver's scalar formulas
+struct softmax_scalar {
+    static constexpr int64_t W = 1 << 30;
+    static void max(const float *, const float *, int64_t, float &, float &) {}
+    static void exp(const float *, const float *, int64_t, float, float, float, float *, float *, float &, float &) {}
+    static void combine(float *, const float *, int64_t, float, float) {}
+};
+
+void softmax_diff_scalar(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
+                         float * tmp) {
+    softmax_diff_rows<softmax_scalar>(s1, s2, n, scale, lambda, out, tmp);
 }
 
 #if defined(__x86_64__)
@@ -317,51 +342,50 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 exp_neg_avx2(__m256 x) {
     return _mm256_andnot_ps(zero, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-__attribute__((target("avx2,fma,f16c"))) void softmax_diff_avx2(const float * s1, const float * s2, int64_t n,
-                                                                 float scale, float lambda, float * out, float * tmp) {
-    const int64_t n8 = n / 8 * 8;  // the SIMD part; the last n - n8 cells by the scalar formulas
-    __m256 m1 = _mm256_set1_ps(-INFINITY), m2 = m1;
-    for (int64_t c = 0; c < n8; c += 8) {
-        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s1 + c));
-        m2 = _mm256_max_ps(m2, _mm256_loadu_ps(s2 + c));
+struct softmax_avx2 {
+    static constexpr int64_t W = 8;
+    __attribute__((target("avx2,fma,f16c"))) static void max(const float * s1, const float * s2, int64_t n, float & m1,
+                                                              float & m2) {
+        __m256 v1 = _mm256_set1_ps(m1), v2 = _mm256_set1_ps(m2);
+        for (int64_t c = 0; c < n; c += 8) {
+            v1 = _mm256_max_ps(v1, _mm256_loadu_ps(s1 + c));
+            v2 = _mm256_max_ps(v2, _mm256_loadu_ps(s2 + c));
+        }
+        float a[8], b[8];
+        _mm256_storeu_ps(a, v1);
+        _mm256_storeu_ps(b, v2);
+        m1 = *std::max_element(a, a + 8);
+        m2 = *std::max_element(b, b + 8);
     }
-    float v1[8], v2[8];
-    _mm256_storeu_ps(v1, m1);
-    _mm256_storeu_ps(v2, m2);
-    float max1 = *std::max_element(v1, v1 + 8), max2 = *std::max_element(v2, v2 + 8);
-    for (int64_t c = n8; c < n; ++c) {
-        max1 = std::max(max1, s1[c]);
-        max2 = std::max(max2, s2[c]);
+    __attribute__((target("avx2,fma,f16c"))) static void exp(const float * s1, const float * s2, int64_t n, float scale,
+                                                              float m1, float m2, float * out, float * tmp, float & l1,
+                                                              float & l2) {
+        // scale * (s - m) as one FMA: scale * s - scale * m
+        const __m256 sc = _mm256_set1_ps(scale), b1 = _mm256_set1_ps(-scale * m1), b2 = _mm256_set1_ps(-scale * m2);
+        __m256 v1 = _mm256_setzero_ps(), v2 = v1;
+        for (int64_t c = 0; c < n; c += 8) {
+            const __m256 e1 = exp_neg_avx2(_mm256_fmadd_ps(sc, _mm256_loadu_ps(s1 + c), b1));
+            const __m256 e2 = exp_neg_avx2(_mm256_fmadd_ps(sc, _mm256_loadu_ps(s2 + c), b2));
+            _mm256_storeu_ps(out + c, e1);
+            _mm256_storeu_ps(tmp + c, e2);
+            v1 = _mm256_add_ps(v1, e1);
+            v2 = _mm256_add_ps(v2, e2);
+        }
+        l1 += hsum_avx2(v1);
+        l2 += hsum_avx2(v2);
     }
-    if (max1 == -INFINITY || max2 == -INFINITY) {
-        std::fill(out, out + n, 0.0f);
-        return;
+    __attribute__((target("avx2,fma,f16c"))) static void combine(float * out, const float * tmp, int64_t n, float a1,
+                                                                  float a2) {
+        const __m256 v1 = _mm256_set1_ps(a1), v2 = _mm256_set1_ps(a2);
+        for (int64_t c = 0; c < n; c += 8) {
+            _mm256_storeu_ps(out + c, _mm256_fmsub_ps(_mm256_loadu_ps(out + c), v1, _mm256_mul_ps(_mm256_loadu_ps(tmp + c), v2)));
+        }
     }
-    // scale * (s - max) as one FMA: scale * s - scale * max
-    const __m256 sc = _mm256_set1_ps(scale), b1 = _mm256_set1_ps(-scale * max1), b2 = _mm256_set1_ps(-scale * max2);
-    __m256 l1 = _mm256_setzero_ps(), l2 = l1;
-    for (int64_t c = 0; c < n8; c += 8) {
-        const __m256 e1 = exp_neg_avx2(_mm256_fmadd_ps(sc, _mm256_loadu_ps(s1 + c), b1));
-        const __m256 e2 = exp_neg_avx2(_mm256_fmadd_ps(sc, _mm256_loadu_ps(s2 + c), b2));
-        _mm256_storeu_ps(out + c, e1);
-        _mm256_storeu_ps(tmp + c, e2);
-        l1 = _mm256_add_ps(l1, e1);
-        l2 = _mm256_add_ps(l2, e2);
-    }
-    float sum1 = hsum_avx2(l1), sum2 = hsum_avx2(l2);
-    for (int64_t c = n8; c < n; ++c) {
-        out[c] = std::exp(scale * (s1[c] - max1));
-        tmp[c] = std::exp(scale * (s2[c] - max2));
-        sum1 += out[c];
-        sum2 += tmp[c];
-    }
-    const float a1 = 1.0f / sum1, a2 = lambda / sum2;
-    const __m256 va1 = _mm256_set1_ps(a1), va2 = _mm256_set1_ps(a2);
-    for (int64_t c = 0; c < n8; c += 8) {
-        _mm256_storeu_ps(out + c, _mm256_fmsub_ps(_mm256_loadu_ps(out + c), va1,
-                                                  _mm256_mul_ps(_mm256_loadu_ps(tmp + c), va2)));
-    }
-    for (int64_t c = n8; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+};
+
+void softmax_diff_avx2(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
+                       float * tmp) {
+    softmax_diff_rows<softmax_avx2>(s1, s2, n, scale, lambda, out, tmp);
 }
 #endif
 
@@ -386,46 +410,41 @@ inline float32x4_t exp_neg_neon(float32x4_t x) {
     return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(v), zero));
 }
 
+struct softmax_neon {
+    static constexpr int64_t W = 4;
+    static void max(const float * s1, const float * s2, int64_t n, float & m1, float & m2) {
+        float32x4_t v1 = vdupq_n_f32(m1), v2 = vdupq_n_f32(m2);
+        for (int64_t c = 0; c < n; c += 4) {
+            v1 = vmaxq_f32(v1, vld1q_f32(s1 + c));
+            v2 = vmaxq_f32(v2, vld1q_f32(s2 + c));
+        }
+        m1 = vmaxvq_f32(v1);
+        m2 = vmaxvq_f32(v2);
+    }
+    static void exp(const float * s1, const float * s2, int64_t n, float scale, float m1, float m2, float * out,
+                    float * tmp, float & l1, float & l2) {
+        const float32x4_t sc = vdupq_n_f32(scale), b1 = vdupq_n_f32(-scale * m1), b2 = vdupq_n_f32(-scale * m2);
+        float32x4_t v1 = vdupq_n_f32(0.0f), v2 = v1;
+        for (int64_t c = 0; c < n; c += 4) {
+            const float32x4_t e1 = exp_neg_neon(vfmaq_f32(b1, sc, vld1q_f32(s1 + c)));
+            const float32x4_t e2 = exp_neg_neon(vfmaq_f32(b2, sc, vld1q_f32(s2 + c)));
+            vst1q_f32(out + c, e1);
+            vst1q_f32(tmp + c, e2);
+            v1 = vaddq_f32(v1, e1);
+            v2 = vaddq_f32(v2, e2);
+        }
+        l1 += vaddvq_f32(v1);
+        l2 += vaddvq_f32(v2);
+    }
+    static void combine(float * out, const float * tmp, int64_t n, float a1, float a2) {
+        const float32x4_t v1 = vdupq_n_f32(a1), v2 = vdupq_n_f32(a2);
+        for (int64_t c = 0; c < n; c += 4) vst1q_f32(out + c, vfmsq_f32(vmulq_f32(vld1q_f32(out + c), v1), vld1q_f32(tmp + c), v2));
+    }
+};
+
 void softmax_diff_neon(const float * s1, const float * s2, int64_t n, float scale, float lambda, float * out,
                        float * tmp) {
-    const int64_t n4 = n / 4 * 4;  // as in softmax_diff_avx2
-    float32x4_t m1 = vdupq_n_f32(-INFINITY), m2 = m1;
-    for (int64_t c = 0; c < n4; c += 4) {
-        m1 = vmaxq_f32(m1, vld1q_f32(s1 + c));
-        m2 = vmaxq_f32(m2, vld1q_f32(s2 + c));
-    }
-    float max1 = vmaxvq_f32(m1), max2 = vmaxvq_f32(m2);
-    for (int64_t c = n4; c < n; ++c) {
-        max1 = std::max(max1, s1[c]);
-        max2 = std::max(max2, s2[c]);
-    }
-    if (max1 == -INFINITY || max2 == -INFINITY) {
-        std::fill(out, out + n, 0.0f);
-        return;
-    }
-    const float32x4_t sc = vdupq_n_f32(scale), b1 = vdupq_n_f32(-scale * max1), b2 = vdupq_n_f32(-scale * max2);
-    float32x4_t l1 = vdupq_n_f32(0.0f), l2 = l1;
-    for (int64_t c = 0; c < n4; c += 4) {
-        const float32x4_t e1 = exp_neg_neon(vfmaq_f32(b1, sc, vld1q_f32(s1 + c)));
-        const float32x4_t e2 = exp_neg_neon(vfmaq_f32(b2, sc, vld1q_f32(s2 + c)));
-        vst1q_f32(out + c, e1);
-        vst1q_f32(tmp + c, e2);
-        l1 = vaddq_f32(l1, e1);
-        l2 = vaddq_f32(l2, e2);
-    }
-    float sum1 = vaddvq_f32(l1), sum2 = vaddvq_f32(l2);
-    for (int64_t c = n4; c < n; ++c) {
-        out[c] = std::exp(scale * (s1[c] - max1));
-        tmp[c] = std::exp(scale * (s2[c] - max2));
-        sum1 += out[c];
-        sum2 += tmp[c];
-    }
-    const float a1 = 1.0f / sum1, a2 = lambda / sum2;
-    const float32x4_t va1 = vdupq_n_f32(a1), va2 = vdupq_n_f32(a2);
-    for (int64_t c = 0; c < n4; c += 4) {
-        vst1q_f32(out + c, vfmsq_f32(vmulq_f32(vld1q_f32(out + c), va1), vld1q_f32(tmp + c), va2));
-    }
-    for (int64_t c = n4; c < n; ++c) out[c] = out[c] * a1 - tmp[c] * a2;
+    softmax_diff_rows<softmax_neon>(s1, s2, n, scale, lambda, out, tmp);
 }
 #endif
 
