@@ -722,22 +722,20 @@ void softmax_diff_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t g = rows / (last.row + last.n_rows);
     thread_local std::vector<float> tmp;
     if ((int64_t) tmp.size() < n_kv_max) tmp.resize(n_kv_max);
-    // threads split (sequence, query row) units weighed by the sequence's cells; a unit is the
-    // row pairs of one joined row R and query head jj, over every K-head pair
-    auto units = [&](int64_t i) { return read_seq(seqs, i).n_rows * g; };
-    auto cost = [&](int64_t i) { return std::max<int64_t>(1, read_seq(seqs, i).n_kv); };
+    // threads split (sequence, row pair) units weighed by the sequence's cells; a unit is the two
+    // stripes' rows of one (joined row R, query head jj, K-head pair m)
+    auto units = [&](int64_t i) { return read_seq(seqs, i).n_rows * g * n_pairs; };
+    auto cost = [&](int64_t i) { return read_seq(seqs, i).n_kv; };
     for_thread_share(seqs->ne[1], ith, nth, units, cost, [&](int64_t i, int64_t u0, int64_t u1) {
         const seq_desc sd = read_seq(seqs, i);
         for (int64_t u = u0; u < u1; ++u) {
-            const int64_t j = sd.row * g + u;  // the row of (joined row, query head)
-            for (int64_t m = 0; m < n_pairs; ++m) {
-                const float * s1 = (const float *) ((const char *) kq->data + j * kq->nb[1] + m * kq->nb[2]);
-                const float * s2 = (const float *) ((const char *) s1 + kq->nb[3]);
-                float * o = (float *) ((char *) dst->data + j * dst->nb[1] + m * dst->nb[2]);
-                // the sequence's own cells; the V op reads no further
-                kern.softmax_diff(s1, s2, sd.n_kv, par.scale, par.lambda, o, tmp.data());
-                std::fill(o + sd.n_kv, o + n_kv_max, 0.0f);
-            }
+            const int64_t j = sd.row * g + u / n_pairs, m = u % n_pairs;  // j: the row of (R, jj)
+            const float * s1 = (const float *) ((const char *) kq->data + j * kq->nb[1] + m * kq->nb[2]);
+            const float * s2 = (const float *) ((const char *) s1 + kq->nb[3]);
+            float * o = (float *) ((char *) dst->data + j * dst->nb[1] + m * dst->nb[2]);
+            // the sequence's own cells; the V op reads no further
+            kern.softmax_diff(s1, s2, sd.n_kv, par.scale, par.lambda, o, tmp.data());
+            std::fill(o + sd.n_kv, o + n_kv_max, 0.0f);
         }
     });
 }
