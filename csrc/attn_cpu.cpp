@@ -546,16 +546,6 @@ void scores_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     auto rows = [&](int64_t i) { return read_seq(seqs, i).n_rows; };
     for_thread_share(seqs->ne[1], ith, nth, n_blocks, rows, [&](int64_t i, int64_t b0, int64_t b1) {
         const seq_desc sd = read_seq(seqs, i);
-        if (b0 == 0 && sd.n_kv < n_kv_max) {
-            // the padding past the sequence's cells, by the thread of its first block
-            for (int64_t s = 0; s < 2; ++s)
-                for (int64_t m = 0; m < Hkv2; ++m)
-                    for (int64_t r = 0; r < sd.n_rows; ++r)
-                        for (int64_t jj = 0; jj < g; ++jj) {
-                            float * o = out_row(s, m, sd.row + r, jj);
-                            std::fill(o + sd.n_kv, o + n_kv_max, -INFINITY);
-                        }
-        }
         for (int64_t sb = b0; sb < b1; ++sb) {
             const int64_t c0 = sb * SUB_CELLS, nc = std::min(SUB_CELLS, sd.n_kv - c0);
             // cells c0 .. c0+nc-1: nc consecutive cache rows
@@ -740,7 +730,6 @@ void softmax_diff_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             float * o = (float *) ((char *) dst->data + j * dst->nb[1] + m * dst->nb[2]);
             // the sequence's own cells; the V op reads no further
             kern.softmax_diff(s1, s2, sd.n_kv, par.scale, par.lambda, o, tmp.data());
-            std::fill(o + sd.n_kv, o + n_kv_max, 0.0f);
         }
     });
 }

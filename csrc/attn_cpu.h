@@ -31,8 +31,8 @@ enum attn_seq_field : int64_t {
 };
 
 // scores[c, R*g + jj, m, s] = q[., s*H/2 + m*g + jj, q_row] . k[., s*Hkv/2 + m, cell c] + mask[c, R]
-// for joined row R of a sequence (q_row its row of q) and its cells c < n_kv; -inf for
-// n_kv <= c < n_kv_max (so that a softmax over the padded rows gives exact zeros there).
+// for joined row R of a sequence (q_row its row of q) and its cells c < n_kv; the padding
+// n_kv <= c < n_kv_max is not written (the softmax op reads each sequence's own cells only).
 // g = H / Hkv query heads share a K head and m < Hkv/2 indexes pairs of K heads (stripe-major
 // heads, docs/gguf-format.md):
 //   q:     F32 [hd, H, n_q_rows] (a view: rows of the projection)
@@ -46,11 +46,12 @@ enum attn_seq_field : int64_t {
 ggml_tensor * attn_scores_cpu(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_all, ggml_tensor * mask,
                               ggml_tensor * seqs);
 
-// w[c, j, m] = P1[c, j, m] - lambda * P2[c, j, m] for c < the n_kv of row j's sequence (0 past
-// it), where P_s[., j, m] = softmax(scale * kq[., j, m, s]) over those cells: the combined
+// w[c, j, m] = P1[c, j, m] - lambda * P2[c, j, m] for c < the n_kv of row j's sequence (not
+// written past it: the V op reads no further), where P_s[., j, m] = softmax(scale * kq[., j, m, s]) over those cells: the combined
 // attention weights of both stripes from attn_scores_cpu's output (kq, F32 [n_kv_max, g*n_rows,
 // Hkv/2, 2]; seqs as there), in one op (ggml's soft_max, scale and sub were five passes over the
-// scores). Returns F32 [n_kv_max, g*n_rows, Hkv/2]. Threads split (sequence, row) units.
+// scores). Returns F32 [n_kv_max, g*n_rows, Hkv/2]. Threads split (sequence, row, K-head pair)
+// units.
 ggml_tensor * attn_softmax_diff_cpu(ggml_context * ctx, ggml_tensor * kq, ggml_tensor * seqs, float scale, float lambda);
 
 // out[ch, R*g + jj, m] = sum over the cells c < n_kv of R's sequence of w[c, R*g + jj, m] * V^T[m*dv + ch, c]:

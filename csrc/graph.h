@@ -59,7 +59,8 @@ struct group_inputs {                   // sequences of equal n_tokens (Mamba)
 // a joined attention (attn_cpu.h) of short sequences of a micro-batch over one cache, at one
 // stage (before or after the YOCO cut); ub.seqs[idx[k]] is its k-th sequence (idx ascending).
 // A stage's short sequences form one join, or several when their depths differ so much that
-// padding them all to the deepest would multiply the softmax's work (attn.cpp, JOIN_PAD_MAX)
+// padding them all to the deepest would multiply the size of the padded tensors (attn.cpp,
+// JOIN_PAD_MAX)
 struct attn_join_inputs {
     bool is_swa = false;                // the SWA ring, else the full (shared) cache
     bool cut    = false;                // rows after the YOCO cut (the last n_out of each sequence)

@@ -39,8 +39,9 @@ bool flash_attn_gpu_head_size(uint32_t hd) {
 // paths (see above): the joined CPU kernels, or ggml's ops per sequence
 constexpr int64_t COMBINE_MAX_ROWS = 16;
 
-// a join's padded softmax work (its deepest sequence's cells times its rows) stays within this
-// factor of the work of its sequences' own cells: deeper sequences start a join of their own
+// a join's padded size (its deepest sequence's cells times its rows: the score and weight
+// tensors, the mask filled per step) stays within this factor of its sequences' own cells
+// (the kernels skip the padding): deeper sequences start a join of their own
 constexpr int64_t JOIN_PAD_MAX = 2;
 
 std::vector<size_t> graph_builder::join_inputs(bool is_swa) {
