@@ -22,7 +22,7 @@ from typing import Any
 
 # node kinds by what they compute (the key's first word is ggml's op name)
 GROUPS = (
-    ("weights", lambda k: k.startswith(("MUL_MAT ", "GET_ROWS ")) and k.endswith(".weight")),
+    ("weights", lambda k: k.startswith(("MUL_MAT ", "GET_ROWS ", "CUSTOM mm_cpu ")) and k.endswith(".weight")),
     ("attention", lambda k: k.startswith(("CUSTOM attn_", "SOFT_MAX", "FLASH_ATTN", "MUL_MAT cache_"))),
     ("mamba scan/conv", lambda k: k.startswith(("SSM_SCAN", "SSM_CONV"))),
 )

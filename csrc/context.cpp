@@ -97,9 +97,14 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     {
         const char * env = std::getenv("SAMBAY_CPU_ATTN");
         cpu_attn_ = !(env && std::string(env) == "0");
+        // the same for the weight products of decode-sized batches (matmul_cpu.h);
+        // SAMBAY_CPU_MM=0 keeps ggml's mul_mat (comparisons)
+        const char * env_mm = std::getenv("SAMBAY_CPU_MM");
+        cpu_mm_ = !(env_mm && std::string(env_mm) == "0");
         for (ggml_backend_dev_t dev : model_->devices()) {
             if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) continue;
             cpu_attn_ = false;
+            cpu_mm_ = false;
             if (params_.flash_attn && !flash_attn_gpu_head_size(hp.n_embd_head)) {
                 // no GPU kernel: the scheduler would run attention on the CPU (CUDA) or a
                 // missing pipeline would crash (Metal)
@@ -126,7 +131,7 @@ context::context(std::shared_ptr<const model> m, const context_params & params)
     auto reserve = [&](uint32_t n_seqs, uint32_t n_each) {
         std::vector<int32_t> dummy((size_t) n_seqs * n_each, 0);
         ubatch ub;
-        ub.tokens = dummy.data(); ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn; ub.cpu_attn = cpu_attn_;
+        ub.tokens = dummy.data(); ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn; ub.cpu_attn = cpu_attn_; ub.cpu_mm = cpu_mm_;
         for (uint32_t i = 0; i < n_seqs; ++i) {
             ubatch_seq us;
             us.seq = i; us.pos0 = params_.n_ctx - n_each; us.n_tokens = n_each;
@@ -249,7 +254,7 @@ void context::decode(const std::vector<seq_tokens> & batch, float * logits, cons
             return a.second != b.second ? a.second < b.second : batch[a.first].seq < batch[b.first].seq;
         });
         ubatch ub;
-        ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn; ub.cpu_attn = cpu_attn_;
+        ub.yoco = params_.yoco; ub.flash_attn = params_.flash_attn; ub.cpu_attn = cpu_attn_; ub.cpu_mm = cpu_mm_;
         tokens.clear();
         for (const auto & [e, take] : picks) {
             const seq_tokens & b = batch[e];

@@ -153,6 +153,7 @@ private:
     thread_tuner                   tuner_decode_{1, 0};  // single-token steps
     thread_tuner                   tuner_batch_{1, 0};   // steps of several tokens
     bool                           cpu_attn_ = false;  // every device is the CPU: attention scores by attn_cpu.h
+    bool                           cpu_mm_ = false;    // every device is the CPU: decode weight products by matmul_cpu.h
     std::vector<uint8_t>           graph_meta_;  // memory for graph tensor headers
     std::vector<seq_history>       history_;   // per sequence: n_past and its tokens' hash
     std::atomic<bool>              abort_{false};

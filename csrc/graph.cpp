@@ -1,6 +1,7 @@
 #include "graph.h"
 
 #include "attn_cpu.h"
+#include "matmul_cpu.h"
 
 #include "memory.h"
 #include "model.h"
@@ -46,11 +47,17 @@ graph_builder::graph_builder(const model & m, const memory & mem, ggml_context *
 }
 
 void graph_builder::cb(ggml_tensor * t, const char * name, int il) const {
+    if (t->op == GGML_OP_CUSTOM && t->name[0]) return;  // a custom op keeps its name: the op profile groups by it
     if (il >= 0) {
         ggml_format_name(t, "%s-%d", name, il);
     } else {
         ggml_set_name(t, name);
     }
+}
+
+ggml_tensor * graph_builder::mm(ggml_tensor * w, ggml_tensor * x) {
+    if (ub_.cpu_mm && mul_mat_cpu_takes(w, x)) return mul_mat_cpu(ctx_, w, x);
+    return ggml_mul_mat(ctx_, w, x);
 }
 
 ggml_tensor * graph_builder::build_norm(ggml_tensor * cur, ggml_tensor * w, ggml_tensor * b, int il) {
@@ -151,7 +158,7 @@ ggml_tensor * graph_builder::build() {
     }
     cur = build_norm(cur, model_.output_norm, model_.output_norm_b, -1);
     cb(cur, "result_norm", -1);
-    cur = ggml_mul_mat(ctx_, model_.tok_embd, cur);  // tied output: [n_vocab, n_out]
+    cur = mm(model_.tok_embd, cur);  // tied output: [n_vocab, n_out]
     cb(cur, "result_output", -1);
     ggml_set_output(cur);
     ggml_build_forward_expand(gf_, cur);

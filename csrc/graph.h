@@ -39,6 +39,9 @@ struct ubatch {
     // has, the kernels of attn_cpu.h for decode-sized batches and flash_attn_ext with a V head
     // size (2*hd) other than K's; false: ggml ops that CUDA and Metal run too
     bool            cpu_attn = false;
+    // every device is the CPU: weight products of at most MUL_MAT_CPU_ROWS_MAX rows may use
+    // matmul_cpu.h's kernel (false: ggml's mul_mat everywhere)
+    bool            cpu_mm = false;
 
     uint32_t n_tokens() const { return seqs.empty() ? 0 : seqs.back().row0 + seqs.back().n_tokens; }
     uint32_t n_out() const { uint32_t n = 0; for (const auto & s : seqs) n += s.n_out; return n; }
@@ -120,6 +123,8 @@ private:
     uint32_t seq_rows(size_t i) const { return cut_ ? ub_.seqs[i].n_out : ub_.seqs[i].n_tokens; }
     ggml_tensor * build_attn_out(ggml_tensor * cur, int il);
     void cb(ggml_tensor * t, const char * name, int il) const;
+    // a weight product w @ x: ggml_mul_mat, or mul_mat_cpu (matmul_cpu.h) where it takes it
+    ggml_tensor * mm(ggml_tensor * w, ggml_tensor * x);
     ggml_type mask_type() const;
 
     const model &   model_;

@@ -1,6 +1,7 @@
 #include "system-info.h"
 
 #include "attn_cpu.h"
+#include "matmul_cpu.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -27,6 +28,7 @@ system_info get_system_info() {
     info.ggml_version = ggml_version();
     info.ggml_commit  = ggml_commit();
     info.attn_kernel  = attn_scores_kernel_name();
+    info.mm_kernel    = mul_mat_cpu_kernel_name();
 
     for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
         ggml_backend_reg_t reg = ggml_backend_reg_get(i);

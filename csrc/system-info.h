@@ -26,6 +26,7 @@ struct system_info {
     std::vector<backend_info> backends;
     std::vector<device_info> devices;
     std::string attn_kernel;  // the CPU attention kernel's SIMD path (attn_cpu.h)
+    std::string mm_kernel;    // the decode weight-product kernel (matmul_cpu.h)
 };
 
 system_info get_system_info();

@@ -27,6 +27,7 @@ PYBIND11_MODULE(_core, m) {
         out["ggml_version"] = info.ggml_version;
         out["ggml_commit"]  = info.ggml_commit;
         out["attn_kernel"]  = info.attn_kernel;
+        out["mm_kernel"]    = info.mm_kernel;
         py::list backends;
         for (const auto & b : info.backends) {
             py::dict features;

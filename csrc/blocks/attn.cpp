@@ -266,7 +266,7 @@ ggml_tensor * graph_builder::build_pair_norm(ggml_tensor * cur, int64_t n_rows, 
 
 ggml_tensor * graph_builder::build_attn_out(ggml_tensor * cur, int il) {
     const layer_weights & l = model_.layer(il);
-    cur = ggml_mul_mat(ctx_, l.wo, cur);  // {H*hd, n_embd} @ {H*hd, n_rows} => {n_embd, n_rows}
+    cur = mm(l.wo, cur);  // {H*hd, n_embd} @ {H*hd, n_rows} => {n_embd, n_rows}
     cur = ggml_add(ctx_, cur, l.bo);
     cb(cur, "attn_out", il);
     return cur;
@@ -280,7 +280,7 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
     const int64_t n_t = n_rows_;
     const size_t  es  = sizeof(float);
 
-    ggml_tensor * qkv = ggml_mul_mat(ctx_, l.wqkv, cur);  // {n_embd, n_qkv} @ {n_embd, n_t} => {n_qkv, n_t}
+    ggml_tensor * qkv = mm(l.wqkv, cur);  // {n_embd, n_qkv} @ {n_embd, n_t} => {n_qkv, n_t}
     qkv = ggml_add(ctx_, qkv, l.bqkv);
     cb(qkv, "wqkv", il);
 
@@ -316,7 +316,7 @@ ggml_tensor * graph_builder::build_self_attn(ggml_tensor * cur, int il) {
 ggml_tensor * graph_builder::build_cross_attn(ggml_tensor * cur, int il) {
     const layer_weights & l = model_.layer(il);
     GGML_ASSERT(shared_k_ && "cross-attention layer before the shared-KV layer");
-    ggml_tensor * q = ggml_mul_mat(ctx_, l.wq, cur);  // {n_embd, H*hd} @ {n_embd, n_rows} => {H*hd, n_rows}
+    ggml_tensor * q = mm(l.wq, cur);  // {n_embd, H*hd} @ {n_embd, n_rows} => {H*hd, n_rows}
     q = ggml_add(ctx_, q, l.bq);
     cb(q, "wq", il);
     q = ggml_reshape_3d(ctx_, q, hp_.n_embd_head, hp_.n_head, n_rows_);

@@ -8,9 +8,9 @@ namespace sambay {
 ggml_tensor * graph_builder::build_gmu(ggml_tensor * cur, int il) {
     const layer_weights & l = model_.layer(il);
     GGML_ASSERT(gmu_memory_ && "GMU layer before the memory layer");
-    cur = ggml_mul_mat(ctx_, l.gmu_in, cur);              // {n_embd, d_inner} @ {n_embd, n_rows} => {d_inner, n_rows}
+    cur = mm(l.gmu_in, cur);              // {n_embd, d_inner} @ {n_embd, n_rows} => {d_inner, n_rows}
     cur = ggml_swiglu_split(ctx_, cur, gmu_memory_);      // silu(cur) * memory
-    cur = ggml_mul_mat(ctx_, l.gmu_out, cur);             // => {n_embd, n_rows}
+    cur = mm(l.gmu_out, cur);             // => {n_embd, n_rows}
     cb(cur, "gmu_out", il);
     return cur;
 }

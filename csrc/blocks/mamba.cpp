@@ -15,7 +15,7 @@ ggml_tensor * graph_builder::build_mamba(ggml_tensor * cur, int il) {
     const int64_t n_seq = mem_.n_seq();
     const size_t  es  = sizeof(float);
 
-    ggml_tensor * xz = ggml_mul_mat(ctx_, l.ssm_in, cur);  // {n_embd, 2*d_inner} @ {n_embd, n_rows} => {2*d_inner, n_rows}
+    ggml_tensor * xz = mm(l.ssm_in, cur);  // {n_embd, 2*d_inner} @ {n_embd, n_rows} => {2*d_inner, n_rows}
     cb(xz, "ssm_in", il);
     ggml_tensor * z = ggml_view_2d(ctx_, xz, d_inner, n_rows_, xz->nb[1], d_inner * es);
 
@@ -47,14 +47,14 @@ ggml_tensor * graph_builder::build_mamba(ggml_tensor * cur, int il) {
         u = ggml_silu(ctx_, u);
         cb(u, "conv_out", il);
 
-        ggml_tensor * x_db = ggml_mul_mat(ctx_, l.ssm_x, u);  // {d_inner, dt_rank+2*d_state} @ {d_inner, n_t, n_s} => {dt_rank+2*d_state, n_t, n_s}
+        ggml_tensor * x_db = mm(l.ssm_x, u);  // {d_inner, dt_rank+2*d_state} @ {d_inner, n_t, n_s} => {dt_rank+2*d_state, n_t, n_s}
         ggml_tensor * dt = ggml_view_2d(ctx_, x_db, dt_rank, n_t * n_s, x_db->nb[1], 0);
         ggml_tensor * B  = ggml_view_4d(ctx_, x_db, d_state, 1, n_t, n_s, d_state * es, x_db->nb[1], x_db->nb[2], dt_rank * es);
         ggml_tensor * C  = ggml_view_4d(ctx_, x_db, d_state, 1, n_t, n_s, d_state * es, x_db->nb[1], x_db->nb[2], (dt_rank + d_state) * es);
 
         // contiguous first: extra weight buffers (the CPU's AMX one) take contiguous inputs only,
         // and model.cpp places weights by probing with one (a strided view would find no backend)
-        dt = ggml_mul_mat(ctx_, l.ssm_dt, ggml_cont(ctx_, dt));  // {dt_rank, d_inner} @ {dt_rank, n_t*n_s} => {d_inner, n_t*n_s}
+        dt = mm(l.ssm_dt, ggml_cont(ctx_, dt));  // {dt_rank, d_inner} @ {dt_rank, n_t*n_s} => {d_inner, n_t*n_s}
         dt = ggml_add(ctx_, dt, l.ssm_dt_b);     // softplus is applied inside ssm_scan
         dt = ggml_reshape_3d(ctx_, dt, d_inner, n_t, n_s);
 
@@ -78,7 +78,7 @@ ggml_tensor * graph_builder::build_mamba(ggml_tensor * cur, int il) {
         cb(y, "gmu_memory", il);
     }
     y = ggml_swiglu_split(ctx_, z, y);  // y * silu(z)
-    cur = ggml_mul_mat(ctx_, l.ssm_out, y);  // {d_inner, n_embd} @ {d_inner, n_rows} => {n_embd, n_rows}
+    cur = mm(l.ssm_out, y);  // {d_inner, n_embd} @ {d_inner, n_rows} => {n_embd, n_rows}
     cb(cur, "ssm_out", il);
     return cur;
 }
