@@ -11,12 +11,19 @@
 
 namespace sambay {
 
+bool huge_pages_wanted() {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const char * env = std::getenv("SAMBAY_HUGE_PAGES");
+    return !(env && std::strcmp(env, "0") == 0);
+#else
+    return false;
+#endif
+}
+
 size_t advise_huge_pages(ggml_backend_buffer_t buf, ggml_backend_dev_t dev) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     constexpr size_t HUGE_PAGE = 2u << 20;  // x86-64's and 4 KiB-page AArch64's PMD size
-    const char * env = std::getenv("SAMBAY_HUGE_PAGES");
-    if ((env && std::strcmp(env, "0") == 0) || !buf || !dev ||
-        ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+    if (!huge_pages_wanted() || !buf || !dev || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
         return 0;
     }
     const size_t size = ggml_backend_buffer_get_size(buf);

@@ -19,4 +19,8 @@ namespace sambay {
 // turns it off (measurements). Returns the bytes advised (0 when it did nothing).
 size_t advise_huge_pages(ggml_backend_buffer_t buf, ggml_backend_dev_t dev);
 
+// whether advise_huge_pages can advise anything here: Linux with MADV_HUGEPAGE and
+// SAMBAY_HUGE_PAGES not 0
+bool huge_pages_wanted();
+
 } // namespace sambay

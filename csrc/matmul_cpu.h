@@ -21,6 +21,12 @@ constexpr int64_t MUL_MAT_CPU_ROWS_MAX = 3;
 // MUL_MAT_CPU_ROWS_MAX rows (ne1*ne2*ne3)
 bool mul_mat_cpu_takes(const ggml_tensor * w, const ggml_tensor * x);
 
+// whether mul_mat_cpu reads w in the layout the file stores (Q6_K on an x86-64 ggml with AVX2;
+// the Q4_0 and Q4_K layouts it reads are ggml's repacked copies). Such a matrix streams ~1.6x
+// faster from huge pages than from a mapped file's 4 KiB pages (the real model's tied output,
+// 420 MB of Q6_K: 18 against 29-31 ms per token), so model.cpp copies it out of the mapping.
+bool mul_mat_cpu_reads_as_stored(const ggml_tensor * w);
+
 // w @ x as ggml_mul_mat computes it: F32 [w->ne[1], x->ne[1], x->ne[2], x->ne[3]], each value
 // bit-for-bit ggml's gemv (the activations quantized to Q8_0 by ggml's own routine, the same
 // integer sums, the same float operations in the same order). The weight is not a source of the

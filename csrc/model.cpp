@@ -3,6 +3,7 @@
 #include "errors.h"
 #include "hash.h"
 #include "hugepages.h"
+#include "matmul_cpu.h"
 #include "log.h"
 
 #include "ggml.h"
@@ -292,12 +293,17 @@ static ggml_backend_buffer_type_t extra_buft_for(ggml_backend_dev_t dev, ggml_te
 
 void model::load_data(bool use_mmap) {
     // group the weights by device and buffer type (nullptr: the device's default, or the mapped
-    // file); CPU matrices go to an extra buffer type (repacked) when one accepts them
+    // file); CPU matrices go to an extra buffer type (repacked) when one accepts them, and those
+    // the decode kernel reads as stored to the device's own buffer type (huge pages; a mapped
+    // file has 4 KiB pages) when the file is mapped
     std::map<std::pair<ggml_backend_dev_t, ggml_backend_buffer_type_t>, std::vector<ggml_tensor *>> groups;
     for (auto & [t, d] : tensors_) {
         ggml_backend_buffer_type_t extra = nullptr;
-        if (use_extra_bufts_ && t != tok_embd && ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-            extra = extra_buft_for(d, t);
+        if (ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            if (use_extra_bufts_ && t != tok_embd) extra = extra_buft_for(d, t);
+            if (!extra && use_mmap && huge_pages_wanted() && mul_mat_cpu_reads_as_stored(t)) {
+                extra = ggml_backend_dev_buffer_type(d);
+            }
         }
         groups[{d, extra}].push_back(t);
     }
