@@ -110,9 +110,9 @@ struct act_row {
 
 // the 8 products of one weight group (nb blocks) with each of nr activation rows: out[r][j] for
 // row j of the group
-using group_fn = void (*)(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out);
+using q4_0x8_fn = void (*)(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out);
 
-void group_scalar(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out) {
+void q4_0x8_scalar(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out) {
     for (int r = 0; r < nr; ++r) {
         float acc[GROUP] = {};
         for (int64_t b = 0; b < nb; ++b) {
@@ -142,7 +142,7 @@ void group_scalar(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr,
 // loaded in that order. ggml's kernel for the layout sign-extends every nibble through a table
 // and shuffles the bytes of four rows into each product: about twice the instructions.
 template <int NR>
-__attribute__((target("avx2,fma,f16c"))) void group_avx2_n(int64_t nb, const block_q4_0x8 * w, const act_row * a,
+__attribute__((target("avx2,fma,f16c"))) void q4_0x8_avx2_n(int64_t nb, const block_q4_0x8 * w, const act_row * a,
                                                            float * const * out) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), x88 = _mm256_set1_epi8((char) 0x88), ones = _mm256_set1_epi16(1);
     const __m128i scale_order = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
@@ -186,12 +186,12 @@ __attribute__((target("avx2,fma,f16c"))) void group_avx2_n(int64_t nb, const blo
     for (int r = 0; r < NR; ++r) _mm256_storeu_ps(out[r], _mm256_permutevar8x32_ps(acc[r], row_order));
 }
 
-void group_avx2(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out) {
+void q4_0x8_avx2(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out) {
     static_assert(MUL_MAT_CPU_ROWS_MAX == 3, "one instance per row count");
     switch (nr) {
-        case 1:  group_avx2_n<1>(nb, w, a, out); break;
-        case 2:  group_avx2_n<2>(nb, w, a, out); break;
-        default: group_avx2_n<3>(nb, w, a, out); break;
+        case 1:  q4_0x8_avx2_n<1>(nb, w, a, out); break;
+        case 2:  q4_0x8_avx2_n<2>(nb, w, a, out); break;
+        default: q4_0x8_avx2_n<3>(nb, w, a, out); break;
     }
 }
 
@@ -470,15 +470,15 @@ void q4_Kx8_avx2(int64_t nb, const block_q4_Kx8 * w, const act_row_k * a, int nr
 #endif
 
 struct kernel {
-    group_fn     q4_0x8;
+    q4_0x8_fn     q4_0x8;
     q4_Kx8_fn    q4_Kx8;
     q6_K_rows_fn q6_K;
     const char * name;
 };
 
-const kernel K_SCALAR = { group_scalar, q4_Kx8_scalar, q6_K_rows_scalar, "scalar" };
+const kernel K_SCALAR = { q4_0x8_scalar, q4_Kx8_scalar, q6_K_rows_scalar, "scalar" };
 #if defined(__x86_64__)
-const kernel K_AVX2 = { group_avx2, q4_Kx8_avx2, q6_K_rows_avx2, "avx2" };
+const kernel K_AVX2 = { q4_0x8_avx2, q4_Kx8_avx2, q6_K_rows_avx2, "avx2" };
 #endif
 
 const kernel & pick_kernel() {
