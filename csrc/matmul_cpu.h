@@ -10,11 +10,12 @@
 
 namespace sambay {
 
-// Rows of activations up to which mul_mat_cpu takes a product: ggml's repacked matmul runs its
-// gemv (one activation row per pass over the weights) below 4 rows and its gemm from 4
-// (docs/engine.md); the kernels here replace the gemv (and, for Q6_K, the row-by-row dot
-// products of the same few rows) only.
-constexpr int64_t MUL_MAT_CPU_ROWS_MAX = 3;
+// Rows of activations up to which mul_mat_cpu takes a product: a decode step of up to 16
+// sequences. ggml's repacked matmul runs its gemv (one activation row per pass over the
+// weights) below 4 rows and its gemm from 4; the kernels here read the weights once for up to
+// 16 rows and ran the real ffn_up at 16 rows 2.1x faster than ggml's gemm (docs/engine.md).
+// Prefill-sized products (more rows) stay on ggml's gemm, which was not measured against them.
+constexpr int64_t MUL_MAT_CPU_ROWS_MAX = 16;
 
 // whether mul_mat_cpu computes w @ x: w a 2-D weight that ggml's CPU backend repacked into its
 // 8-row Q4_0 or Q4_K layout (a "CPU_REPACK" buffer, rows a multiple of 8, on an x86-64 ggml with
