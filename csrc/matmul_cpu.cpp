@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -143,6 +144,21 @@ int rows_per_pass(int left) {
     return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left;
 }
 
+// pass(std::integral_constant<int, n>, done) for each pass of n rows from row `done`, nr in all
+template <class Pass> void for_passes(int nr, Pass && pass) {
+    for (int done = 0, n = 0; done < nr; done += n) {
+        n = rows_per_pass(nr - done);
+        switch (n) {
+            case 1:  pass(std::integral_constant<int, 1>{}, done); break;
+            case 2:  pass(std::integral_constant<int, 2>{}, done); break;
+            case 3:  pass(std::integral_constant<int, 3>{}, done); break;
+            case 4:  pass(std::integral_constant<int, 4>{}, done); break;
+            case 8:  pass(std::integral_constant<int, 8>{}, done); break;
+            default: pass(std::integral_constant<int, 16>{}, done); break;
+        }
+    }
+}
+
 // One block: the four 32-byte loads are rows 0-3 and 4-7 of bytes 0-7 (values 0-7 low, 16-23
 // high) and of bytes 8-15 (values 8-15, 24-31). Each 8-byte lane is one row, so the activation's
 // 8 values of a quarter are broadcast to every lane and maddubs (unsigned nibble times signed
@@ -196,17 +212,7 @@ __attribute__((target("avx2,fma,f16c"))) void q4_0x8_avx2_n(int64_t nb, const bl
 }
 
 void q4_0x8_avx2(int64_t nb, const block_q4_0x8 * w, const act_row * a, int nr, float * const * out) {
-    for (int done = 0, n = 0; done < nr; done += n) {
-        n = rows_per_pass(nr - done);
-        switch (n) {
-            case 1:  q4_0x8_avx2_n<1>(nb, w, a + done, out + done); break;
-            case 2:  q4_0x8_avx2_n<2>(nb, w, a + done, out + done); break;
-            case 3:  q4_0x8_avx2_n<3>(nb, w, a + done, out + done); break;
-            case 4:  q4_0x8_avx2_n<4>(nb, w, a + done, out + done); break;
-            case 8:  q4_0x8_avx2_n<8>(nb, w, a + done, out + done); break;
-            default: q4_0x8_avx2_n<16>(nb, w, a + done, out + done); break;
-        }
-    }
+    for_passes(nr, [&](auto n, int done) { q4_0x8_avx2_n<decltype(n)::value>(nb, w, a + done, out + done); });
 }
 
 bool cpu_has_avx2() {
@@ -319,17 +325,7 @@ __attribute__((target("avx2,fma,f16c"))) void q6_K_rows_avx2_n(int64_t nb, const
 
 void q6_K_rows_avx2(int64_t nb, const block_q6_K * w, int64_t r0, int64_t r1, const block_q8_K * const * y, int nr,
                     float * const * out) {
-    for (int done = 0, n = 0; done < nr; done += n) {
-        n = rows_per_pass(nr - done);
-        switch (n) {
-            case 1:  q6_K_rows_avx2_n<1>(nb, w, r0, r1, y + done, out + done); break;
-            case 2:  q6_K_rows_avx2_n<2>(nb, w, r0, r1, y + done, out + done); break;
-            case 3:  q6_K_rows_avx2_n<3>(nb, w, r0, r1, y + done, out + done); break;
-            case 4:  q6_K_rows_avx2_n<4>(nb, w, r0, r1, y + done, out + done); break;
-            case 8:  q6_K_rows_avx2_n<8>(nb, w, r0, r1, y + done, out + done); break;
-            default: q6_K_rows_avx2_n<16>(nb, w, r0, r1, y + done, out + done); break;
-        }
-    }
+    for_passes(nr, [&](auto n, int done) { q6_K_rows_avx2_n<decltype(n)::value>(nb, w, r0, r1, y + done, out + done); });
 }
 #endif
 
@@ -481,17 +477,7 @@ __attribute__((target("avx2,fma,f16c"))) void q4_Kx8_avx2_n(int64_t nb, const bl
 }
 
 void q4_Kx8_avx2(int64_t nb, const block_q4_Kx8 * w, const act_row_k * a, int nr, float * const * out) {
-    for (int done = 0, n = 0; done < nr; done += n) {
-        n = rows_per_pass(nr - done);
-        switch (n) {
-            case 1:  q4_Kx8_avx2_n<1>(nb, w, a + done, out + done); break;
-            case 2:  q4_Kx8_avx2_n<2>(nb, w, a + done, out + done); break;
-            case 3:  q4_Kx8_avx2_n<3>(nb, w, a + done, out + done); break;
-            case 4:  q4_Kx8_avx2_n<4>(nb, w, a + done, out + done); break;
-            case 8:  q4_Kx8_avx2_n<8>(nb, w, a + done, out + done); break;
-            default: q4_Kx8_avx2_n<16>(nb, w, a + done, out + done); break;
-        }
-    }
+    for_passes(nr, [&](auto n, int done) { q4_Kx8_avx2_n<decltype(n)::value>(nb, w, a + done, out + done); });
 }
 #endif
 
@@ -520,6 +506,16 @@ const kernel & pick_kernel() {
 const float * x_row(const ggml_tensor * x, int64_t r) {
     const int64_t i1 = r % x->ne[1], i2 = (r / x->ne[1]) % x->ne[2], i3 = r / (x->ne[1] * x->ne[2]);
     return (const float *) ((const char *) x->data + i1 * x->nb[1] + i2 * x->nb[2] + i3 * x->nb[3]);
+}
+
+// thread ith's equal run of the n_groups 8-row groups: fn(g, the outputs of group g's rows)
+template <class Fn>
+void for_thread_groups(int64_t n_groups, int ith, int nth, int rows, float * const * out, Fn && fn) {
+    float * group_out[MUL_MAT_CPU_ROWS_MAX];
+    for (int64_t g = n_groups * ith / nth; g < n_groups * (ith + 1) / nth; ++g) {
+        for (int r = 0; r < rows; ++r) group_out[r] = out[r] + g * GROUP;
+        fn(g, group_out);
+    }
 }
 
 // Every thread quantizes the activations for itself (a few microseconds: there is no barrier
@@ -557,11 +553,9 @@ void mm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             act[r] = { q, pr };
         }
         const block_q4_Kx8 * blocks = (const block_q4_Kx8 *) w->data;
-        float * group_out[MUL_MAT_CPU_ROWS_MAX];
-        for (int64_t g = n_groups * ith / nth; g < n_groups * (ith + 1) / nth; ++g) {
-            for (int r = 0; r < rows; ++r) group_out[r] = out[r] + g * GROUP;
+        for_thread_groups(n_groups, ith, nth, rows, out, [&](int64_t g, float * const * group_out) {
             kern.q4_Kx8(nb, blocks + g * nb, act, rows, group_out);
-        }
+        });
         return;
     }
     if (w->type == GGML_TYPE_Q6_K) {
@@ -597,11 +591,9 @@ void mm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         act[r] = { q, s };
     }
     const block_q4_0x8 * blocks = (const block_q4_0x8 *) w->data;
-    float * group_out[MUL_MAT_CPU_ROWS_MAX];
-    for (int64_t g = n_groups * ith / nth; g < n_groups * (ith + 1) / nth; ++g) {
-        for (int r = 0; r < rows; ++r) group_out[r] = out[r] + g * GROUP;
+    for_thread_groups(n_groups, ith, nth, rows, out, [&](int64_t g, float * const * group_out) {
         kern.q4_0x8(nb, blocks + g * nb, act, rows, group_out);
-    }
+    });
 }
 
 #if defined(__x86_64__)
