@@ -100,7 +100,7 @@ struct act_row_k {
 // speed of a bare read of the matrix; 4.6 KiB or more fall back to ~18 (2-vCPU KVM Xeon, huge
 // pages).
 constexpr int64_t PREFETCH_BYTES = 2304;
-constexpr int64_t PREFETCH_BLOCKS = PREFETCH_BYTES / 144;  // repacked Q4_0 blocks
+constexpr int64_t PREFETCH_BLOCKS = PREFETCH_BYTES / sizeof(block_q4_0x8);
 
 // one activation row quantized: its Q8_0 blocks and 8 times each block's sum of values (the
 // kernel sums n * y over the stored nibbles n and subtracts it: sum (n - 8) * y)
@@ -521,13 +521,15 @@ void for_thread_groups(int64_t n_groups, int ith, int nth, int rows, float * con
 // Every thread quantizes the activations for itself (a few microseconds: there is no barrier
 // inside a custom op), with ggml's own routine for the type its product reads (Q8_0 for Q4_0,
 // Q8_K for Q6_K), so the values are the ones ggml's kernels would read. Threads then take equal
-// runs of 8-row groups (Q4_0) or rows (Q6_K): one sequential stream each.
+// runs of 8-row groups (Q4_0) or rows (Q6_K): one sequential stream each. The kernel set is
+// picked when the graph is built (the userdata carries the weight), one instance per set.
+template <const kernel * KERN>
 void mm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * w = (const ggml_tensor *) userdata;
     const ggml_tensor * x = dst->src[0];
     const int64_t K = w->ne[0], N = w->ne[1];
     const int     rows = (int) (x->ne[1] * x->ne[2] * x->ne[3]);
-    const kernel & kern = pick_kernel();
+    const kernel & kern = *KERN;
     float * out[MUL_MAT_CPU_ROWS_MAX];
     for (int r = 0; r < rows; ++r) out[r] = (float *) dst->data + r * N;
 
@@ -638,7 +640,11 @@ bool mul_mat_cpu_takes(const ggml_tensor * w, const ggml_tensor * x) {
 ggml_tensor * mul_mat_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) {
     GGML_ASSERT(mul_mat_cpu_takes(w, x));
     ggml_tensor * args[1] = { x };
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args, 1, mm_op,
+    ggml_custom_op_t op = mm_op<&K_SCALAR>;
+#if defined(__x86_64__)
+    if (&pick_kernel() == &K_AVX2) op = mm_op<&K_AVX2>;
+#endif
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args, 1, op,
                                        GGML_N_TASKS_MAX, w);
     const char * name = w->name;
     if (std::strncmp(name, "blk.", 4) == 0 && std::strchr(name + 4, '.')) name = std::strchr(name + 4, '.') + 1;

@@ -40,7 +40,8 @@ bool mul_mat_cpu_reads_as_stored(const ggml_tensor * w);
 // groups (Q4_0, Q4_K) or the rows (Q6_K) of w. CPU backend only (a ggml custom op).
 ggml_tensor * mul_mat_cpu(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x);
 
-// the kernel mul_mat_cpu runs: "avx2", or "scalar" (SAMBAY_MM_SIMD=0 forces it: tests)
+// the kernel mul_mat_cpu picks when a graph is built: "avx2", or "scalar" (SAMBAY_MM_SIMD=0
+// forces it: tests)
 const char * mul_mat_cpu_kernel_name();
 
 } // namespace sambay
